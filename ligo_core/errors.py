@@ -1,0 +1,21 @@
+"""Errors that name what is wrong with an input; every public entry point raises only these."""
+
+
+class LigoError(ValueError):
+    """Base class: the message is one line a user can act on."""
+
+
+class CheckpointError(LigoError):
+    """The source checkpoint is missing, unsafe, corrupt, or of an unsupported family."""
+
+
+class TargetError(LigoError):
+    """The target architecture is inconsistent or would shrink the source."""
+
+
+class DataError(LigoError):
+    """The fitting data cannot be read or is too small."""
+
+
+class GrowthCancelled(Exception):
+    """Raised inside grow() when the caller's should_cancel() answers True."""
