@@ -31,6 +31,7 @@ class TensorSpec:
     fused: tuple[str, ...] = ()  # output dim is these spaces concatenated (GPT-2's c_attn)
     norm_gain: bool = False  # a norm's gain: rescaled for the wider norm's statistics
     optional: bool = False  # present in some members of the family only (Qwen2's q/k/v biases)
+    block_output: bool = False  # writes a block's result into the residual stream (zeroed in new blocks)
 
     @property
     def per_layer(self) -> bool:
@@ -46,6 +47,7 @@ class Family:
     post_norm: bool  # the norm sits on the residual stream itself (BERT): exact only for k x width
     rotary: bool
     config_keys: dict[str, str]  # our field name -> HF config attribute
+    eps_key: str  # the norm epsilon's config attribute
     base_prefixes: tuple[str, ...]  # prefix of the bare model inside the LM-head model
     base: tuple[TensorSpec, ...]
     head: tuple[TensorSpec, ...] = ()  # tensors outside the bare model
@@ -56,12 +58,14 @@ class Family:
     extras: dict[str, str] = field(default_factory=dict)
 
 
-def _lin(name, out, inp, *, transposed=False, bias=True, fused=(), optional_bias=False):
+def _lin(name, out, inp, *, transposed=False, bias=True, fused=(), optional_bias=False, block_output=False):
     """A linear layer's weight (and bias), given the spaces of its output and input."""
     out_dim = ("+".join(fused), "E") if fused else (out, "E")
-    rows = [TensorSpec(f"{name}.weight", (out_dim, (inp, "F")), stored_transposed=transposed, fused=fused)]
+    rows = [TensorSpec(f"{name}.weight", (out_dim, (inp, "F")), stored_transposed=transposed, fused=fused,
+                       block_output=block_output)]
     if bias or optional_bias:
-        rows.append(TensorSpec(f"{name}.bias", (out_dim,), fused=fused, optional=optional_bias))
+        rows.append(TensorSpec(f"{name}.bias", (out_dim,), fused=fused, optional=optional_bias,
+                               block_output=block_output))
     return rows
 
 
@@ -84,6 +88,7 @@ GPT2 = Family(
     post_norm=False,
     rotary=False,
     config_keys={"layers": "n_layer", "hidden": "n_embd", "heads": "n_head", "ffn": "n_inner"},
+    eps_key="layer_norm_epsilon",
     base_prefixes=("transformer.", ""),
     embedding="wte.weight",
     base=(
@@ -91,10 +96,10 @@ GPT2 = Family(
         _emb("wpe"),
         *_norm("h.{i}.ln_1"),
         *_lin("h.{i}.attn.c_attn", None, "res", transposed=True, fused=("q", "k", "v")),
-        *_lin("h.{i}.attn.c_proj", "res", "q", transposed=True),
+        *_lin("h.{i}.attn.c_proj", "res", "q", transposed=True, block_output=True),
         *_norm("h.{i}.ln_2"),
         *_lin("h.{i}.mlp.c_fc", "ffn", "res", transposed=True),
-        *_lin("h.{i}.mlp.c_proj", "res", "ffn", transposed=True),
+        *_lin("h.{i}.mlp.c_proj", "res", "ffn", transposed=True, block_output=True),
         *_norm("ln_f", side="H"),
     ),
     head=(TensorSpec("lm_head.weight", (None, ("res", "F"))),),
@@ -119,6 +124,7 @@ def _bert_like(name, model_types, head_prefix, head_norm, decoder, head_bias, lm
             "heads": "num_attention_heads",
             "ffn": "intermediate_size",
         },
+        eps_key="layer_norm_eps",
         base_prefixes=(f"{name}.", ""),
         embedding="embeddings.word_embeddings.weight",
         base=(
@@ -129,10 +135,10 @@ def _bert_like(name, model_types, head_prefix, head_norm, decoder, head_bias, lm
             *_lin(f"{layer}.attention.self.query", "q", "res"),
             *_lin(f"{layer}.attention.self.key", "k", "res"),
             *_lin(f"{layer}.attention.self.value", "v", "res"),
-            *_lin(f"{layer}.attention.output.dense", "res", "q"),
+            *_lin(f"{layer}.attention.output.dense", "res", "q", block_output=True),
             *_norm(f"{layer}.attention.output.LayerNorm"),
             *_lin(f"{layer}.intermediate.dense", "ffn", "res"),
-            *_lin(f"{layer}.output.dense", "res", "ffn"),
+            *_lin(f"{layer}.output.dense", "res", "ffn", block_output=True),
             *_norm(f"{layer}.output.LayerNorm"),
             *[
                 TensorSpec(t.name, t.dims, optional=True)
@@ -187,6 +193,7 @@ LLAMA = Family(
         "ffn": "intermediate_size",
         "head_dim": "head_dim",
     },
+    eps_key="rms_norm_eps",
     base_prefixes=("model.", ""),
     embedding="embed_tokens.weight",
     base=(
@@ -195,11 +202,11 @@ LLAMA = Family(
         *_lin("layers.{i}.self_attn.q_proj", "q", "res", bias=False, optional_bias=True),
         *_lin("layers.{i}.self_attn.k_proj", "k", "res", bias=False, optional_bias=True),
         *_lin("layers.{i}.self_attn.v_proj", "v", "res", bias=False, optional_bias=True),
-        *_lin("layers.{i}.self_attn.o_proj", "res", "q", bias=False),
+        *_lin("layers.{i}.self_attn.o_proj", "res", "q", bias=False, block_output=True),
         *_norm("layers.{i}.post_attention_layernorm", bias=False),
         *_lin("layers.{i}.mlp.gate_proj", "ffn", "res", bias=False),
         *_lin("layers.{i}.mlp.up_proj", "ffn", "res", bias=False),
-        *_lin("layers.{i}.mlp.down_proj", "res", "ffn", bias=False),
+        *_lin("layers.{i}.mlp.down_proj", "res", "ffn", bias=False, block_output=True),
         *_norm("norm", side="H", bias=False),
     ),
     head=(TensorSpec("lm_head.weight", (None, ("res", "F"))),),

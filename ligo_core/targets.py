@@ -132,10 +132,11 @@ def _apply_sizes(config: PretrainedConfig, sizes: dict[str, int]) -> PretrainedC
     for field_name, key in family.config_keys.items():
         if field_name in sizes and sizes[field_name] is not None:
             setattr(out, key, int(sizes[field_name]))
-    if "head_dim" not in family.config_keys:
-        # GPT-2 and BERT derive head size from hidden / heads.
-        pass
-    elif "head_dim" not in sizes:
+    old_layers, new_layers = getattr(config, family.config_keys["layers"]), getattr(out, family.config_keys["layers"])
+    if isinstance(getattr(out, "layer_types", None), list) and len(out.layer_types) == old_layers:
+        # Per-layer attention kinds (Qwen2's sliding windows) follow the layer each new one comes from.
+        out.layer_types = [config.layer_types[i * old_layers // new_layers] for i in range(new_layers)]
+    if "head_dim" in family.config_keys and "head_dim" not in sizes:
         setattr(out, "head_dim", out.hidden_size // out.num_attention_heads)
     if "kv_heads" in family.config_keys and "kv_heads" not in sizes:
         setattr(out, family.config_keys["kv_heads"], getattr(out, family.config_keys["heads"]))

@@ -1,0 +1,279 @@
+"""Grow a model in memory: lay out its tensors, build the operator, fit it (LiGO), materialise."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from ligo_core.errors import CheckpointError, GrowthCancelled, TargetError
+from ligo_core.families import Family, TensorSpec
+from ligo_core.objective import lm_loss, tokenizer_info
+from ligo_core.operator import GrowthOperator
+from ligo_core.strategies import STRATEGY_MODES, build_operator
+from ligo_core.targets import check_growth, family_of, sizes_of
+
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "position_ids", "rotary_emb.inv_freq")
+
+
+@dataclass
+class Layout:
+    """Which family tensors this checkpoint has, and their full names."""
+
+    family: Family
+    specs: list[TensorSpec]
+    names: dict[str, str]  # spec name -> full name (with {i})
+    prefix: str
+    has_head: bool
+    head_tied: bool
+    dropped: list[str]  # tensors of the checkpoint that the family table does not know
+
+    @property
+    def embedding_name(self) -> str:
+        return self.prefix + self.family.embedding
+
+
+def _tied(config: PretrainedConfig) -> bool:
+    return bool(getattr(config, "tie_word_embeddings", True))
+
+
+def plan_layout(config: PretrainedConfig, shapes: dict[str, tuple[int, ...]]) -> Layout:
+    """Match a checkpoint's tensor names and shapes against its family's table."""
+    family = family_of(config)
+    sizes = sizes_of(config)
+    prefix = next((p for p in family.base_prefixes if p + family.embedding in shapes), None)
+    if prefix is None:
+        raise CheckpointError(f"no {family.embedding!r} tensor: the weights do not belong to a {family.name} model")
+    tied = _tied(config)
+    head_names = {s.name for s in family.head}
+    has_head = prefix != "" or any(n in shapes for n in head_names)
+    specs, names = [], {}
+    candidates = [(s, prefix + s.name) for s in family.base]
+    if has_head:
+        candidates += [(s, s.name) for s in family.head if not (tied and s.name == family.tied_head)]
+    for spec, full in candidates:
+        probe = full.format(i=0)
+        if probe not in shapes:
+            if spec.optional or (spec.name in head_names and not prefix):
+                continue
+            raise CheckpointError(f"tensor {probe!r} is missing: the weights do not match the {family.name} config")
+        specs.append(spec)
+        names[spec.name] = full
+    _check_shapes(family, specs, names, shapes, sizes)
+    known = {names[s.name].format(i=i) for s in specs for i in range(sizes["layers"] if s.per_layer else 1)}
+    if tied and has_head:
+        known |= {family.tied_head, family.tied_head.replace(".weight", ".bias")}
+    dropped = sorted(k for k in shapes if k not in known and not k.endswith(IGNORED_SUFFIXES))
+    return Layout(family, specs, names, prefix, has_head, tied and has_head, dropped)
+
+
+def _check_shapes(family, specs, names, shapes, sizes):
+    dims = {
+        "res": sizes["hidden"], "q": sizes["heads"] * sizes["head_dim"],
+        "k": sizes["kv_heads"] * sizes["head_dim"], "v": sizes["kv_heads"] * sizes["head_dim"],
+        "ffn": sizes["ffn"],
+    }
+    for spec in specs:
+        layers = range(sizes["layers"]) if spec.per_layer else [0]
+        for i in layers:
+            full = names[spec.name].format(i=i)
+            if full not in shapes:
+                raise CheckpointError(f"tensor {full!r} is missing: the config says {sizes['layers']} layers")
+            expected = []
+            for d in spec.dims:
+                expected.append(None if d is None else sum(dims[s] for s in d[0].split("+")))
+            if spec.stored_transposed:
+                expected.reverse()
+            got = shapes[full]
+            if len(got) != len(expected) or any(e is not None and e != g for e, g in zip(expected, got)):
+                want = "x".join("?" if e is None else str(e) for e in expected)
+                raise CheckpointError(
+                    f"tensor {full!r} has shape {tuple(got)}, but the config implies {want}"
+                )
+        if spec.per_layer and names[spec.name].format(i=sizes["layers"]) in shapes:
+            raise CheckpointError(f"the weights have more layers than the config's {sizes['layers']}")
+
+
+def _strip_parameters(model: nn.Module) -> None:
+    """Free the model's parameters (keep buffers); tied parameters stay tied."""
+    replaced: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in replaced:
+                replaced[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+            module._parameters[name] = replaced[id(p)]
+
+
+def _move_buffers(model: nn.Module, device: torch.device) -> None:
+    for module in model.modules():
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[name] = b.to(device)
+
+
+def load_grown_weights(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> PreTrainedModel:
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise AssertionError(f"grown model is missing tensors: {missing[:5]}")
+    return model
+
+
+def default_lr(strategy: str) -> float:
+    return 1e-3
+
+
+def lr_at(step: int, steps: int, peak: float) -> float:
+    """Warm up over 10% of the fit (at least one step), then cosine down to 10% of the peak."""
+    warmup = max(1, steps // 10)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def fit_operator(
+    operator: GrowthOperator,
+    skeleton: PreTrainedModel,
+    small_state: dict[str, torch.Tensor],
+    layout: Layout,
+    batches: Iterator[torch.Tensor],
+    steps: int,
+    lr: float,
+    info: dict,
+    device: torch.device,
+    seed: int,
+    progress: Callable[[dict], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> list[tuple[int, float]]:
+    """Train only the operator on the large model's loss; the small weights stay frozen."""
+    decay = [p for n, p in operator.named_parameters() if n.endswith(("c_e", "c_f"))]
+    rest = [p for n, p in operator.named_parameters() if not n.endswith(("c_e", "c_f"))]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98)
+    )
+    mask_gen = torch.Generator().manual_seed(seed + 1)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
+    history = []
+    skeleton.train()
+    for step in range(steps):
+        if should_cancel is not None and should_cancel():
+            raise GrowthCancelled()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, lr)
+        batch = next(batches).to(device)
+        with autocast:
+            large = operator.materialise(small_state, layout.names)
+            loss = lm_loss(skeleton, batch, layout.family.objective, info, mask_gen, large, layout.embedding_name)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(operator.parameters(), 1.0)
+        optimizer.step()
+        history.append((step + 1, float(loss)))
+        if progress:
+            progress({"stage": "fitting", "step": step + 1, "total": steps, "loss": float(loss)})
+    return history
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _scaled_eps(config: PretrainedConfig, family: Family, norm_scale: float) -> PretrainedConfig:
+    """A wider norm over mean/zero-padded units sees its variance scaled by ``norm_scale**2``;
+    scaling its epsilon the same way keeps the function exact."""
+    if norm_scale == 1.0:
+        return config
+    config = copy.deepcopy(config)
+    setattr(config, family.eps_key, getattr(config, family.eps_key) * norm_scale**2)
+    return config
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def grow_model(
+    small_model: PreTrainedModel,
+    target_config: PretrainedConfig,
+    *,
+    strategy: str = "ligo",
+    fit_steps: int = 100,
+    train_batches: Iterator[torch.Tensor] | None = None,
+    seed: int = 0,
+    lr: float | None = None,
+    device: str | torch.device | None = None,
+    progress: Callable[[dict], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    tokenizer=None,
+    noise: float = 0.1,
+    on_skeleton: Callable[[PreTrainedModel], None] | None = None,
+) -> tuple[PreTrainedModel, dict]:
+    """Grow ``small_model`` to ``target_config`` with a strategy; returns (large model, info).
+
+    ``on_skeleton`` sees the randomly initialised large model before its weights are freed
+    (the pipeline scores it as the from-scratch reference).
+    """
+    if strategy not in STRATEGY_MODES:
+        raise TargetError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGY_MODES)}")
+    if strategy == "ligo" and fit_steps > 0 and train_batches is None:
+        raise TargetError("strategy 'ligo' needs training batches to fit the operator")
+    device = pick_device(device)
+    check_growth(small_model.config, target_config)
+    state = {k: v.detach() for k, v in small_model.state_dict().items()}
+    layout = plan_layout(small_model.config, {k: tuple(v.shape) for k, v in state.items()})
+    small_sizes, large_sizes = sizes_of(small_model.config), sizes_of(target_config)
+    torch.manual_seed(seed)
+    operator = build_operator(
+        strategy, layout.family, layout.specs, small_sizes, large_sizes, layout.head_tied, seed=seed, noise=noise
+    )
+    target_config = _scaled_eps(target_config, layout.family, operator.norm_scale)
+    small_state = {k: v.to(device=device, dtype=torch.float32) for k, v in state.items()}
+    skeleton = type(small_model)(target_config)
+    if on_skeleton is not None:
+        on_skeleton(skeleton)
+    _strip_parameters(skeleton)
+    _move_buffers(skeleton, device)
+    operator.to(device)
+    info: dict = {
+        "strategy": strategy,
+        "operator_parameters": operator.num_parameters(),
+        "fit_steps": 0,
+        "fit_history": [],
+        "fit_seconds": 0.0,
+        "dropped_tensors": layout.dropped,
+        "family": layout.family.name,
+    }
+    if strategy == "ligo" and fit_steps > 0:
+        mlm_info = tokenizer_info(tokenizer, small_model.config)
+        lr = lr if lr is not None else default_lr(strategy)
+        started = time.perf_counter()
+        history = fit_operator(
+            operator, skeleton, small_state, layout, train_batches, fit_steps, lr, mlm_info, device, seed,
+            progress, should_cancel,
+        )
+        info.update(fit_steps=fit_steps, fit_history=history, fit_seconds=time.perf_counter() - started, fit_lr=lr)
+    if progress:
+        progress({"stage": "materialising", "step": 0, "total": 1, "loss": None})
+    with torch.no_grad():
+        large_state = operator.materialise(small_state, layout.names)
+    del operator
+    large = load_grown_weights(skeleton, {k: v.contiguous() for k, v in large_state.items()})
+    large.eval()
+    return large, info

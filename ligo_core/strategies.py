@@ -1,0 +1,280 @@
+"""Initial growth operators: the baselines as fixed instances, and LiGO's starting point.
+
+Each space is built from a list saying, for every unit of the large model, where it comes
+from: a copy of an old unit (with a scale), the mean of all old units (new residual units under
+LayerNorm keep the mean and variance of the stream), or zero (new residual units under RMSNorm,
+padded head dimensions).
+
+- ``preserve``: residual stream = k copies + mean/zero pads, heads and FFN units copied in turn,
+  the input side divided among the copies with random shares (breaks symmetry, keeps the sum);
+  new layers are copies whose block outputs are zero. Exact for pre-norm families.
+- ``stack`` / ``interpolate``: the same widths, depth by repeating the stack / each layer.
+- ``net2net``: bert2BERT-FPI widths (new units copy random old units, inputs divided by the
+  count), stacked depth.
+- ``ligo``: starts as ``preserve``; every expander and depth coefficient is then learned.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ligo_core.families import Family, TensorSpec
+from ligo_core.operator import ExpanderInit, GrowthOperator
+
+COPY, MEAN, ZERO = "copy", "mean", "zero"
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # COPY, MEAN or ZERO
+    unit: int = -1
+    scale: float = 1.0
+
+
+def _expander_from_sources(sources: list[Source], d1: int, generator: torch.Generator, noise: float) -> ExpanderInit:
+    """Build ``P [diag(top); C]`` for E, and the matching input side F with ``F^T E = I``."""
+    d2 = len(sources)
+    sources = _ensure_coverage(list(sources), d1)
+    counts = [0] * d1
+    for s in sources:
+        if s.kind == COPY:
+            counts[s.unit] += 1
+    shares = _random_shares(counts, generator, noise)
+    r = d2 - d1
+    top_e, top_f = torch.ones(d1), torch.ones(d1)
+    c_e, c_f = torch.zeros(r, d1), torch.zeros(r, d1)
+    order = torch.empty(d2, dtype=torch.long)
+    seen: set[int] = set()
+    pads = [i for i, s in enumerate(sources) if s.kind != COPY]
+    pad_noise = dict(zip(pads, _paired_noise(len(pads), d1, generator, noise)))
+    next_new, used = 0, [0] * d1
+    for i, s in enumerate(sources):
+        if s.kind == COPY and s.unit not in seen:
+            seen.add(s.unit)
+            order[i] = s.unit
+            top_e[s.unit] = s.scale
+            top_f[s.unit] = shares[s.unit][0]
+            used[s.unit] = 1
+            continue
+        row = next_new
+        next_new += 1
+        order[i] = d1 + row
+        if s.kind == COPY:
+            c_e[row, s.unit] = s.scale
+            c_f[row, s.unit] = shares[s.unit][used[s.unit]]
+            used[s.unit] += 1
+        else:
+            if s.kind == MEAN:
+                c_e[row] = 1.0 / d1
+            c_f[row] = pad_noise[i]
+    return ExpanderInit(order=order, top_e=top_e[None], c_e=c_e[None], top_f=top_f[None], c_f=c_f[None])
+
+
+def _ensure_coverage(sources: list[Source], d1: int) -> list[Source]:
+    """Every old unit needs at least one copy; take spare positions for any that has none."""
+    covered = {s.unit for s in sources if s.kind == COPY}
+    missing = [j for j in range(d1) if j not in covered]
+    if not missing:
+        return sources
+    seen: set[int] = set()
+    spare = []
+    for i, s in enumerate(sources):
+        if s.kind != COPY or s.unit in seen:
+            spare.append(i)
+        else:
+            seen.add(s.unit)
+    for j, i in zip(missing, spare):
+        sources[i] = Source(COPY, j)
+    return sources
+
+
+def _random_shares(counts: list[int], generator: torch.Generator, noise: float) -> list[list[float]]:
+    """Per old unit, how its copies split the input side: about 1/count each, summing to 1."""
+    shares = []
+    for c in counts:
+        if c <= 1:
+            shares.append([1.0] * max(c, 1))
+            continue
+        z = (torch.rand(c, generator=generator) * 2 - 1) * noise
+        z = z - z.mean()
+        shares.append(((1 + z) / c).tolist())
+    return shares
+
+
+def _paired_noise(n: int, d1: int, generator: torch.Generator, noise: float) -> torch.Tensor:
+    """Rows that cancel in pairs: identical pad units then contribute nothing in sum."""
+    rows = torch.zeros(n, d1)
+    for p in range(0, n - 1, 2):
+        v = torch.randn(d1, generator=generator) * noise / math.sqrt(d1)
+        rows[p], rows[p + 1] = v, -v
+    return rows
+
+
+def _stack_layers(inits: list[ExpanderInit]) -> ExpanderInit:
+    """One expander per large layer, all with the same placement."""
+    if any(not torch.equal(i.order, inits[0].order) for i in inits):
+        raise AssertionError("per-layer expanders must share one placement")
+    return ExpanderInit(
+        order=inits[0].order,
+        top_e=torch.cat([i.top_e for i in inits]),
+        c_e=torch.cat([i.c_e for i in inits]),
+        top_f=torch.cat([i.top_f for i in inits]),
+        c_f=torch.cat([i.c_f for i in inits]),
+    )
+
+
+# ---- unit maps per space ---------------------------------------------------------------------
+
+def residual_sources(d1: int, d2: int, norm: str, mode: str, generator: torch.Generator) -> list[Source]:
+    if mode == "net2net":
+        return [Source(COPY, i) for i in range(d1)] + [
+            Source(COPY, int(torch.randint(d1, (1,), generator=generator))) for _ in range(d2 - d1)
+        ]
+    k = d2 // d1
+    pad = MEAN if norm == "layernorm" else ZERO
+    return [Source(COPY, i % d1) for i in range(k * d1)] + [Source(pad)] * (d2 - k * d1)
+
+
+def unit_sources(d1: int, d2: int, mode: str, generator: torch.Generator) -> list[Source]:
+    """FFN units: copies in turn (balanced), or random copies for net2net."""
+    if mode == "net2net":
+        return [Source(COPY, i) for i in range(d1)] + [
+            Source(COPY, int(torch.randint(d1, (1,), generator=generator))) for _ in range(d2 - d1)
+        ]
+    return [Source(COPY, i % d1) for i in range(d2)]
+
+
+def head_maps(small: dict, large: dict, mode: str, generator: torch.Generator) -> tuple[list[int], list[int]]:
+    """Old query head and old KV head behind every new query head and new KV head.
+
+    A new query head must attend through the KV head of its own group, so the query heads of
+    new KV group j' are taken from the old group that j' copies, rotating through that group.
+    """
+    nq, nkv, nq2, nkv2 = small["heads"], small["kv_heads"], large["heads"], large["kv_heads"]
+    g, g2 = nq // nkv, nq2 // nkv2
+    if mode == "net2net":
+        src_kv = list(range(nkv)) + [int(torch.randint(nkv, (1,), generator=generator)) for _ in range(nkv2 - nkv)]
+    else:
+        src_kv = [j % nkv for j in range(nkv2)]
+    src_q = []
+    for i in range(nq2):
+        j, t = divmod(i, g2)
+        turn = j // nkv  # the how-many-th copy of its old group this KV head is
+        src_q.append(src_kv[j] * g + (t + g2 * turn) % g)
+    return src_q, src_kv
+
+
+def head_dim_placement(dh: int, dh2: int, rotary: bool) -> list[int]:
+    """Where old head dimension p goes in a wider head; rotary pairs (p, p + dh/2) stay paired
+    and, for an integer ratio, keep their frequency."""
+    if not rotary:
+        return list(range(dh))
+    half, half2 = dh // 2, dh2 // 2
+    m = dh2 // dh if dh2 % dh == 0 else 1
+    return [m * p for p in range(half)] + [m * p + half2 for p in range(half)]
+
+
+def head_sources(src_heads: list[int], dh: int, dh2: int, rotary: bool, scale: float) -> list[Source]:
+    place = head_dim_placement(dh, dh2, rotary)
+    sources: list[Source] = []
+    for old in src_heads:
+        block = [Source(ZERO)] * dh2
+        for p, pos in enumerate(place):
+            block[pos] = Source(COPY, old * dh + p, scale)
+        sources.extend(block)
+    return sources
+
+
+# ---- depth ---------------------------------------------------------------------------------
+
+def depth_map(l1: int, l2: int, mode: str) -> list[int]:
+    if mode == "stack":
+        return [l % l1 for l in range(l2)]
+    return [l * l1 // l2 for l in range(l2)]  # interpolate: each layer repeated in place
+
+
+def depth_init(specs: list[TensorSpec], l1: int, l2: int, mode: str, zero_new_outputs: bool) -> dict[str, torch.Tensor]:
+    src = depth_map(l1, l2, mode)
+    first = {j: src.index(j) for j in set(src)}
+    depth = {}
+    for spec in specs:
+        if not spec.per_layer:
+            continue
+        w = torch.zeros(l2, l1)
+        for layer, j in enumerate(src):
+            new_block = first[j] != layer
+            if not (zero_new_outputs and spec.block_output and new_block):
+                w[layer, j] = 1.0
+        depth[spec.name] = w
+    return depth
+
+
+# ---- whole operator ---------------------------------------------------------------------------
+
+STRATEGY_MODES = {
+    # strategy: (width mode, depth mode, zero outputs of new blocks)
+    "preserve": ("preserve", "interpolate", True),
+    "ligo": ("preserve", "interpolate", True),
+    "stack": ("preserve", "stack", False),
+    "interpolate": ("preserve", "interpolate", False),
+    "net2net": ("net2net", "stack", False),
+}
+
+
+def build_operator(
+    strategy: str,
+    family: Family,
+    specs: list[TensorSpec],
+    small: dict[str, int],
+    large: dict[str, int],
+    head_tied: bool,
+    seed: int = 0,
+    noise: float = 0.1,
+) -> GrowthOperator:
+    """The initial operator for a strategy; ``small``/``large`` are ``sizes_of`` dicts."""
+    if strategy not in STRATEGY_MODES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGY_MODES)}")
+    width, depth_mode, zero_new = STRATEGY_MODES[strategy]
+    if width == "net2net":
+        noise = 0.0
+    g = torch.Generator().manual_seed(seed)
+    dh, dh2 = small["head_dim"], large["head_dim"]
+    q_scale = math.sqrt(dh2 / dh)  # keeps q.k / sqrt(head_dim) when heads get wider
+    l2 = large["layers"]
+
+    res = _expander_from_sources(
+        residual_sources(small["hidden"], large["hidden"], family.norm, width, g), small["hidden"], g, noise
+    )
+    expanders = {"res": res}
+    per_layer = {"q": [], "k": [], "v": [], "ffn": []}
+    src_q, src_kv = head_maps(small, large, width, g)  # one head map: every layer keeps one placement
+    for _ in range(l2):
+        per_layer["q"].append(head_sources(src_q, dh, dh2, family.rotary, q_scale))
+        per_layer["k"].append(head_sources(src_kv, dh, dh2, family.rotary, 1.0))
+        per_layer["v"].append(head_sources(src_kv, dh, dh2, family.rotary, 1.0))
+        per_layer["ffn"].append(unit_sources(small["ffn"], large["ffn"], width, g))
+    small_dims = {
+        "res": small["hidden"], "q": small["heads"] * dh, "k": small["kv_heads"] * dh,
+        "v": small["kv_heads"] * dh, "ffn": small["ffn"],
+    }
+    for space, layers in per_layer.items():
+        expanders[space] = _stack_layers([_expander_from_sources(s, small_dims[space], g, noise) for s in layers])
+
+    if width == "net2net":
+        norm_scale = 1.0
+    else:
+        k = large["hidden"] // small["hidden"]
+        norm_scale = math.sqrt(k * small["hidden"] / large["hidden"])
+    return GrowthOperator(
+        family=family,
+        specs=specs,
+        expanders=expanders,
+        depth=depth_init(specs, small["layers"], l2, depth_mode, zero_new),
+        norm_scale=norm_scale,
+        head_tied=head_tied,
+        small_dims=small_dims,
+        large_layers=l2,
+    )
