@@ -89,6 +89,23 @@ def test_operator_count_on_hand_checkable_cases():
     assert ligo["model_flops"] == 10 * 4 * 16 * cost.train_flops_per_token(wider, 16)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "bert", "llama-gqa"])
+def test_operator_count_matches_the_engine(name):
+    growth = pytest.importorskip("ligo_core.growth")
+    small_config = TINY[name][0]()
+    torch.manual_seed(0)
+    small = TINY[name][1](small_config)
+    target = ligo_core.resolve_target("layers=4,hidden=128", small_config)
+    state = {k: v.detach().float() for k, v in small.state_dict().items()}
+    layout = growth.plan_layout(small_config, {k: tuple(v.shape) for k, v in state.items()})
+    operator = growth.build_operator("ligo", layout.family, layout.specs, ligo_core.sizes_of(small_config),
+                                     ligo_core.sizes_of(target), layout.head_tied, seed=0, noise=0.1)
+    with FlopCounterMode(display=False) as counter:
+        large = operator.materialise(state, layout.names)
+        sum(v.pow(2).sum() for v in large.values()).backward()
+    assert 3 * cost.operator_flops(small_config, target) == pytest.approx(counter.get_total_flops(), rel=0.05)
+
+
 @pytest.mark.parametrize("preset,flops", [("bert-base", 6.4e19), ("bert-large", 1.9e20)])
 def test_paper_convention_matches_electra_published_counts(preset, flops):
     # ELECTRA (Clark et al. 2020), Table 1 / flops_computation.py: 1M steps, batch 256, sequence 512.
