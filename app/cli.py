@@ -1,0 +1,179 @@
+"""``ligo serve`` and ``ligo keys``: the service on one machine, and its API keys.
+
+``ligo serve`` runs the API (uvicorn) and one Celery worker with no outside services: SQLite,
+a local object directory and Celery's filesystem broker, all under ``--data-dir``. With
+``LIGO_DATABASE_URL``, ``LIGO_BROKER_URL`` or ``LIGO_STORAGE_BACKEND`` set it uses those
+instead. Also usable without the ``ligo`` command: ``python -m app.cli serve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def add_parser(subparsers) -> None:
+    serve = subparsers.add_parser("serve", help="run the growth service (API and a worker) on this machine")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--data-dir", help="database, objects and queue live here (default ./ligo-data, "
+                                          "or LIGO_DATA_DIR)")
+    serve.add_argument("--no-worker", action="store_true", help="run the API only (workers run elsewhere)")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=cmd_serve)
+
+    keys = subparsers.add_parser("keys", help="create, list and revoke API keys")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    create = ksub.add_parser("create", help="print a new API key for a tenant (stored hashed)")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--name", help="a note to recognise the key by")
+    create.add_argument("--data-dir")
+    create.set_defaults(func=cmd_keys_create)
+    lst = ksub.add_parser("list", help="list keys (prefixes only)")
+    lst.add_argument("--tenant")
+    lst.add_argument("--data-dir")
+    lst.set_defaults(func=cmd_keys_list)
+    revoke = ksub.add_parser("revoke", help="revoke the key(s) with this prefix")
+    revoke.add_argument("prefix")
+    revoke.add_argument("--data-dir")
+    revoke.set_defaults(func=cmd_keys_revoke)
+    secret = ksub.add_parser("webhook-secret", help="print the tenant's webhook signing secret (whsec_...)")
+    secret.add_argument("--tenant", required=True)
+    secret.add_argument("--data-dir")
+    secret.set_defaults(func=cmd_keys_secret)
+
+
+def _settings(args):
+    if getattr(args, "data_dir", None):
+        os.environ["LIGO_DATA_DIR"] = str(Path(args.data_dir).resolve())  # children read it too
+    from app.settings import Settings
+
+    settings = Settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return settings
+
+
+def _database(settings):
+    from app.db import Database
+    from app.migrate import upgrade
+
+    upgrade(settings.resolved_database_url)
+    return Database(settings.resolved_database_url)
+
+
+def cmd_keys_create(args) -> int:
+    from app.auth import create_key
+
+    try:
+        key = create_key(_database(_settings(args)), args.tenant, args.name)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(key)
+    return 0
+
+
+def cmd_keys_list(args) -> int:
+    from sqlalchemy import select
+
+    from app.db import ApiKey
+
+    db = _database(_settings(args))
+    query = select(ApiKey).order_by(ApiKey.tenant, ApiKey.created_at)
+    if args.tenant:
+        query = query.where(ApiKey.tenant == args.tenant)
+    with db.read() as s:
+        for k in s.scalars(query):
+            state = "revoked" if k.revoked_at else "active"
+            print(f"{k.prefix}...  {k.tenant}  {state}  {k.created_at:%Y-%m-%d %H:%M}  {k.name or ''}".rstrip())
+    return 0
+
+
+def cmd_keys_revoke(args) -> int:
+    from app.auth import revoke_key
+
+    n = revoke_key(_database(_settings(args)), args.prefix)
+    print(f"revoked {n} key(s)", file=sys.stderr)
+    return 0 if n else 1
+
+
+def cmd_keys_secret(args) -> int:
+    from app.auth import ensure_tenant
+
+    print(ensure_tenant(_database(_settings(args)), args.tenant).webhook_secret)
+    return 0
+
+
+class WorkerProcess:
+    """A Celery worker child, restarted if it dies, stopped with the server."""
+
+    def __init__(self, log_level: str):
+        self.cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "gpu",
+                    "-c", "1", "--loglevel", log_level.upper(), "--hostname", f"ligo-serve-{os.getpid()}@%h",
+                    "--without-gossip", "--without-mingle", "--without-heartbeat"]
+        self.proc: subprocess.Popen | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._supervise, name="ligo-worker-supervisor", daemon=True)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.cmd, start_new_session=True)
+        self._thread.start()
+
+    def _supervise(self) -> None:
+        delay = 1.0
+        while not self._stopping.wait(1.0):
+            if self.proc.poll() is not None and not self._stopping.is_set():
+                print(f"ligo serve: the worker exited ({self.proc.returncode}); restarting", file=sys.stderr)
+                time.sleep(delay)
+                delay = min(delay * 2, 60)
+                self.proc = subprocess.Popen(self.cmd, start_new_session=True)
+
+    def stop(self, grace: float = 10.0) -> None:
+        self._stopping.set()
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        # A running job would hold a warm shutdown for hours: stop now; its lease expires and
+        # the job is queued again at the next start.
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    settings = _settings(args)
+    from app.main import create_app
+
+    app = create_app(settings)
+    worker = None if args.no_worker else WorkerProcess(args.log_level)
+    if worker is not None:
+        worker.start()
+    print(f"ligo serve: http://{args.host}:{args.port}/v1/docs  (data in {settings.data_dir.resolve()})",
+          file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        if worker is not None:
+            worker.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ligo")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

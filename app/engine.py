@@ -1,0 +1,71 @@
+"""The service's only door into ligo_core for configs: targets, estimates and checkpoint configs.
+
+Nothing here touches tensors (transformers' config classes only). ligo_core is imported on
+first use, so modules that import this one stay light.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Words in an estimator error message -> the request field it concerns.
+ESTIMATE_FIELDS = (
+    ("fit_steps", "fit_steps"), ("fit_batch", "fit_batch"), ("seq_len", "seq_len"), ("tokens", "tokens"),
+    ("utilisation", "utilisation"), ("price", "price_per_gpu_hour"), ("gpu", "gpu"), ("strategy", "strategy"),
+    ("convention", "convention"),
+)
+
+
+def config_from_dict(data: dict[str, Any]):
+    """A transformers config of the right class from a config.json dict."""
+    from transformers import AutoConfig
+
+    data = dict(data)
+    model_type = data.pop("model_type", None)
+    if not model_type:
+        import ligo_core
+
+        raise ligo_core.TargetError("the config has no model_type")
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except (ValueError, KeyError) as exc:
+        import ligo_core
+
+        raise ligo_core.TargetError(f"model_type {model_type!r}: {exc}") from None
+
+
+def resolve_target(spec: Any, source_config: dict[str, Any] | None):
+    """The full large config of ``spec`` grown from ``source_config``; TargetError names the field."""
+    import ligo_core
+
+    source = config_from_dict(source_config) if source_config is not None else None
+    return ligo_core.resolve_target(spec, source)
+
+
+def resolve_source(spec: Any):
+    """A source model config from a preset name, fields or a config dict."""
+    import ligo_core
+
+    if isinstance(spec, dict) and spec.get("model_type"):
+        return config_from_dict(spec)
+    return ligo_core.resolve_target(spec, None)
+
+
+def estimate(source_config, target_config, **kwargs) -> dict:
+    from ligo_core.cost import estimate as _estimate
+
+    return _estimate(source_config, target_config, **kwargs)
+
+
+def estimate_field(message: str) -> str | None:
+    lower = message.lower()
+    for word, field in ESTIMATE_FIELDS:
+        if word in lower:
+            return field
+    return None
+
+
+def is_ligo_error(exc: BaseException) -> bool:
+    import ligo_core
+
+    return isinstance(exc, ligo_core.LigoError)

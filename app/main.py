@@ -1,0 +1,46 @@
+"""The FastAPI application factory: ``uvicorn --factory app.main:create_app``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from fastapi import FastAPI
+
+from app import problems, web
+from app.metrics import Metrics, MetricsMiddleware
+from app.routers import checkpoints, estimate, files, health, jobs
+from app.services import Services
+from app.settings import Settings, get_settings
+
+DESCRIPTION = """Grow a small pretrained transformer checkpoint into a larger one with a learned
+linear growth operator (LiGO) or a baseline, on GPU workers, and download the result.
+
+Authenticate with `Authorization: Bearer <key>` (keys come from `ligo keys create`). Errors are
+RFC 9457 `application/problem+json` documents; field errors list `errors[].field`."""
+
+
+def create_app(settings: Settings | None = None, *, maintenance: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+    logging.getLogger("ligo").setLevel(settings.log_level.upper())
+    svc = Services.build(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if maintenance:
+            svc.start()
+        try:
+            yield
+        finally:
+            await svc.stop()
+
+    app = FastAPI(title="LiGO growth service", version="1", description=DESCRIPTION, lifespan=lifespan,
+                  openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None)
+    app.state.services = svc
+    app.state.metrics = Metrics(svc)
+    problems.install(app)
+    for module in (checkpoints, jobs, estimate, files, health):
+        app.include_router(module.router)
+    app.include_router(web.router)  # the web form: /, /ui/... (app/web, docs/WEB.md)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    return app

@@ -1,0 +1,73 @@
+"""RFC 9457 problem details: every error answer of the API is ``application/problem+json``.
+
+A problem has ``type`` (a URN naming the kind, ``about:blank`` for a bare HTTP status),
+``title``, ``status``, ``detail``, and for field errors ``errors: [{"field", "message"}]``
+where ``field`` is a dotted path into the request (``target``, ``fit.steps``, ``filename``).
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+MEDIA_TYPE = "application/problem+json"
+TYPE_PREFIX = "urn:ligo:problem:"
+
+
+class Problem(Exception):
+    def __init__(self, status: int, slug: str, detail: str, *, title: str | None = None,
+                 errors: list[dict] | None = None, headers: dict | None = None):
+        super().__init__(detail)
+        self.status, self.slug, self.detail = status, slug, detail
+        self.title = title or HTTPStatus(status).phrase
+        self.errors = errors
+        self.headers = headers
+
+    def body(self, instance: str | None = None) -> dict:
+        out = {"type": TYPE_PREFIX + self.slug, "title": self.title, "status": self.status, "detail": self.detail}
+        if self.errors:
+            out["errors"] = self.errors
+        if instance:
+            out["instance"] = instance
+        return out
+
+
+def field_problem(field: str, message: str, slug: str = "validation", status: int = 422) -> Problem:
+    return Problem(status, slug, message, title="Invalid request", errors=[{"field": field, "message": message}])
+
+
+def not_found(what: str, ident: str) -> Problem:
+    return Problem(404, "not-found", f"no {what} {ident!r}")
+
+
+def problem_response(problem: Problem, request: Request | None = None) -> JSONResponse:
+    return JSONResponse(problem.body(request.url.path if request else None), status_code=problem.status,
+                        media_type=MEDIA_TYPE, headers=problem.headers)
+
+
+def _field_of(loc) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem):
+        return problem_response(exc, request)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errors = [{"field": _field_of(e.get("loc", ())), "message": e.get("msg", "invalid")} for e in exc.errors()]
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
+        return problem_response(Problem(422, "validation", detail, title="Invalid request", errors=errors), request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        body = {"type": "about:blank", "title": HTTPStatus(exc.status_code).phrase, "status": exc.status_code,
+                "detail": exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).description}
+        return JSONResponse(body, status_code=exc.status_code, media_type=MEDIA_TYPE,
+                            headers=getattr(exc, "headers", None))

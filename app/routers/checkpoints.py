@@ -1,0 +1,385 @@
+"""Checkpoints: streamed upload, presigned multipart upload to S3, registration of an S3 object.
+
+Every path ends the same way: the bytes are checked by ``ligo_core.inspect_checkpoint`` (in
+the validator process) before a row exists, and whatever was stored is removed when they
+are refused, so a 4xx leaves no row and no object behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import re
+import shutil
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import delete, select
+
+from app.auth import CurrentTenant
+from app.db import Checkpoint, Upload, new_id, utcnow
+from app.problems import Problem, field_problem, not_found
+from app.schemas import (
+    CheckpointOut,
+    RegisterIn,
+    UploadComplete,
+    UploadCreate,
+    UploadOut,
+    checkpoint_json,
+    iso,
+)
+from app.services import Services, Svc
+from app.storage import S3_MAX_PARTS, S3_MIN_PART, S3Storage, StorageError, parse_s3_uri
+from app.validator import ValidationFailed, ValidatorUnavailable
+
+log = logging.getLogger("ligo.api")
+router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
+
+ARCHIVES = (".tar", ".tar.gz", ".tgz", ".zip")
+SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+FLUSH_BYTES = 2**20
+ERRORS = {401: {"description": "No or wrong API key"}, 413: {"description": "Over the size cap"},
+          422: {"description": "Not a checkpoint the service can grow; `detail` says why"}}
+
+
+def clean_filename(filename: str, field: str = "filename") -> tuple[str, str]:
+    """(safe name, kind) where kind is 'archive' or 'safetensors'."""
+    name = SAFE_NAME.sub("_", filename.replace("\\", "/").rsplit("/", 1)[-1]).strip("._") or ""
+    lower = name.lower()
+    if lower.endswith(ARCHIVES):
+        return name, "archive"
+    if lower.endswith(".safetensors"):
+        return name, "safetensors"
+    raise field_problem(field, f"{filename!r}: give a .tar, .tar.gz, .tgz or .zip of a Hugging Face model "
+                               "directory, or a .safetensors file with its config")
+
+
+def decode_config_header(value: str | None) -> dict:
+    if not value:
+        raise field_problem("X-Ligo-Config", "a .safetensors upload needs its config.json as base64 JSON "
+                                             "in the X-Ligo-Config header")
+    try:
+        config = json.loads(base64.b64decode(value, validate=False))
+    except (binascii.Error, ValueError):
+        raise field_problem("X-Ligo-Config", "X-Ligo-Config is not base64-encoded JSON") from None
+    return check_config(config, "X-Ligo-Config")
+
+
+def check_config(config, field: str) -> dict:
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise field_problem(field, "the config must be a JSON object with a model_type")
+    return config
+
+
+def _checkpoint_dir(tmp: Path, weights: Path, config: dict) -> Path:
+    """A model directory (config.json + model.safetensors) around a bare weights file."""
+    d = Path(tempfile.mkdtemp(dir=tmp, prefix="ckpt-"))
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "model.safetensors").symlink_to(weights)
+    return d
+
+
+async def inspect(svc: Services, path: Path, kind: str, config: dict | None) -> dict:
+    tmp = svc.settings.resolved_tmp_dir
+    tmp.mkdir(parents=True, exist_ok=True)
+    target = _checkpoint_dir(tmp, path, config) if kind == "safetensors" else path
+    try:
+        return await svc.validator.inspect(target)
+    except ValidationFailed as exc:
+        raise Problem(422, "checkpoint-invalid", str(exc), title="Checkpoint not accepted") from None
+    except ValidatorUnavailable as exc:
+        raise Problem(503, "validator-unavailable", str(exc)) from None
+    finally:
+        if target != path:
+            shutil.rmtree(target, ignore_errors=True)
+
+
+def _row(ckpt_id: str, tenant: str, filename: str, size: int, sha256: str, info: dict, *, layout: str,
+         object_key: str, external: bool = False) -> Checkpoint:
+    return Checkpoint(
+        id=ckpt_id, tenant=tenant, filename=filename, size_bytes=size, sha256=sha256, family=info["family"],
+        model_type=info["model_type"], config=info["config"], num_parameters=int(info["num_parameters"]),
+        has_tokenizer=bool(info.get("has_tokenizer")), layout=layout, object_key=object_key, external=external,
+    )
+
+
+def _save_row(svc: Services, row: Checkpoint, cleanup) -> Checkpoint:
+    try:
+        with svc.db.write() as s:
+            s.add(row)
+    except Exception:
+        cleanup()
+        raise
+    return row
+
+
+def _created(row: Checkpoint) -> JSONResponse:
+    return JSONResponse(checkpoint_json(row), status_code=201, headers={"Location": f"/v1/checkpoints/{row.id}"})
+
+
+@router.post("", status_code=201, response_model=CheckpointOut, responses=ERRORS,
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+async def upload_checkpoint(
+    request: Request,
+    filename: Annotated[str, Query(description="model.tar.gz, model.zip, ... or model.safetensors")],
+    tenant: CurrentTenant,
+    svc: Svc,
+    x_ligo_config: Annotated[str | None, Header(description="base64 config.json, for a .safetensors upload")] = None,
+):
+    """Stream the raw request body to storage (sha256 and size cap on the way), then check it."""
+    name, kind = clean_filename(filename)
+    config = decode_config_header(x_ligo_config) if kind == "safetensors" else None
+    cap = svc.settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > cap:
+        raise Problem(413, "too-large", f"the upload is {int(declared)} bytes; the limit is {cap} bytes")
+    ckpt_id = new_id()
+    prefix = f"checkpoints/{ckpt_id}/"
+    key = prefix + (name if kind == "archive" else "model.safetensors")
+    writer = await anyio.to_thread.run_sync(svc.storage.open_writer, key)
+    sha, size, pending, pending_size = hashlib.sha256(), 0, [], 0
+
+    def write(data: bytes) -> None:
+        sha.update(data)
+        writer.write(data)
+
+    committed = False
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                raise Problem(413, "too-large", f"the upload is over the limit of {cap} bytes")
+            pending.append(chunk)
+            pending_size += len(chunk)
+            if pending_size >= FLUSH_BYTES:
+                data = b"".join(pending)
+                pending.clear()
+                pending_size = 0
+                await anyio.to_thread.run_sync(write, data)
+        if pending:
+            await anyio.to_thread.run_sync(write, b"".join(pending))
+        if size == 0:
+            raise field_problem("body", "the request body is empty; send the file as the raw body")
+        info = await inspect(svc, writer.local_path, kind, config)
+        await anyio.to_thread.run_sync(writer.commit)
+        committed = True
+        if config is not None:
+            await anyio.to_thread.run_sync(svc.storage.put_bytes, prefix + "config.json", json.dumps(config).encode())
+        row = _row(ckpt_id, tenant, name, size, sha.hexdigest(), info,
+                   layout="archive" if kind == "archive" else "directory",
+                   object_key=key if kind == "archive" else prefix)
+        row = await anyio.to_thread.run_sync(_save_row, svc, row, lambda: svc.storage.delete_prefix(prefix))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if committed:
+                await anyio.to_thread.run_sync(svc.storage.delete_prefix, prefix)
+            else:
+                await anyio.to_thread.run_sync(writer.abort)
+        raise
+    return _created(row)
+
+
+# --- presigned multipart upload (S3) -----------------------------------------------------------
+
+def _s3(svc: Services, what: str) -> S3Storage:
+    if not isinstance(svc.storage, S3Storage):
+        raise Problem(501, "needs-s3", f"{what} needs the S3 storage backend (LIGO_STORAGE_BACKEND=s3); "
+                                       "use POST /v1/checkpoints with the file as the body")
+    return svc.storage
+
+
+@router.post("/uploads", status_code=201, response_model=UploadOut, responses=ERRORS)
+def create_upload(body: UploadCreate, tenant: CurrentTenant, svc: Svc):
+    """Start a multipart upload straight to S3: PUT each part to its URL, then call .../complete."""
+    s3 = _s3(svc, "a presigned upload")
+    name, kind = clean_filename(body.filename)
+    config = check_config(body.config, "config") if kind == "safetensors" else None
+    if kind == "safetensors" and config is None:
+        raise field_problem("config", "a .safetensors upload needs its config.json in `config`")
+    cap = svc.settings.presigned_max_bytes
+    if body.size_bytes > cap:
+        raise Problem(413, "too-large", f"{body.size_bytes} bytes is over the limit of {cap} bytes")
+    part_size = max(S3_MIN_PART, svc.settings.s3_part_size_bytes, math.ceil(body.size_bytes / S3_MAX_PARTS))
+    count = math.ceil(body.size_bytes / part_size)
+    upload_id = new_id()
+    key = f"checkpoints/{upload_id}/" + (name if kind == "archive" else "model.safetensors")
+    ttl = svc.settings.upload_ttl_seconds
+    s3_upload = s3.create_multipart(key)
+    row = Upload(id=upload_id, tenant=tenant, filename=name, object_key=key, s3_upload_id=s3_upload,
+                 size_bytes=body.size_bytes, part_size=part_size, config=config,
+                 expires_at=utcnow() + timedelta(seconds=ttl))
+    try:
+        with svc.db.write() as s:
+            s.add(row)
+    except Exception:
+        s3.abort_multipart(key, s3_upload)
+        raise
+    parts = [{"part_number": n, "url": s3.presign_part(key, s3_upload, n, ttl)} for n in range(1, count + 1)]
+    return JSONResponse({"id": upload_id, "filename": name, "size_bytes": body.size_bytes, "part_size": part_size,
+                         "parts": parts, "expires_at": iso(row.expires_at)}, status_code=201)
+
+
+def _upload_of(svc: Services, tenant: str, upload_id: str) -> Upload:
+    with svc.db.read() as s:
+        row = s.get(Upload, upload_id)
+    if row is None or row.tenant != tenant:
+        raise not_found("upload", upload_id)
+    return row
+
+
+def _forget_upload(svc: Services, row: Upload) -> None:
+    with svc.db.write() as s:
+        s.execute(delete(Upload).where(Upload.id == row.id))
+
+
+def _download_hashed(fetch, dest: Path) -> tuple[int, str]:
+    fetch(dest)
+    sha, size = hashlib.sha256(), 0
+    with open(dest, "rb") as f:
+        while chunk := f.read(4 * 2**20):
+            sha.update(chunk)
+            size += len(chunk)
+    return size, sha.hexdigest()
+
+
+@router.post("/uploads/{upload_id}/complete", status_code=201, response_model=CheckpointOut, responses=ERRORS)
+async def complete_upload(upload_id: str, body: UploadComplete, tenant: CurrentTenant,
+                          svc: Svc):
+    """Finish the multipart upload, check the object, and create the checkpoint."""
+    s3 = _s3(svc, "a presigned upload")
+    row = await anyio.to_thread.run_sync(_upload_of, svc, tenant, upload_id)
+    parts = sorted((p.part_number, p.etag) for p in body.parts)
+    prefix = f"checkpoints/{row.id}/"
+    tmp = Path(tempfile.mkdtemp(dir=_tmp(svc), prefix="upload-"))
+    try:
+        try:
+            await anyio.to_thread.run_sync(s3.complete_multipart, row.object_key, row.s3_upload_id, parts)
+        except StorageError as exc:
+            raise field_problem("parts", str(exc)) from None
+        await anyio.to_thread.run_sync(_forget_upload, svc, row)
+        try:
+            local = tmp / row.filename
+            size, sha = await anyio.to_thread.run_sync(_download_hashed,
+                                                       lambda d: s3.download(row.object_key, d), local)
+            if size != row.size_bytes:
+                raise field_problem("parts", f"the parts add up to {size} bytes, not the {row.size_bytes} announced")
+            kind = "safetensors" if row.filename.lower().endswith(".safetensors") else "archive"
+            info = await inspect(svc, local, kind, row.config)
+            if row.config is not None:
+                await anyio.to_thread.run_sync(s3.put_bytes, prefix + "config.json", json.dumps(row.config).encode())
+            ckpt = _row(row.id, tenant, row.filename, size, sha, info,
+                        layout="archive" if kind == "archive" else "directory",
+                        object_key=row.object_key if kind == "archive" else prefix)
+            ckpt = await anyio.to_thread.run_sync(_save_row, svc, ckpt, lambda: None)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await anyio.to_thread.run_sync(s3.delete_prefix, prefix)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _created(ckpt)
+
+
+@router.delete("/uploads/{upload_id}", status_code=204, responses={404: {"description": "No such upload"}})
+def abort_upload(upload_id: str, tenant: CurrentTenant, svc: Svc):
+    s3 = _s3(svc, "a presigned upload")
+    row = _upload_of(svc, tenant, upload_id)
+    s3.abort_multipart(row.object_key, row.s3_upload_id)
+    _forget_upload(svc, row)
+
+
+def expire_uploads(svc: Services) -> int:
+    """Abort presigned uploads nobody completed in time (run by the maintenance loop)."""
+    if not isinstance(svc.storage, S3Storage):
+        return 0
+    with svc.db.read() as s:
+        rows = s.scalars(select(Upload).where(Upload.expires_at < utcnow())).all()
+    for row in rows:
+        try:
+            svc.storage.abort_multipart(row.object_key, row.s3_upload_id)
+            _forget_upload(svc, row)
+        except StorageError as exc:
+            log.warning("could not abort expired upload %s: %s", row.id, exc)
+    return len(rows)
+
+
+# --- registering an existing object ------------------------------------------------------------
+
+OWN_PREFIXES = ("checkpoints/", "jobs/")
+
+
+def check_external_uri(svc: Services, uri: str, field: str) -> tuple[str, str]:
+    """(bucket, key) of an s3:// URI a tenant may point the service at.
+
+    Objects the service itself wrote (other tenants' checkpoints and results) are refused,
+    and so are buckets other than the service's own unless listed in LIGO_S3_REGISTER_BUCKETS.
+    """
+    s3 = svc.storage
+    if not isinstance(s3, S3Storage):
+        raise field_problem(field, "s3:// URIs need the S3 storage backend (LIGO_STORAGE_BACKEND=s3)")
+    try:
+        bucket, key = parse_s3_uri(uri)
+    except StorageError as exc:
+        raise field_problem(field, str(exc)) from None
+    if bucket == s3.bucket:
+        inside = key[len(s3.prefix):] if key.startswith(s3.prefix) else None
+        if inside is not None and inside.startswith(OWN_PREFIXES):
+            raise field_problem(field, f"{uri} is inside the service's own storage; upload the file instead")
+    elif bucket not in svc.settings.s3_register_buckets:
+        raise field_problem(field, f"bucket {bucket!r} is not one the service may read "
+                                   "(LIGO_S3_REGISTER_BUCKETS)")
+    return bucket, key
+
+
+def _tmp(svc: Services) -> Path:
+    d = svc.settings.resolved_tmp_dir
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@router.post("/register", status_code=201, response_model=CheckpointOut, responses=ERRORS)
+async def register_checkpoint(body: RegisterIn, tenant: CurrentTenant,
+                              svc: Svc):
+    """Create a checkpoint from an archive already in S3 (read in place, never modified)."""
+    _s3(svc, "registering an object")
+    bucket, key = check_external_uri(svc, body.uri, "uri")
+    name, kind = clean_filename(key, "uri")
+    if kind != "archive":
+        raise field_problem("uri", "register a .tar, .tar.gz, .tgz or .zip archive of a model directory")
+    s3: S3Storage = svc.storage
+    try:
+        size = await anyio.to_thread.run_sync(s3.head_uri, bucket, key)
+    except StorageError as exc:
+        raise field_problem("uri", f"cannot read {body.uri}: {exc}") from None
+    if size > svc.settings.presigned_max_bytes:
+        raise Problem(413, "too-large", f"{body.uri} is {size} bytes; the limit is {svc.settings.presigned_max_bytes}")
+    tmp = Path(tempfile.mkdtemp(dir=_tmp(svc), prefix="register-"))
+    try:
+        local = tmp / name
+        size, sha = await anyio.to_thread.run_sync(_download_hashed, lambda d: s3.download_uri(bucket, key, d), local)
+        info = await inspect(svc, local, kind, None)
+        row = _row(new_id(), tenant, name, size, sha, info, layout="archive", object_key=body.uri, external=True)
+        row = await anyio.to_thread.run_sync(_save_row, svc, row, lambda: None)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _created(row)
+
+
+@router.get("/{checkpoint_id}", response_model=CheckpointOut, responses={404: {"description": "No such checkpoint"}})
+def get_checkpoint(checkpoint_id: str, tenant: CurrentTenant, svc: Svc):
+    with svc.db.read() as s:
+        row = s.get(Checkpoint, checkpoint_id)
+    if row is None or row.tenant != tenant:
+        raise not_found("checkpoint", checkpoint_id)
+    return JSONResponse(checkpoint_json(row))

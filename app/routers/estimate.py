@@ -1,0 +1,54 @@
+"""Cost-savings estimate for a source and target, before spending any GPU time."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from app import engine
+from app.auth import CurrentTenant
+from app.db import Checkpoint
+from app.problems import Problem, field_problem
+from app.schemas import EstimateIn
+from app.services import Svc
+
+router = APIRouter(prefix="/v1", tags=["estimate"])
+
+
+@router.post("/estimate", responses={401: {"description": "No or wrong API key"},
+                                     422: {"description": "A field is invalid; `errors[].field` names it"}})
+def estimate(body: EstimateIn, tenant: CurrentTenant, svc: Svc) -> dict:
+    """FLOPs, GPU-hours and cost of fitting, training the grown model, and training from scratch."""
+    if (body.source is None) == (body.checkpoint_id is None):
+        raise field_problem("source", "give either `source` (a preset, fields or a config) or `checkpoint_id`")
+    try:
+        if body.checkpoint_id is not None:
+            with svc.db.read() as s:
+                ckpt = s.get(Checkpoint, body.checkpoint_id)
+            if ckpt is None or ckpt.tenant != tenant:
+                raise field_problem("checkpoint_id", f"no checkpoint {body.checkpoint_id!r}")
+            source = engine.config_from_dict(ckpt.config)
+        else:
+            source = _field("source", engine.resolve_source, body.source)
+        target = _field("target", engine.resolve_target, body.target, source.to_dict())
+        result = engine.estimate(
+            source, target, strategy=body.strategy, fit_steps=body.fit_steps, fit_batch=body.fit_batch,
+            seq_len=body.seq_len, tokens=body.tokens, gpu=body.gpu, price_per_gpu_hour=body.price_per_gpu_hour,
+            utilisation=body.utilisation,
+        )
+    except Problem:
+        raise
+    except Exception as exc:
+        if engine.is_ligo_error(exc):
+            raise field_problem(engine.estimate_field(str(exc)) or "target", str(exc)) from None
+        raise
+    return JSONResponse(result)
+
+
+def _field(name: str, fn, *args):
+    try:
+        return fn(*args)
+    except Exception as exc:
+        if engine.is_ligo_error(exc):
+            raise field_problem(name, str(exc)) from None
+        raise

@@ -1,0 +1,197 @@
+"""Jobs: submit (validated against the checkpoint at once), read, list, cancel, fetch the result."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from datetime import timedelta
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+
+from app import engine, store
+from app.auth import CurrentTenant
+from app.db import TERMINAL_STATES, Checkpoint, Job, utcnow
+from app.problems import Problem, field_problem, not_found
+from app.routers.checkpoints import check_external_uri
+from app.schemas import JobCreate, JobList, JobOut, JobResult, iso, job_json
+from app.services import Services, Svc
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+DATA_SUFFIXES = (".txt", ".jsonl")
+PLAN_FIELDS = {"fit_steps": "fit.steps", "fit_batch": "fit.batch_size", "seq_len": "fit.seq_len",
+               "tokens": "plan.tokens", "gpu": "plan.gpu", "price_per_gpu_hour": "plan.price_per_gpu_hour",
+               "utilisation": "plan.utilisation", "strategy": "strategy"}
+
+
+def _job_of(svc: Services, tenant: str, job_id: str) -> Job:
+    with svc.db.read() as s:
+        job = s.get(Job, job_id)
+    if job is None or job.tenant != tenant:
+        raise not_found("job", job_id)
+    return job
+
+
+def _engine_defaults() -> tuple[int, int]:
+    from ligo_core.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
+
+    return DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
+
+
+def job_estimate(source_config: dict, target_config, job_fit: dict, plan: dict, strategy: str) -> dict:
+    """The cost estimate for a job, with the fitting settings the engine will use."""
+    batch, seq = _engine_defaults()
+    max_pos = source_config.get("n_positions") or source_config.get("max_position_embeddings") or seq
+    return engine.estimate(
+        engine.config_from_dict(source_config), target_config, strategy=strategy,
+        fit_steps=job_fit["steps"] if strategy == "ligo" else 0, fit_batch=job_fit.get("batch_size") or batch,
+        seq_len=min(job_fit.get("seq_len") or seq, max_pos), tokens=plan.get("tokens"), gpu=plan.get("gpu", "H100"),
+        price_per_gpu_hour=plan.get("price_per_gpu_hour"), utilisation=plan.get("utilisation"),
+    )
+
+
+def _validate(svc: Services, tenant: str, body: JobCreate) -> tuple[Checkpoint, dict]:
+    with svc.db.read() as s:
+        ckpt = s.get(Checkpoint, body.checkpoint_id)
+    if ckpt is None or ckpt.tenant != tenant:
+        raise field_problem("checkpoint_id", f"no checkpoint {body.checkpoint_id!r}")
+    try:
+        target = engine.resolve_target(body.target, ckpt.config)
+    except Exception as exc:
+        if engine.is_ligo_error(exc):
+            raise field_problem("target", str(exc)) from None
+        raise
+    if body.strategy == "ligo" and body.fit.steps > 0 and not ckpt.has_tokenizer:
+        raise field_problem("checkpoint_id", "the checkpoint has no tokenizer files, which fitting 'ligo' needs; "
+                                             "upload it with its tokenizer, set fit.steps to 0, or pick another strategy")
+    if body.fit.data_uri is not None:
+        _bucket, key = check_external_uri(svc, body.fit.data_uri, "fit.data_uri")
+        if not key.lower().endswith(DATA_SUFFIXES):
+            raise field_problem("fit.data_uri", "the fitting data must be a .txt or .jsonl object")
+        try:
+            svc.storage.head_uri(_bucket, key)
+        except Exception as exc:
+            raise field_problem("fit.data_uri", f"cannot read {body.fit.data_uri}: {exc}") from None
+    try:
+        job_estimate(ckpt.config, target, body.fit.model_dump(), body.plan.model_dump(), body.strategy)
+    except Exception as exc:
+        if engine.is_ligo_error(exc):
+            field = PLAN_FIELDS.get(engine.estimate_field(str(exc)) or "", "plan")
+            raise field_problem(field, str(exc)) from None
+        raise
+    return ckpt, target.to_dict()
+
+
+def _request_hash(body: JobCreate) -> str:
+    return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def _existing(svc: Services, tenant: str, key: str) -> Job | None:
+    with svc.db.read() as s:
+        return s.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key))
+
+
+def _replay(job: Job, request_hash: str) -> JSONResponse:
+    if job.request_hash != request_hash:
+        raise Problem(422, "idempotency-key-reused", "this Idempotency-Key was used for a different request",
+                      errors=[{"field": "Idempotency-Key", "message": "already used with another request body"}])
+    return JSONResponse(job_json(job), status_code=200, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+@router.post("", status_code=202, response_model=JobOut, responses={
+    200: {"model": JobOut, "description": "The job made earlier with the same Idempotency-Key"},
+    401: {"description": "No or wrong API key"},
+    422: {"description": "A field is invalid; `errors[].field` names it"}})
+def create_job(body: JobCreate, tenant: CurrentTenant, svc: Svc,
+               idempotency_key: Annotated[str | None, Header(max_length=255)] = None):
+    """Queue a growth job. Answers 202 with `Location: /v1/jobs/{id}`."""
+    request_hash = _request_hash(body)
+    if idempotency_key is not None:
+        existing = _existing(svc, tenant, idempotency_key)
+        if existing is not None:
+            return _replay(existing, request_hash)
+    ckpt, target_config = _validate(svc, tenant, body)
+    job = Job(
+        tenant=tenant, checkpoint_id=ckpt.id, state="queued", target=body.target, target_config=target_config,
+        strategy=body.strategy, fit=body.fit.model_dump(), plan=body.plan.model_dump(), seed=body.seed,
+        callback_url=str(body.callback_url) if body.callback_url else None, idempotency_key=idempotency_key,
+        request_hash=request_hash, loss_history=[], attempts=0, cancel_requested=False,
+        progress_step=0, progress_total=0, created_at=utcnow(),
+    )
+    job, created = store.create_job(svc.db, job)
+    if not created:
+        return _replay(job, request_hash)
+    svc.dispatcher.dispatch(job.id)
+    return JSONResponse(job_json(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+def _cursor(job_id: str) -> str:
+    return base64.urlsafe_b64encode(job_id.encode()).decode().rstrip("=")
+
+
+def _uncursor(cursor: str) -> str:
+    try:
+        value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        value = ""
+    if not value or len(value) > 32 or not value.isalnum():
+        raise field_problem("cursor", "not a cursor from a previous page")
+    return value
+
+
+@router.get("", response_model=JobList, responses={401: {"description": "No or wrong API key"}})
+def list_jobs(tenant: CurrentTenant, svc: Svc,
+              state: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
+              cursor: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20):
+    """The tenant's jobs, newest first; pass `next_cursor` back as `cursor` for the next page."""
+    query = select(Job).where(Job.tenant == tenant)
+    if state:
+        query = query.where(Job.state == state)
+    if cursor:
+        query = query.where(Job.id < _uncursor(cursor))
+    with svc.db.read() as s:
+        rows = s.scalars(query.order_by(Job.id.desc()).limit(limit + 1)).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return JSONResponse({"items": [job_json(j) for j in rows],
+                         "next_cursor": _cursor(rows[-1].id) if more else None})
+
+
+@router.get("/{job_id}", response_model=JobOut, responses={404: {"description": "No such job"}})
+def get_job(job_id: str, tenant: CurrentTenant, svc: Svc):
+    return JSONResponse(job_json(_job_of(svc, tenant, job_id)))
+
+
+@router.delete("/{job_id}", status_code=202, response_model=JobOut, responses={
+    404: {"description": "No such job"}, 409: {"description": "The job has already finished"}})
+def cancel_job(job_id: str, tenant: CurrentTenant, svc: Svc):
+    """Cancel: a queued job at once, a running one at its next step (partial outputs removed)."""
+    job = _job_of(svc, tenant, job_id)
+    if job.state in TERMINAL_STATES:
+        raise Problem(409, "job-finished", f"job {job_id} has already {job.state}")
+    job = store.request_cancel(svc.db, tenant, job_id)
+    return JSONResponse(job_json(job), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
+
+
+@router.get("/{job_id}/result", response_model=JobResult, responses={
+    404: {"description": "No such job"}, 409: {"description": "The job has not succeeded"}})
+def job_result(job_id: str, request: Request, tenant: CurrentTenant,
+               svc: Svc):
+    """Download links (expiring) for every output file, the growth report and the cost estimate."""
+    job = _job_of(svc, tenant, job_id)
+    if job.state != "succeeded" or not job.manifest:
+        raise Problem(409, "not-succeeded", f"job {job_id} is {job.state}; results exist once it has succeeded")
+    ttl = svc.settings.url_ttl_seconds
+    base = svc.settings.public_url or str(request.base_url)
+    manifest = job.manifest
+    files = [{"path": f["path"], "size_bytes": f["size_bytes"], "sha256": f.get("sha256"),
+              "url": svc.storage.download_url(f"jobs/{job_id}/output/{f['path']}", f["path"].rsplit("/", 1)[-1],
+                                              ttl, base)}
+             for f in manifest["files"]]
+    return JSONResponse({"files": files, "report": manifest["report"], "estimate": manifest["estimate"],
+                         "expires_at": iso(utcnow() + timedelta(seconds=ttl))})

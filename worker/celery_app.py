@@ -1,0 +1,56 @@
+"""The Celery application: grow tasks on the ``gpu`` queue, one long job per GPU.
+
+Start a GPU worker with::
+
+    celery -A worker.celery_app worker -Q gpu -c 1 --loglevel INFO
+
+This module and everything it imports stay free of torch: the worker's parent process forks
+a fresh child per task (``worker_max_tasks_per_child=1``) and only that child loads
+ligo_core, so CUDA is never initialised before a fork.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from app.settings import Settings, get_settings
+
+GROW_TASK = "ligo.grow"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("ligo", broker=settings.resolved_broker_url, include=["worker.tasks"])
+    transport = {"visibility_timeout": settings.visibility_timeout_seconds}
+    if settings.resolved_broker_url.startswith("filesystem://"):
+        folder = settings.broker_dir
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        transport = {"data_folder_in": str(folder / "queue"), "data_folder_out": str(folder / "queue"),
+                     "processed_folder": str(folder / "processed"), "store_processed": False,
+                     "polling_interval": 0.5}
+    app.conf.update(
+        task_routes={GROW_TASK: {"queue": settings.gpu_queue}},
+        task_default_queue="default",
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        result_backend=None,
+        # Long GPU jobs: one at a time per worker, acknowledged when done, redelivered if the
+        # worker process is lost, a fresh process per job, and a hard time limit.
+        worker_prefetch_multiplier=1,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_max_tasks_per_child=1,
+        worker_concurrency=1,
+        task_time_limit=settings.job_time_limit_seconds + 120,
+        task_soft_time_limit=settings.job_time_limit_seconds + 60,
+        broker_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+celery = make_celery(get_settings())
+app = celery  # `celery -A worker.celery_app` finds either name
