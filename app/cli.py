@@ -113,8 +113,8 @@ def cmd_keys_secret(args) -> int:
 class WorkerProcess:
     """A Celery worker child, restarted if it dies, stopped with the server."""
 
-    def __init__(self, log_level: str):
-        self.cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "gpu",
+    def __init__(self, log_level: str, queue: str):
+        self.cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", queue,
                     "-c", "1", "--loglevel", log_level.upper(), "--hostname", f"ligo-serve-{os.getpid()}@%h",
                     "--without-gossip", "--without-mingle", "--without-heartbeat"]
         self.proc: subprocess.Popen | None = None
@@ -122,8 +122,13 @@ class WorkerProcess:
         self._thread = threading.Thread(target=self._supervise, name="ligo-worker-supervisor", daemon=True)
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.cmd, start_new_session=True)
+        self.proc = self._spawn()
         self._thread.start()
+
+    def _spawn(self) -> subprocess.Popen:
+        root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        return subprocess.Popen(self.cmd, start_new_session=True, env=env)
 
     def _supervise(self) -> None:
         delay = 1.0
@@ -132,7 +137,7 @@ class WorkerProcess:
                 print(f"ligo serve: the worker exited ({self.proc.returncode}); restarting", file=sys.stderr)
                 time.sleep(delay)
                 delay = min(delay * 2, 60)
-                self.proc = subprocess.Popen(self.cmd, start_new_session=True)
+                self.proc = self._spawn()
 
     def stop(self, grace: float = 10.0) -> None:
         self._stopping.set()
@@ -155,7 +160,7 @@ def cmd_serve(args) -> int:
     from app.main import create_app
 
     app = create_app(settings)
-    worker = None if args.no_worker else WorkerProcess(args.log_level)
+    worker = None if args.no_worker else WorkerProcess(args.log_level, settings.gpu_queue)
     if worker is not None:
         worker.start()
     print(f"ligo serve: http://{args.host}:{args.port}/v1/docs  (data in {settings.data_dir.resolve()})",

@@ -191,7 +191,16 @@ class WebhookDelivery(Base):
 
 # --- engines and sessions ---------------------------------------------------------------------
 
+def normalise_url(url: str) -> str:
+    """PostgreSQL URLs without a driver use psycopg 3 (the one the service installs)."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
 def make_engine(url: str) -> Engine:
+    url = normalise_url(url)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 

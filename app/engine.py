@@ -51,6 +51,11 @@ def resolve_source(spec: Any):
     return ligo_core.resolve_target(spec, None)
 
 
+def max_positions(config) -> int:
+    """The longest sequence the model takes; the engine caps the fitting length at it (as here)."""
+    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
+
+
 def estimate(source_config, target_config, **kwargs) -> dict:
     from ligo_core.cost import estimate as _estimate
 

@@ -66,6 +66,10 @@ class ObjectWriter(ABC):
     @abstractmethod
     def write(self, data: bytes) -> None: ...
 
+    def finish(self) -> None:
+        """No more data: ``local_path`` is complete (flushed and closed) from here on."""
+        self._file.close()
+
     @abstractmethod
     def commit(self) -> None: ...
 
@@ -162,7 +166,7 @@ class LocalWriter(ObjectWriter):
         self._file.write(data)
 
     def commit(self) -> None:
-        self._file.close()
+        self.finish()
         dest = self._storage.path_of(self._key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.local_path, dest)
@@ -294,7 +298,7 @@ class S3Writer(ObjectWriter):
             self._flush_part()
 
     def commit(self) -> None:
-        self._file.close()
+        self.finish()
         client = self._s3.client
         if self._upload_id is None:
             client.put_object(Bucket=self._s3.bucket, Key=self._key, Body=bytes(self._buffer))

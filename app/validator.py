@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)  # so `python -m app.validator` finds us
+
 
 class ValidationFailed(Exception):
     """The checkpoint is not acceptable; the message is one line for the user."""
@@ -31,7 +33,8 @@ class _Child:
     @classmethod
     async def start(cls, tmp_dir: Path) -> _Child:
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TMPDIR=str(tmp_dir), TOKENIZERS_PARALLELISM="false",
-                   OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+                   OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+                   PYTHONPATH=os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")])))
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "app.validator", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             env=env, limit=64 * 2**20,

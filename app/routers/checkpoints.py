@@ -171,6 +171,7 @@ async def upload_checkpoint(
             await anyio.to_thread.run_sync(write, b"".join(pending))
         if size == 0:
             raise field_problem("body", "the request body is empty; send the file as the raw body")
+        writer.finish()
         info = await inspect(svc, writer.local_path, kind, config)
         await anyio.to_thread.run_sync(writer.commit)
         committed = True

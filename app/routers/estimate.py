@@ -17,7 +17,7 @@ router = APIRouter(prefix="/v1", tags=["estimate"])
 
 @router.post("/estimate", responses={401: {"description": "No or wrong API key"},
                                      422: {"description": "A field is invalid; `errors[].field` names it"}})
-def estimate(body: EstimateIn, tenant: CurrentTenant, svc: Svc) -> dict:
+def estimate(body: EstimateIn, tenant: CurrentTenant, svc: Svc):
     """FLOPs, GPU-hours and cost of fitting, training the grown model, and training from scratch."""
     if (body.source is None) == (body.checkpoint_id is None):
         raise field_problem("source", "give either `source` (a preset, fields or a config) or `checkpoint_id`")
@@ -33,7 +33,7 @@ def estimate(body: EstimateIn, tenant: CurrentTenant, svc: Svc) -> dict:
         target = _field("target", engine.resolve_target, body.target, source.to_dict())
         result = engine.estimate(
             source, target, strategy=body.strategy, fit_steps=body.fit_steps, fit_batch=body.fit_batch,
-            seq_len=body.seq_len, tokens=body.tokens, gpu=body.gpu, price_per_gpu_hour=body.price_per_gpu_hour,
+            seq_len=min(body.seq_len, engine.max_positions(source)), tokens=body.tokens, gpu=body.gpu, price_per_gpu_hour=body.price_per_gpu_hour,
             utilisation=body.utilisation,
         )
     except Problem:

@@ -46,11 +46,11 @@ def _engine_defaults() -> tuple[int, int]:
 def job_estimate(source_config: dict, target_config, job_fit: dict, plan: dict, strategy: str) -> dict:
     """The cost estimate for a job, with the fitting settings the engine will use."""
     batch, seq = _engine_defaults()
-    max_pos = source_config.get("n_positions") or source_config.get("max_position_embeddings") or seq
+    source = engine.config_from_dict(source_config)
     return engine.estimate(
-        engine.config_from_dict(source_config), target_config, strategy=strategy,
+        source, target_config, strategy=strategy,
         fit_steps=job_fit["steps"] if strategy == "ligo" else 0, fit_batch=job_fit.get("batch_size") or batch,
-        seq_len=min(job_fit.get("seq_len") or seq, max_pos), tokens=plan.get("tokens"), gpu=plan.get("gpu", "H100"),
+        seq_len=min(job_fit.get("seq_len") or seq, engine.max_positions(source)), tokens=plan.get("tokens"), gpu=plan.get("gpu", "H100"),
         price_per_gpu_hour=plan.get("price_per_gpu_hour"), utilisation=plan.get("utilisation"),
     )
 

@@ -1,0 +1,293 @@
+"""The /v1 API in-process on the embedded defaults (SQLite, local storage, filesystem broker).
+
+No worker runs here: these tests cover authentication, tenancy, uploads and their error
+paths, job submission and validation, idempotency, cancellation of queued jobs, listing,
+estimates and the operational endpoints. Every refused request must leave no row and no
+stored object behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import re
+import tarfile
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from app.db import Checkpoint, Job
+from tests.service_fixtures import TARGET, Api, make_keys
+
+CAP = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory):
+    from app.main import create_app
+    from app.settings import Settings
+
+    data = tmp_path_factory.mktemp("api")
+    settings = Settings(data_dir=data, max_upload_bytes=CAP, auth_cache_seconds=0, maintenance_interval_seconds=60)
+    keys = make_keys(settings.resolved_database_url, "alice", "bob")
+    app = create_app(settings)
+    with TestClient(app) as client:
+        yield {"client": client, "app": app, "services": app.state.services, "keys": keys, "data": data}
+
+
+@pytest.fixture(scope="module")
+def alice(svc):
+    return Api(svc["client"], svc["keys"]["alice"])
+
+
+@pytest.fixture(scope="module")
+def bob(svc):
+    return Api(svc["client"], svc["keys"]["bob"])
+
+
+@pytest.fixture(scope="module")
+def ckpt(alice, checkpoint_tar):
+    return alice.checkpoint(checkpoint_tar)
+
+
+def counts(svc) -> tuple[int, int, list[str], list[str]]:
+    """(checkpoint rows, job rows, stored objects, leftover partial uploads)."""
+    services = svc["services"]
+    with services.db.read() as s:
+        n_ckpt = s.scalar(select(func.count()).select_from(Checkpoint))
+        n_jobs = s.scalar(select(func.count()).select_from(Job))
+    partial = services.storage.root / ".partial"
+    return n_ckpt, n_jobs, [o.key for o in services.storage.list("")], sorted(p.name for p in partial.glob("*"))
+
+
+def assert_problem(r, status: int, field: str | None = None, match: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    body = r.json()
+    assert body["status"] == status and body["title"] and body["type"]
+    if field is not None:
+        assert field in [e["field"] for e in body["errors"]], body
+    if match is not None:
+        assert re.search(match, body["detail"]), body["detail"]
+    return body
+
+
+# --- authentication and tenancy ------------------------------------------------------------------
+
+def test_requests_without_a_valid_key_are_refused(svc, ckpt):
+    client = svc["client"]
+    for path in ("/v1/jobs", f"/v1/checkpoints/{ckpt['id']}"):
+        r = client.get(path)
+        assert_problem(r, 401)
+        assert r.headers["www-authenticate"].startswith("Bearer")
+        assert_problem(client.get(path, headers={"Authorization": "Bearer ligo_wrong"}), 401)
+        assert_problem(client.get(path, headers={"Authorization": "Basic abc"}), 401)
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_another_tenants_resources_are_not_found(alice, bob, ckpt):
+    assert alice.get(f"/v1/checkpoints/{ckpt['id']}").status_code == 200
+    assert_problem(bob.get(f"/v1/checkpoints/{ckpt['id']}"), 404)
+    job = alice.submit(ckpt["id"]).json()
+    for method, path in (("GET", f"/v1/jobs/{job['id']}"), ("DELETE", f"/v1/jobs/{job['id']}"),
+                         ("GET", f"/v1/jobs/{job['id']}/result")):
+        assert_problem(bob.request(method, path), 404)
+    assert job["id"] not in [j["id"] for j in bob.get("/v1/jobs").json()["items"]]
+    # Bob cannot grow Alice's checkpoint either, and learns nothing about it.
+    assert_problem(bob.submit(ckpt["id"]), 422, field="checkpoint_id", match="no checkpoint")
+    assert alice.job(job["id"])["state"] == "queued"
+
+
+# --- uploads ---------------------------------------------------------------------------------------
+
+def test_upload_reports_the_checkpoint_and_stores_it(svc, alice, ckpt, checkpoint_tar):
+    assert ckpt["sha256"] == hashlib.sha256(checkpoint_tar).hexdigest()
+    assert ckpt["size_bytes"] == len(checkpoint_tar)
+    assert (ckpt["family"], ckpt["model_type"], ckpt["has_tokenizer"]) == ("gpt2", "gpt2", True)
+    assert (ckpt["config"]["n_layer"], ckpt["config"]["n_embd"], ckpt["config"]["n_head"]) == (2, 32, 4)
+    assert ckpt["num_parameters"] > 20_000
+    stored = svc["services"].storage.path_of(f"checkpoints/{ckpt['id']}/tiny.tar.gz")
+    assert stored.read_bytes() == checkpoint_tar
+    assert alice.get(f"/v1/checkpoints/{ckpt['id']}").json() == ckpt
+
+
+def test_oversize_uploads_are_refused_and_leave_nothing(svc, alice, ckpt):
+    before = counts(svc)
+    big = b"\0" * (CAP + 1)
+    assert_problem(alice.upload(big), 413)  # Content-Length says so: refused before reading
+
+    def chunks():  # no Content-Length: counted while streaming
+        for _ in range(40):
+            yield b"\1" * 32_768
+
+    assert_problem(alice.upload(chunks()), 413)
+    assert counts(svc) == before
+
+
+def test_bad_archives_and_unsupported_families_are_422_and_leave_nothing(svc, alice, ckpt, unsupported_tar,
+                                                                          service_checkpoint):
+    before = counts(svc)
+    assert_problem(alice.upload(b"this is not a gzip file at all" * 10), 422, match="not a readable tar")
+    assert_problem(alice.upload(unsupported_tar), 422, match="opt")
+    escape = io.BytesIO()
+    with tarfile.open(fileobj=escape, mode="w") as tar:
+        info = tarfile.TarInfo("../../etc/evil")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"evil"))
+    assert_problem(alice.upload(escape.getvalue(), "escape.tar"), 422, match="outside the archive")
+    assert_problem(alice.upload(b"", "empty.zip"), 422, field="body")
+    assert_problem(alice.upload(b"x", "model.exe"), 422, field="filename")
+    weights = (service_checkpoint / "model.safetensors").read_bytes()
+    assert_problem(alice.upload(weights, "model.safetensors"), 422, field="X-Ligo-Config")
+    assert counts(svc) == before
+
+
+def test_a_bare_safetensors_file_with_its_config(svc, alice, service_checkpoint):
+    config = json.loads((service_checkpoint / "config.json").read_text())
+    header = base64.b64encode(json.dumps(config).encode()).decode()
+    weights = (service_checkpoint / "model.safetensors").read_bytes()
+    r = alice.upload(weights, "model.safetensors", headers={"X-Ligo-Config": header})
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert (body["family"], body["has_tokenizer"], body["sha256"]) == ("gpt2", False,
+                                                                       hashlib.sha256(weights).hexdigest())
+    keys = [o.key for o in svc["services"].storage.list(f"checkpoints/{body['id']}/")]
+    assert keys == [f"checkpoints/{body['id']}/config.json", f"checkpoints/{body['id']}/model.safetensors"]
+    # Without a tokenizer LiGO cannot fit; the service says so at submission.
+    assert_problem(alice.submit(body["id"]), 422, field="checkpoint_id", match="tokenizer")
+    assert alice.submit(body["id"], strategy="stack").status_code == 202
+
+
+def test_presigned_uploads_need_s3(alice):
+    r = alice.post("/v1/checkpoints/uploads", json={"filename": "m.tar.gz", "size_bytes": 10})
+    assert_problem(r, 501, match="S3")
+
+
+# --- jobs ------------------------------------------------------------------------------------------
+
+def test_a_job_is_queued_with_a_location(alice, ckpt):
+    r = alice.submit(ckpt["id"], plan={"tokens": 10**9, "gpu": "A100"}, seed=7)
+    assert r.status_code == 202
+    job = r.json()
+    assert r.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert (job["state"], job["stage"], job["attempts"], job["cancel_requested"]) == ("queued", None, 0, False)
+    assert (job["target"], job["strategy"], job["seed"], job["fit"]["steps"]) == (TARGET, "ligo", 7, 3)
+    assert job["plan"]["tokens"] == 10**9 and job["error"] is None and job["created_at"].endswith("Z")
+    assert alice.job(job["id"]) == job
+
+
+@pytest.mark.parametrize("body, field, match", [
+    ({"target": "layers=1,hidden=48,heads=6,ffn=192"}, "target", "n_layer"),
+    ({"target": "layers=4,hidden=50,heads=6,ffn=192"}, "target", "divisible"),
+    ({"target": "bert-base"}, "target", "family"),
+    ({"target": {"layers": "many"}}, "target", "layers"),
+    ({"strategy": "magic"}, "strategy", None),
+    ({"fit": {"steps": -1}}, "fit.steps", None),
+    ({"plan": {"gpu": "abacus"}}, "plan.gpu", "abacus"),
+    ({"callback_url": "not a url"}, "callback_url", None),
+    ({"fit": {"steps": 3, "data_uri": "s3://b/k.txt"}}, "fit.data_uri", "S3"),
+])
+def test_invalid_jobs_are_refused_naming_the_field(svc, alice, ckpt, body, field, match):
+    before = counts(svc)
+    payload = {"checkpoint_id": ckpt["id"], "target": TARGET, **body}
+    assert_problem(alice.post("/v1/jobs", json=payload), 422, field=field, match=match)
+    assert counts(svc) == before
+
+
+def test_the_same_idempotency_key_gives_the_same_job(svc, alice, bob, ckpt):
+    first = alice.submit(ckpt["id"], headers={"Idempotency-Key": "run-42"})
+    again = alice.submit(ckpt["id"], headers={"Idempotency-Key": "run-42"})
+    assert (first.status_code, again.status_code) == (202, 200)
+    assert again.json()["id"] == first.json()["id"] and again.headers["location"] == first.headers["location"]
+    with svc["services"].db.read() as s:
+        assert s.scalar(select(func.count()).select_from(Job).where(Job.idempotency_key == "run-42")) == 1
+    other = alice.submit(ckpt["id"], fit={"steps": 9}, headers={"Idempotency-Key": "run-42"})
+    assert_problem(other, 422, field="Idempotency-Key")
+    # Keys are per tenant.
+    bob_ckpt = bob.checkpoint(svc["services"].storage.path_of(f"checkpoints/{ckpt['id']}/tiny.tar.gz").read_bytes())
+    assert bob.submit(bob_ckpt["id"], headers={"Idempotency-Key": "run-42"}).status_code == 202
+
+
+def test_cancelling_a_queued_job_is_immediate(alice, ckpt):
+    job = alice.submit(ckpt["id"]).json()
+    r = alice.delete(f"/v1/jobs/{job['id']}")
+    assert r.status_code == 202
+    assert (r.json()["state"], r.json()["cancel_requested"]) == ("cancelled", True)
+    assert r.json()["finished_at"] is not None
+    assert_problem(alice.delete(f"/v1/jobs/{job['id']}"), 409)
+    assert_problem(alice.get(f"/v1/jobs/{job['id']}/result"), 409, match="cancelled")
+
+
+def test_listing_pages_through_jobs_newest_first(alice, ckpt):
+    made = [alice.submit(ckpt["id"]).json()["id"] for _ in range(5)]
+    seen, cursor = [], None
+    while True:
+        page = alice.get("/v1/jobs", params={"limit": 2, **({"cursor": cursor} if cursor else {})}).json()
+        assert len(page["items"]) <= 2
+        seen += [j["id"] for j in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == sorted(seen, reverse=True) and len(seen) == len(set(seen))
+    assert seen[:5] == made[::-1]
+    cancelled = alice.get("/v1/jobs", params={"state": "cancelled", "limit": 100}).json()["items"]
+    assert cancelled and all(j["state"] == "cancelled" for j in cancelled)
+    assert_problem(alice.get("/v1/jobs", params={"cursor": "!!"}), 422, field="cursor")
+    assert_problem(alice.get("/v1/jobs", params={"state": "sleeping"}), 422, field="state")
+
+
+# --- estimate ----------------------------------------------------------------------------------------
+
+def test_estimate_matches_the_cost_model(alice, ckpt):
+    import ligo_core
+    from ligo_core.cost import estimate
+
+    r = alice.post("/v1/estimate", json={"source": "gpt2", "target": "gpt2-medium", "fit_steps": 100,
+                                         "tokens": 10**10, "gpu": "A100"})
+    assert r.status_code == 200, r.text
+    expected = estimate(ligo_core.resolve_target("gpt2"),
+                        ligo_core.resolve_target("gpt2-medium", ligo_core.resolve_target("gpt2")),
+                        fit_steps=100, tokens=10**10, gpu="A100")
+    assert r.json()["savings"]["fraction"] == pytest.approx(expected["savings"]["fraction"])
+    assert r.json()["scratch"]["flops"] == pytest.approx(expected["scratch"]["flops"])
+    by_ckpt = alice.post("/v1/estimate", json={"checkpoint_id": ckpt["id"], "target": TARGET})
+    assert by_ckpt.status_code == 200 and by_ckpt.json()["target"]["layers"] == 4
+    by_config = alice.post("/v1/estimate", json={"source": ckpt["config"], "target": TARGET})
+    assert by_config.json()["target"] == by_ckpt.json()["target"]
+    assert_problem(alice.post("/v1/estimate", json={"source": "gpt2", "target": "bert-base"}), 422, field="target")
+    assert_problem(alice.post("/v1/estimate", json={"source": "gpt2", "target": "gpt2-medium", "gpu": "abacus"}),
+                   422, field="gpu")
+
+
+# --- operations ----------------------------------------------------------------------------------
+
+def test_readiness_metrics_and_openapi(svc, alice, ckpt):
+    client = svc["client"]
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
+    metrics = client.get("/metrics").text
+    with svc["services"].db.read() as s:
+        queued = s.scalar(select(func.count()).select_from(Job).where(Job.state == "queued"))
+    assert f'ligo_jobs{{state="queued"}} {float(queued)}' in metrics
+    assert f"ligo_queue_depth {float(queued)}" in metrics
+    assert re.search(r'ligo_http_requests_total\{method="POST",route="/v1/checkpoints",status="201"\} \d', metrics)
+    spec = client.get("/v1/openapi.json").json()
+    for path in ("/v1/checkpoints", "/v1/checkpoints/uploads", "/v1/checkpoints/register", "/v1/jobs",
+                 "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/result", "/v1/estimate"):
+        assert path in spec["paths"], path
+    assert "application/octet-stream" in spec["paths"]["/v1/checkpoints"]["post"]["requestBody"]["content"]
+
+
+def test_file_links_are_signed(svc):
+    storage = svc["services"].storage
+    storage.put_bytes("jobs/x/output/a.txt", b"hello")
+    url = storage.download_url("jobs/x/output/a.txt", "a.txt", 60, "http://testserver")
+    client = svc["client"]
+    r = client.get(url)
+    assert r.status_code == 200 and r.content == b"hello"
+    assert 'filename="a.txt"' in r.headers["content-disposition"]
+    assert_problem(client.get(url[:-3] + "AAA"), 403)
+    storage.delete_prefix("jobs/x/")

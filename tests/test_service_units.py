@@ -1,0 +1,192 @@
+"""Service pieces without a running server: job state machine, storage, links, webhook signatures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import update
+
+from app import store
+from app.auth import create_key, ensure_tenant
+from app.db import Checkpoint, Database, Job, WebhookDelivery, utcnow
+from app.migrate import alembic_config, upgrade
+from app.storage import LocalStorage, StorageError, sign_token, verify_token
+from app.webhooks import backoff, sign, verify
+from tests.service_fixtures import ROOT
+
+
+@pytest.fixture
+def db(tmp_path):
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    upgrade(url)
+    database = Database(url)
+    ensure_tenant(database, "alice")
+    with database.write() as s:
+        s.add(Checkpoint(id="c1", tenant="alice", filename="m.tar", size_bytes=1, sha256="0" * 64, family="gpt2",
+                         model_type="gpt2", config={}, num_parameters=1, has_tokenizer=True, layout="archive",
+                         object_key="checkpoints/c1/m.tar"))
+    yield database
+    database.dispose()
+
+
+def new_job(db, job_id="j1", callback=None) -> Job:
+    job = Job(id=job_id, tenant="alice", checkpoint_id="c1", state="queued", target="gpt2-medium", target_config={},
+              strategy="ligo", fit={"steps": 1}, plan={}, seed=0, loss_history=[], attempts=0,
+              cancel_requested=False, progress_step=0, progress_total=0, callback_url=callback, created_at=utcnow())
+    return store.create_job(db, job)[0]
+
+
+def state(db, job_id="j1") -> Job:
+    with db.read() as s:
+        return s.get(Job, job_id)
+
+
+def expire_lease(db, job_id="j1"):
+    with db.write() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+
+
+def test_migrations_match_the_models(db):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from app.db import Base
+
+    with db.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
+    assert alembic_config(db.url).get_main_option("script_location").endswith("migrations")
+
+
+def test_a_job_is_claimed_once_and_only_its_owner_can_finish_it(db):
+    new_job(db)
+    first = store.claim(db, "j1", "w1", 30)
+    assert first is not None and first.state == "running" and first.attempts == 1
+    assert store.claim(db, "j1", "w2", 30) is None  # a duplicate delivery does nothing
+    assert store.report_progress(db, "j1", "w1", stage="fitting", step=2, total=5, loss=3.5, loss_history=[[2, 3.5]])
+    assert not store.report_progress(db, "j1", "w2", stage="fitting", step=9, total=9, loss=0.0)
+    assert not store.finish(db, "j1", "w2", "succeeded", manifest={})
+    assert store.finish(db, "j1", "w1", "succeeded", manifest={"files": []})
+    job = state(db)
+    assert (job.state, job.lease_owner, job.manifest, job.loss_history) == ("succeeded", None, {"files": []}, [[2, 3.5]])
+    assert not store.finish(db, "j1", "w1", "failed", error_type="x")  # terminal is final
+
+
+def test_an_expired_lease_requeues_then_fails_after_max_attempts(db):
+    new_job(db)
+    for attempt in (1, 2):
+        assert store.claim(db, "j1", f"w{attempt}", 30).attempts == attempt
+        assert store.requeue_expired(db, max_attempts=2) == []  # lease still valid
+        expire_lease(db)
+        requeued = store.requeue_expired(db, max_attempts=2)
+        if attempt == 1:
+            assert requeued == ["j1"] and state(db).state == "queued"
+            assert not store.heartbeat(db, "j1", "w1", 30)  # the old owner has lost it
+    job = state(db)
+    assert (job.state, job.error_type, job.attempts) == ("failed", "worker_lost", 2)
+
+
+def test_cancel_queued_is_immediate_and_running_is_cooperative(db):
+    new_job(db, "q", callback="https://example.com/hook")
+    job = store.request_cancel(db, "alice", "q")
+    assert (job.state, job.cancel_requested) == ("cancelled", True)
+    assert store.claim(db, "q", "w", 30) is None
+    new_job(db, "r")
+    store.claim(db, "r", "w", 30)
+    job = store.request_cancel(db, "alice", "r")
+    assert (job.state, job.cancel_requested) == ("running", True)
+    assert store.cancel_requested(db, "r")
+    assert store.request_cancel(db, "bob", "r").tenant == "alice"  # row unchanged for another tenant
+    with db.read() as s:
+        hooks = s.query(WebhookDelivery).all()
+    assert [(h.job_id, h.event_type) for h in hooks] == [("q", "job.cancelled")]
+
+
+def test_idempotency_key_returns_the_first_job(db):
+    a = Job(id="a", tenant="alice", checkpoint_id="c1", target="t", target_config={}, strategy="ligo", fit={},
+            plan={}, idempotency_key="k", loss_history=[], created_at=utcnow())
+    b = Job(id="b", tenant="alice", checkpoint_id="c1", target="t", target_config={}, strategy="ligo", fit={},
+            plan={}, idempotency_key="k", loss_history=[], created_at=utcnow())
+    assert store.create_job(db, a) == (a, True)
+    job, created = store.create_job(db, b)
+    assert (job.id, created) == ("a", False)
+
+
+def test_api_keys_are_stored_hashed(db):
+    key = create_key(db, "alice")
+    with db.read() as s:
+        from app.db import ApiKey
+
+        rows = s.query(ApiKey).all()
+    assert key.startswith("ligo_") and len(key) > 40
+    assert all(key not in (r.key_hash, r.prefix) for r in rows)
+    with pytest.raises(ValueError):
+        ensure_tenant(db, "bad tenant/name")
+
+
+def test_local_storage_commits_or_leaves_nothing(tmp_path):
+    storage = LocalStorage(tmp_path / "objects", b"secret")
+    w = storage.open_writer("checkpoints/a/model.tar.gz")
+    w.write(b"abc")
+    w.finish()
+    assert w.local_path.name.endswith("model.tar.gz") and w.local_path.read_bytes() == b"abc"
+    w.abort()
+    assert storage.list("") == []
+    w = storage.open_writer("checkpoints/a/model.tar.gz")
+    w.write(b"abc")
+    w.commit()
+    storage.put_bytes("jobs/j/output/config.json", b"{}")
+    assert [(o.key, o.size) for o in storage.list("")] == [("checkpoints/a/model.tar.gz", 3),
+                                                          ("jobs/j/output/config.json", 2)]
+    assert storage.delete_prefix("jobs/j/") == 1
+    assert not (tmp_path / "objects" / "jobs").exists()  # emptied folders go too
+    for bad in ("../x", "/etc/passwd", "a//b", "a/../b"):
+        with pytest.raises(StorageError):
+            storage.path_of(bad)
+
+
+def test_signed_links_expire_and_resist_tampering():
+    token = sign_token(b"k1", "jobs/j/output/model.safetensors", "model.safetensors", ttl=60, now=1000)
+    assert verify_token(b"k1", token, now=1059) == ("jobs/j/output/model.safetensors", "model.safetensors")
+    with pytest.raises(StorageError, match="expired"):
+        verify_token(b"k1", token, now=1061)
+    with pytest.raises(StorageError, match="invalid"):
+        verify_token(b"k2", token, now=1000)
+    body, mac = token.split(".")
+    forged = sign_token(b"other", "checkpoints/x/secret.tar", "x", ttl=60, now=1000).split(".")[0]
+    with pytest.raises(StorageError):
+        verify_token(b"k1", f"{forged}.{mac}", now=1000)
+
+
+def test_webhook_signature_matches_the_standard_webhooks_test_vector():
+    # From the Standard Webhooks reference libraries' tests.
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    msg_id, ts, body = "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, '{"test": 2432232314}'
+    assert sign(secret, msg_id, ts, body) == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+    now = int(time.time())
+    headers = {"webhook-id": msg_id, "webhook-timestamp": str(now), "webhook-signature": sign(secret, msg_id, now, body)}
+    assert verify(secret, headers, body)
+    assert not verify(secret, headers, body + " ")
+    assert [backoff(n, 5, 3600) for n in (1, 2, 3, 12)] == [5, 10, 20, 3600]
+
+
+def test_the_worker_parent_never_imports_torch():
+    code = ("import sys, worker.celery_app, worker.tasks, worker.runner, app.store, app.storage; "
+            "print(sorted(m for m in ('torch', 'transformers', 'ligo_core') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_celery_is_configured_for_long_gpu_jobs():
+    from app.settings import Settings
+    from worker.celery_app import GROW_TASK, make_celery
+
+    conf = make_celery(Settings(broker_url="redis://127.0.0.1:6379/0", job_time_limit_seconds=7200)).conf
+    assert conf.task_routes[GROW_TASK] == {"queue": "gpu"}
+    assert (conf.worker_prefetch_multiplier, conf.task_acks_late, conf.task_reject_on_worker_lost) == (1, True, True)
+    assert (conf.worker_max_tasks_per_child, conf.worker_concurrency) == (1, 1)
+    assert conf.broker_transport_options["visibility_timeout"] > conf.task_time_limit > 7200
