@@ -28,25 +28,31 @@ STATIC_DIR = Path(__file__).parent / "static"
 # One line each, shown next to the strategy's radio button. ligo_core may ship its own
 # descriptions (STRATEGY_NOTES); these are the fallback.
 STRATEGY_NOTES = {
-    "ligo": "LiGO: a learned linear growth operator (depth blends and width expanders), "
-            "fitted for a few steps on the model's own loss.",
-    "stack": "Stacking (G_stack / StackBERT): the larger model repeats the whole layer stack.",
-    "interpolate": "Interpolation: each layer is repeated in place (1, 1, 2, 2, ...).",
+    "ligo": "LiGO: a learned linear growth operator, started from the function-preserving one "
+            "and fitted for a few steps on the model's own loss.",
+    "stack": "Stacking (G_stack / StackBERT): the new layers repeat the whole layer stack; "
+             "widths expanded function-preservingly.",
+    "interpolate": "Interpolation: each layer is repeated in place (1, 1, 2, 2, ...); "
+                   "widths expanded function-preservingly.",
     "net2net": "Net2Net / bert2BERT: widths grown by copying units, depth by stacking.",
     "preserve": "Function-preserving: exact width expansion and zero-output new layers, "
                 "so the grown model starts with the small model's outputs.",
 }
 
-# Defaults the form starts with: fitting as in the paper (100 steps), a small training plan.
+# What the form starts with: the paper's 100 fitting steps, the engine's batch and sequence
+# defaults (ligo_core.pipeline, not imported here: it loads torch), and the estimator's GPU,
+# utilisation and token budget (empty tokens and price: the estimator's defaults apply).
 FORM_DEFAULTS = {
     "strategy": "ligo",
     "fit_steps": 100,
-    "fit_batch": 8,
+    "fit_batch": 16,
     "seq_len": 128,
-    "tokens": 10_000_000_000,
-    "price_per_gpu_hour": 2.0,
-    "utilisation": 0.4,
     "seed": 0,
+    "gpu": "H100",
+    "utilisation": 0.4,
+    "tokens": None,
+    "tokens_per_parameter": 20,
+    "price_per_gpu_hour": None,
 }
 
 # Pages hold an API key: allow scripts, styles and requests from this origin only.
@@ -148,25 +154,30 @@ def meta() -> dict:
         "families": families,
         "strategies": strategies,
         "gpus": _gpus(),
-        "defaults": FORM_DEFAULTS,
+        "defaults": _defaults(),
     }
 
 
 def _gpus() -> list[dict]:
-    """GPU types the estimator knows, from ligo_core.cost when it is there."""
+    """Accelerators the estimator knows (ligo_core.cost), with its assumed list price."""
     try:
         from ligo_core import cost
     except ImportError:
         return []
-    table = getattr(cost, "GPUS", None)
-    if not isinstance(table, dict):
-        return []
-    gpus = []
-    for name, spec in table.items():
-        entry = {"name": name}
-        for key in ("peak_flops", "price_per_hour", "note"):
-            value = getattr(spec, key, None) if not isinstance(spec, dict) else spec.get(key)
-            if value is not None:
-                entry[key] = value
-        gpus.append(entry)
-    return gpus
+    return [
+        {"name": a.name, "peak_tflops": a.peak_tflops, "price": a.price, "source": a.source}
+        for a in getattr(cost, "ACCELERATORS", {}).values()
+    ]
+
+
+def _defaults() -> dict:
+    defaults = dict(FORM_DEFAULTS)
+    try:
+        from ligo_core import cost
+    except ImportError:
+        return defaults
+    defaults["utilisation"] = getattr(cost, "DEFAULT_UTILISATION", defaults["utilisation"])
+    defaults["tokens_per_parameter"] = getattr(cost, "TOKENS_PER_PARAMETER", defaults["tokens_per_parameter"])
+    if defaults["gpu"] not in getattr(cost, "ACCELERATORS", {defaults["gpu"]: None}):
+        defaults["gpu"] = next(iter(cost.ACCELERATORS), None)
+    return defaults

@@ -31,7 +31,7 @@
     jobsTimer: 0,
     jobTimer: 0,
     jobResultShown: false,
-    lossPoints: -1,
+    lossDrawn: null,      // "points:last step" of the chart on screen
     upload: null,
   };
 
@@ -434,9 +434,15 @@
       ["Parameters", ckpt.num_parameters ? `${fmt.count(ckpt.num_parameters)} (${fmt.int(ckpt.num_parameters)})` : ""],
       ["Sizes", SIZE_FIELDS.filter((f) => f in s).map((f) => `${f} ${s[f]}`).join(", ")],
       ["Vocabulary", ckpt.config && ckpt.config.vocab_size],
+      ["Tokenizer", ckpt.has_tokenizer === undefined ? "" : ckpt.has_tokenizer ? "included" : "not included"],
       ["SHA-256", h("code", { text: ckpt.sha256 || "" })],
     ]);
     $("checkpoint-config").textContent = JSON.stringify(ckpt.config, null, 2);
+    // Fitting sequences cannot be longer than the model's position table.
+    const positions = Number((ckpt.config || {}).max_position_embeddings || (ckpt.config || {}).n_positions) || 0;
+    const seq = $("fit-seq");
+    seq.max = positions ? String(positions) : "";
+    if (positions && Number(seq.value) > positions) seq.value = String(positions);
     $("checkpoint-info").hidden = false;
     $("job-form-locked").hidden = true;
     fillTargets();
@@ -526,10 +532,15 @@
   function fillPlan() {
     const d = ui.meta.defaults;
     const gpu = $("plan-gpu");
-    const gpus = ui.meta.gpus.length ? ui.meta.gpus : [{ name: "", label: "service default" }];
-    gpu.replaceChildren(...gpus.map((g) => h("option", { value: g.name,
-      text: g.label || g.name + (g.note ? ` (${g.note})` : "") })));
+    const gpus = ui.meta.gpus.length ? ui.meta.gpus : [{ name: "" }];
+    gpu.replaceChildren(...gpus.map((g) => h("option", {
+      value: g.name,
+      title: g.source,
+      text: g.name ? `${g.name} (${g.peak_tflops} TFLOPS)` : "service default",
+    })));
     if (d.gpu) gpu.value = d.gpu;
+    gpu.addEventListener("change", showListPrice);
+    showListPrice();
     const set = (id, v) => { if (v !== undefined && v !== null && $(id).value === "") $(id).value = v; };
     set("fit-steps", d.fit_steps);
     set("fit-batch", d.fit_batch);
@@ -538,6 +549,16 @@
     set("plan-tokens", d.tokens);
     set("plan-price", d.price_per_gpu_hour);
     set("plan-util", d.utilisation);
+    if (d.tokens_per_parameter) {
+      $("plan-tokens").placeholder = `${d.tokens_per_parameter} × parameters`;
+      $("plan-tokens-hint").textContent = `e.g. 3e11; empty: ${d.tokens_per_parameter} tokens per parameter of the grown model (compute-optimal).`;
+    }
+  }
+
+  // An empty price means the GPU's assumed list price: show it as the placeholder.
+  function showListPrice() {
+    const g = ui.meta.gpus.find((x) => x.name === $("plan-gpu").value);
+    $("plan-price").placeholder = g ? `${g.price} (list price)` : "list price";
   }
 
   function strategy() {
@@ -572,7 +593,7 @@
       lr: take(numberField("fit-lr")),
       seed: take(numberField("seed", { integer: true })),
       data_uri: $("fit-data").value.trim() || undefined,
-      tokens: take(numberField("plan-tokens", { required: true })),
+      tokens: take(numberField("plan-tokens", { integer: true })),
       gpu: $("plan-gpu").value || undefined,
       price_per_gpu_hour: take(numberField("plan-price")),
       utilisation: take(numberField("plan-util")),
@@ -603,7 +624,7 @@
     }
     const v = read.values;
     const body = drop({
-      source: ui.checkpoint.config,
+      checkpoint_id: ui.checkpoint.id,
       target: v.target,
       strategy: v.strategy,
       fit_steps: v.steps,
@@ -625,7 +646,8 @@
       $("estimate").replaceChildren(renderEstimate(estimate));
     } catch (err) {
       if (err.name === "AbortError" || seq !== ui.estimateSeq) return;
-      $("estimate").replaceChildren(h("p", { class: "muted", text: "No estimate for these settings." }));
+      $("estimate").replaceChildren(h("p", { class: "muted",
+        text: "The service cannot estimate these settings; see the message next to the field concerned." }));
       showProblem(err.problem, "job-form");
     } finally {
       if (seq === ui.estimateSeq) $("estimate").setAttribute("aria-busy", "false");
@@ -639,7 +661,7 @@
   }
 
   const HOURS_KEYS = ["gpu_hours", "gpu_h", "hours"];
-  const COST_KEYS = ["cost", "cost_usd", "usd", "money", "price"];
+  const COST_KEYS = ["cost_usd", "cost", "usd"];
 
   function renderEstimate(e) {
     const wrap = h("div", { class: "estimate" });
@@ -667,12 +689,24 @@
       h("thead", {}, h("tr", {}, h("th", { scope: "col", text: "Phase" }), h("th", { scope: "col", class: "n", text: "FLOPs" }),
         h("th", { scope: "col", class: "n", text: "GPU-hours" }), h("th", { scope: "col", class: "n", text: "Cost" }))),
       h("tbody", {}, rows)));
-    const saved = pick(s, ["money", "cost", "usd", "cost_usd"]);
+    const saved = pick(s, COST_KEYS);
     const savedHours = pick(s, HOURS_KEYS);
     if (saved !== undefined || savedHours !== undefined) {
-      wrap.append(h("p", {}, "Saved: ", [savedHours !== undefined ? `${fmt.hours(savedHours)} GPU-hours` : "",
+      wrap.append(h("p", { "data-testid": "saved" }, "Saved: ", [savedHours !== undefined ? `${fmt.hours(savedHours)} GPU-hours` : "",
         saved !== undefined ? fmt.money(saved, currency) : ""].filter(Boolean).join(", ")));
     }
+    const a = e.assumptions || {};
+    const notes = [];
+    if (e.target && e.target.parameters) {
+      notes.push(`Grown model: ${fmt.count(e.target.parameters)} parameters` +
+        (e.source && e.source.parameters ? ` (from ${fmt.count(e.source.parameters)})` : "") + ".");
+    }
+    if (a.tokens) notes.push(`Training plan: ${fmt.flops(a.tokens)} tokens${a.tokens_source && a.tokens_source !== "given" ? ` (${a.tokens_source})` : ""}.`);
+    if (a.gpu) {
+      notes.push(`${a.gpu} at ${fmt.pct(a.utilisation)} utilisation of ${a.peak_tflops} TFLOPS, ` +
+        `${fmt.money(a.price_per_gpu_hour, currency)} per GPU-hour${a.price_source && a.price_source !== "given" ? " (assumed list price)" : ""}.`);
+    }
+    if (notes.length) wrap.append(h("ul", { class: "hint assumptions" }, notes.map((n) => h("li", { text: n }))));
     wrap.append(h("details", {}, h("summary", { text: "All estimate fields" }),
       h("pre", { text: JSON.stringify(e, null, 2) })));
     return wrap;
@@ -826,16 +860,20 @@
     const X = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
     const Y = (y) => T + (1 - (y - y0) / (y1 - y0)) * (H - T - B);
     const grid = [];
+    const tick = (y1 - y0) / 4;
+    const digits = Math.min(6, Math.max(0, Math.ceil(-Math.log10(tick)) + 1));
     for (let i = 0; i <= 4; i++) {
-      const y = y0 + ((y1 - y0) * i) / 4;
+      const y = y0 + tick * i;
       grid.push(svg("line", { class: "grid-line", x1: L, x2: W - R, y1: Y(y), y2: Y(y) }));
-      grid.push(svg("text", { x: L - 6, y: Y(y) + 4, "text-anchor": "end" }, y.toPrecision(3)));
+      grid.push(svg("text", { x: L - 6, y: Y(y) + 4, "text-anchor": "end" }, y.toFixed(digits)));
     }
+    // Step ticks at round intervals (1, 2, 5 x 10^k), at most about six of them.
     const xticks = [];
     const first = Math.min(...xs), last = Math.max(...xs);
-    const nt = Math.min(5, last - first);
-    for (let i = 0; i <= nt; i++) {
-      const x = nt ? Math.round(first + ((last - first) * i) / nt) : first;
+    const raw = Math.max(1, (last - first) / 5);
+    const mag = 10 ** Math.floor(Math.log10(raw));
+    const every = [1, 2, 5, 10].map((m) => m * mag).find((v) => v >= raw);
+    for (let x = Math.ceil(first / every) * every; x <= last; x += every) {
       xticks.push(svg("text", { x: X(x), y: H - B + 16, "text-anchor": "middle" }, x));
     }
     const line = points.map(([x, y]) => `${X(x).toFixed(1)},${Y(y).toFixed(1)}`).join(" ");
@@ -869,15 +907,54 @@
     return out;
   }
 
+  function sizesText(sizes) {
+    if (!sizes) return "";
+    const parts = [`${sizes.layers} layers`, `hidden ${sizes.hidden}`, `${sizes.heads} heads`];
+    if (sizes.kv_heads !== undefined && sizes.kv_heads !== sizes.heads) parts.push(`${sizes.kv_heads} KV heads`);
+    parts.push(`FFN ${sizes.ffn}`);
+    return parts.join(", ");
+  }
+
+  const num = (x, digits = 4) => (x === null || x === undefined || !Number.isFinite(Number(x)) ? "–" : Number(x).toFixed(digits));
+
+  // The growth report: what grew into what, the fitting run, and held-out losses; every field
+  // is in the raw JSON underneath.
   function renderReport(report) {
     if (!report || typeof report !== "object") return h("p", { class: "muted", text: "No report." });
-    const rows = flatten(report, "", []);
-    return h("div", {},
-      h("table", { class: "report-table" },
-        h("caption", { class: "sr-only", text: "Growth report" }),
-        h("tbody", {}, rows.slice(0, 80).map(([k, v]) => h("tr", {}, h("td", { text: k }), h("td", { text: v }))))),
-      rows.length > 80 ? h("p", { class: "hint", text: `${rows.length - 80} more fields in the full report below.` }) : null,
-      h("details", {}, h("summary", { text: "Full report (JSON)" }), h("pre", { text: JSON.stringify(report, null, 2) })));
+    const src = report.source || {}, tgt = report.target || {}, fit = report.fit || {};
+    const dl = h("dl", { class: "facts" });
+    facts(dl, [
+      ["Strategy", report.strategy ? report.strategy + (report.strategy === "ligo" && report.ligo_init ? ` (depth starts as ${report.ligo_init})` : "") : ""],
+      ["Source", src.sizes ? `${sizesText(src.sizes)} (${fmt.count(src.parameters)} parameters)` : ""],
+      ["Grown", tgt.sizes ? `${sizesText(tgt.sizes)} (${fmt.count(tgt.parameters)} parameters)` : ""],
+      ["Operator parameters", report.operator_parameters !== undefined ? fmt.int(report.operator_parameters) : ""],
+      ["Fitting", fit.steps !== undefined ? (fit.steps ? `${fit.steps} steps of ${fit.batch_size} × ${fit.seq_len} tokens` +
+        (fit.lr ? `, peak learning rate ${fit.lr}` : "") + (fit.seconds !== undefined ? `, ${fit.seconds} s` : "") : "none (fixed operator)") : ""],
+      ["Fitting FLOPs", fit.flops !== undefined ? fmt.flops(fit.flops) : ""],
+      ["Fitting data", fit.data ? (typeof fit.data === "string" ? fit.data : JSON.stringify(fit.data)) : ""],
+      ["Largest logit change", report.function_gap_max_logit !== undefined && report.function_gap_max_logit !== null
+        ? `${Number(report.function_gap_max_logit).toPrecision(3)} (grown vs. small model, held-out text)` : ""],
+      ["Device", report.device],
+      ["Total time", report.seconds !== undefined ? `${report.seconds} s` : ""],
+      ["Dropped tensors", Array.isArray(report.dropped_tensors) && report.dropped_tensors.length ? report.dropped_tensors.join(", ") : ""],
+    ]);
+    const parts = [dl];
+    const hl = report.heldout_loss;
+    if (hl && typeof hl === "object") {
+      const rows = [["small", "Small model"], ["grown_before_fit", "Grown, before fitting"],
+        ["grown_after_fit", "Grown, after fitting"], ["random_large", "Large model, random weights"]]
+        .filter(([k]) => hl[k] !== undefined && hl[k] !== null);
+      if (rows.length) {
+        parts.push(h("table", { class: "report-table heldout" },
+          h("caption", { text: `Held-out loss${hl.sequences ? ` (${hl.sequences} sequences)` : ""}` }),
+          h("tbody", {}, rows.map(([k, label]) => h("tr", {}, h("td", { text: label }), h("td", { class: "n", text: num(hl[k]) }))))));
+      }
+    }
+    const rest = flatten(report, "", []).filter(([k]) => !/(^|\.)config\.|loss_history|^versions\./.test(k));
+    parts.push(h("details", {}, h("summary", { text: "All report fields" }),
+      h("table", { class: "report-table" }, h("tbody", {}, rest.map(([k, v]) => h("tr", {}, h("td", { text: k }), h("td", { text: v })))))));
+    parts.push(h("details", {}, h("summary", { text: "Full report (JSON)" }), h("pre", { text: JSON.stringify(report, null, 2) })));
+    return h("div", {}, parts);
   }
 
   function renderFiles(files) {
@@ -896,6 +973,10 @@
       ["Stage", TERMINAL.has(job.state) ? "" : job.stage],
       ["Target", fmt.target(job.target)],
       ["Strategy", job.strategy],
+      ["Fitting", job.fit ? Object.entries(job.fit).filter(([, v]) => v !== null && v !== undefined)
+        .map(([k, v]) => `${k.replace("_", " ")} ${v}`).join(", ") : ""],
+      ["Plan", job.plan ? Object.entries(job.plan).filter(([, v]) => v !== null && v !== undefined)
+        .map(([k, v]) => `${k.replace(/_/g, " ")} ${typeof v === "number" && v >= 1e6 ? fmt.flops(v) : v}`).join(", ") : ""],
       ["Checkpoint", job.checkpoint_id ? h("code", { text: job.checkpoint_id }) : ""],
       ["Created", fmt.time(job.created_at)],
       ["Started", fmt.time(job.started_at)],
@@ -921,8 +1002,9 @@
     if (job.error) err.replaceChildren(h("strong", { text: job.error.type || "Error" }), ": ", job.error.detail || "");
 
     const history = job.loss_history || [];
-    if (history.length !== ui.lossPoints) {
-      ui.lossPoints = history.length;
+    const drawn = history.length ? `${history.length}:${history[history.length - 1][0]}` : "";
+    if (drawn !== ui.lossDrawn) {
+      ui.lossDrawn = drawn;
       $("loss-chart").replaceChildren(lossChart(history));
     }
   }
@@ -933,8 +1015,9 @@
     $("job-estimate").replaceChildren(result.estimate ? renderEstimate(result.estimate) : h("p", { class: "muted", text: "No estimate." }));
     $("job-report").replaceChildren(renderReport(result.report));
     $("job-result").hidden = false;
-    if (result.report && Array.isArray(result.report.loss_history) && ui.lossPoints <= 0) {
-      $("loss-chart").replaceChildren(lossChart(result.report.loss_history));
+    const history = result.report && result.report.fit && result.report.fit.loss_history;
+    if (Array.isArray(history) && history.length && !ui.lossDrawn) {
+      $("loss-chart").replaceChildren(lossChart(history));
     }
   }
 
