@@ -25,6 +25,7 @@ def add_parser(subparsers) -> None:
     serve.add_argument("--data-dir", help="database, objects and queue live here (default ./ligo-data, "
                                           "or LIGO_DATA_DIR)")
     serve.add_argument("--no-worker", action="store_true", help="run the API only (workers run elsewhere)")
+    serve.add_argument("--workers", type=int, default=1, help="API processes (uvicorn workers; default 1)")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)
 
@@ -158,15 +159,20 @@ def cmd_serve(args) -> int:
 
     settings = _settings(args)
     from app.main import create_app
+    from app.migrate import upgrade
 
-    app = create_app(settings)
+    upgrade(settings.resolved_database_url)  # once, before any API process starts
     worker = None if args.no_worker else WorkerProcess(args.log_level, settings.gpu_queue)
     if worker is not None:
         worker.start()
     print(f"ligo serve: http://{args.host}:{args.port}/v1/docs  (data in {settings.data_dir.resolve()})",
           file=sys.stderr)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        if args.workers > 1:  # each process builds its app from the same LIGO_* environment
+            uvicorn.run("app.main:create_app", factory=True, workers=args.workers, host=args.host,
+                        port=args.port, log_level=args.log_level)
+        else:
+            uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
     finally:
         if worker is not None:
             worker.stop()

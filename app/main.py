@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from app import problems, web
 from app.metrics import Metrics, MetricsMiddleware
+from app.responses import JSONResponse
 from app.routers import checkpoints, estimate, files, health, jobs
 from app.services import Services
 from app.settings import Settings, get_settings
@@ -35,7 +36,8 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
             await svc.stop()
 
     app = FastAPI(title="LiGO growth service", version="1", description=DESCRIPTION, lifespan=lifespan,
-                  openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None)
+                  openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None,
+                  default_response_class=JSONResponse)
     app.state.services = svc
     app.state.metrics = Metrics(svc)
     problems.install(app)
@@ -43,4 +45,21 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
         app.include_router(module.router)
     app.include_router(web.router)  # the web form: /, /ui/... (app/web, docs/WEB.md)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """The generated document, plus the bearer scheme on every /v1 operation that needs a key."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "apiKey": {"type": "http", "scheme": "bearer", "description": "An API key from `ligo keys create`."}}
+        for path, ops in schema["paths"].items():
+            if path.startswith("/v1/") and not path.startswith("/v1/files/"):
+                for op in ops.values():
+                    op["security"] = [{"apiKey": []}]
+        app.openapi_schema = schema
+    return app.openapi_schema

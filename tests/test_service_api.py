@@ -279,6 +279,9 @@ def test_readiness_metrics_and_openapi(svc, alice, ckpt):
                  "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/result", "/v1/estimate"):
         assert path in spec["paths"], path
     assert "application/octet-stream" in spec["paths"]["/v1/checkpoints"]["post"]["requestBody"]["content"]
+    assert spec["paths"]["/v1/jobs"]["get"]["security"] == [{"apiKey": []}]
+    assert spec["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
+    assert "security" not in spec["paths"]["/v1/files/{token}"]["get"]  # the signed link is the credential
 
 
 def test_file_links_are_signed(svc):

@@ -23,12 +23,12 @@ from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import JSONResponse
 from sqlalchemy import delete, select
 
 from app.auth import CurrentTenant
 from app.db import Checkpoint, Upload, new_id, utcnow
 from app.problems import Problem, field_problem, not_found
+from app.responses import JSONResponse
 from app.schemas import (
     CheckpointOut,
     RegisterIn,
@@ -377,10 +377,14 @@ async def register_checkpoint(body: RegisterIn, tenant: CurrentTenant,
     return _created(row)
 
 
-@router.get("/{checkpoint_id}", response_model=CheckpointOut, responses={404: {"description": "No such checkpoint"}})
-def get_checkpoint(checkpoint_id: str, tenant: CurrentTenant, svc: Svc):
+def _read_checkpoint(svc: Services, checkpoint_id: str) -> Checkpoint | None:
     with svc.db.read() as s:
-        row = s.get(Checkpoint, checkpoint_id)
+        return s.get(Checkpoint, checkpoint_id)
+
+
+@router.get("/{checkpoint_id}", response_model=CheckpointOut, responses={404: {"description": "No such checkpoint"}})
+async def get_checkpoint(checkpoint_id: str, tenant: CurrentTenant, svc: Svc):
+    row = await svc.db.call(_read_checkpoint, svc, checkpoint_id)
     if row is None or row.tenant != tenant:
         raise not_found("checkpoint", checkpoint_id)
     return JSONResponse(checkpoint_json(row))

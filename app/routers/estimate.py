@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
 
 from app import engine
 from app.auth import CurrentTenant
 from app.db import Checkpoint
 from app.problems import Problem, field_problem
+from app.responses import JSONResponse
 from app.schemas import EstimateIn
 from app.services import Svc
 

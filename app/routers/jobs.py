@@ -10,13 +10,13 @@ from datetime import timedelta
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
 from app import engine, store
 from app.auth import CurrentTenant
 from app.db import TERMINAL_STATES, Checkpoint, Job, utcnow
 from app.problems import Problem, field_problem, not_found
+from app.responses import JSONResponse
 from app.routers.checkpoints import check_external_uri
 from app.schemas import JobCreate, JobList, JobOut, JobResult, iso, job_json
 from app.services import Services, Svc
@@ -29,9 +29,12 @@ PLAN_FIELDS = {"fit_steps": "fit.steps", "fit_batch": "fit.batch_size", "seq_len
                "utilisation": "plan.utilisation", "strategy": "strategy"}
 
 
-def _job_of(svc: Services, tenant: str, job_id: str) -> Job:
-    with svc.db.read() as s:
-        job = s.get(Job, job_id)
+def _read_job(svc: Services, job_id: str):
+    return svc.db.jobs.get(job_id)
+
+
+def _job_of(svc: Services, tenant: str, job_id: str, job: Job | None = None) -> Job:
+    job = job or _read_job(svc, job_id)
     if job is None or job.tenant != tenant:
         raise not_found("job", job_id)
     return job
@@ -130,6 +133,11 @@ def create_job(body: JobCreate, tenant: CurrentTenant, svc: Svc,
     return JSONResponse(job_json(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
+def _scalars(svc: Services, query) -> list:
+    with svc.db.read() as s:
+        return s.scalars(query).all()
+
+
 def _cursor(job_id: str) -> str:
     return base64.urlsafe_b64encode(job_id.encode()).decode().rstrip("=")
 
@@ -145,7 +153,7 @@ def _uncursor(cursor: str) -> str:
 
 
 @router.get("", response_model=JobList, responses={401: {"description": "No or wrong API key"}})
-def list_jobs(tenant: CurrentTenant, svc: Svc,
+async def list_jobs(tenant: CurrentTenant, svc: Svc,
               state: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
               cursor: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20):
     """The tenant's jobs, newest first; pass `next_cursor` back as `cursor` for the next page."""
@@ -154,8 +162,7 @@ def list_jobs(tenant: CurrentTenant, svc: Svc,
         query = query.where(Job.state == state)
     if cursor:
         query = query.where(Job.id < _uncursor(cursor))
-    with svc.db.read() as s:
-        rows = s.scalars(query.order_by(Job.id.desc()).limit(limit + 1)).all()
+    rows = await svc.db.call(_scalars, svc, query.order_by(Job.id.desc()).limit(limit + 1))
     more = len(rows) > limit
     rows = rows[:limit]
     return JSONResponse({"items": [job_json(j) for j in rows],
@@ -163,8 +170,9 @@ def list_jobs(tenant: CurrentTenant, svc: Svc,
 
 
 @router.get("/{job_id}", response_model=JobOut, responses={404: {"description": "No such job"}})
-def get_job(job_id: str, tenant: CurrentTenant, svc: Svc):
-    return JSONResponse(job_json(_job_of(svc, tenant, job_id)))
+async def get_job(job_id: str, tenant: CurrentTenant, svc: Svc):
+    job = await svc.db.call(_read_job, svc, job_id)
+    return JSONResponse(job_json(_job_of(svc, tenant, job_id, job)))
 
 
 @router.delete("/{job_id}", status_code=202, response_model=JobOut, responses={
