@@ -8,11 +8,12 @@ never used. Screenshots of every step go to ``test-artifacts/web/``.
 
 from __future__ import annotations
 
-import io
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +39,7 @@ README_SHOT = REPO / "docs" / "img" / "web-form.png"
 VIEWPORT = {"width": 1280, "height": 2200}
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)"),
 ]
 
@@ -112,13 +114,34 @@ def service(tmp_path_factory):
             time.sleep(0.3)
         yield base, key
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
         log.close()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return []
+    return [int(c) for t in tasks for c in (t / "children").read_text().split()]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop ``ligo serve`` and the worker it started (in its own process group).
+
+    SIGINT, not SIGTERM: uvicorn re-raises the signal it caught once it has shut down, and
+    under SIGTERM's default action the server's own clean-up (stopping its worker) never runs.
+    """
+    workers = _children(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for pid in workers:  # whatever the server could not stop
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
@@ -273,6 +296,19 @@ def test_upload_estimate_grow_watch_and_download(page, service, archives):
         .map(el => el.id || el.name)""")
     assert unlabelled == []
     shot(page, "05-estimate")
+
+    # A job the service refuses: its message goes under the field it names (fit.seq_len), and
+    # stays there although leaving the field for the button asks for a new preview.
+    page.get_by_label("Sequence length").fill("4")
+    page.get_by_role("button", name="Grow checkpoint").click()
+    expect(page.locator("#fit-seq-error")).to_contain_text("greater than or equal to 8")
+    expect(page.get_by_label("Sequence length")).to_have_attribute("aria-invalid", "true")
+    page.wait_for_timeout(600)  # past the preview's debounce
+    expect(page.locator("#fit-seq-error")).to_contain_text("greater than or equal to 8")
+    expect(page.locator("#job-created")).to_be_empty()
+    page.get_by_label("Sequence length").fill("32")
+    expect(page.locator("#fit-seq-error")).to_be_empty()
+    expect(fit_row).to_have_text(sci(est["fit"]["flops"]))
 
     # Submit; the job shows up in the list and runs to success.
     page.get_by_role("button", name="Grow checkpoint").click()

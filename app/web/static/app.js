@@ -721,6 +721,8 @@
 
   async function submitJob(event) {
     event.preventDefault();
+    // Leaving a field for the button schedules a preview; it would wipe this answer's errors.
+    clearTimeout(ui.estimateTimer);
     const form = $("job-form");
     clearFieldErrors(form);
     $("job-created").replaceChildren();
