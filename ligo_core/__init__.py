@@ -9,6 +9,8 @@ Public API (the CLI, the worker and the benchmarks use only these names):
 - ``resolve_target(spec, source_config=None)``: preset / config.json / fields -> HF config.
 """
 
+__version__ = "0.1.0"
+
 from ligo_core.errors import CheckpointError, DataError, GrowthCancelled, LigoError, TargetError
 from ligo_core.targets import PRESETS, family_of, resolve_target, sizes_of
 

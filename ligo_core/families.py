@@ -18,7 +18,7 @@ embedding (the head then reads through the embedding's ``E``), ``E`` otherwise.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 Dim = tuple[str, str] | None  # (space, side) or None for a dimension that is not expanded
 
@@ -53,9 +53,8 @@ class Family:
     head: tuple[TensorSpec, ...] = ()  # tensors outside the bare model
     tied_head: str = ""  # head tensor that is tied to the input embedding when tie_word_embeddings
     embedding: str = ""  # base tensor of the input embedding
-    final_norm: tuple[str, ...] = ()  # norms that feed the head (side "H")
+    aliases: tuple[str, ...] = ()  # head tensors that HF ties to another one and saves twice
     lm_classes: tuple[str, ...] = ()
-    extras: dict[str, str] = field(default_factory=dict)
 
 
 def _lin(name, out, inp, *, transposed=False, bias=True, fused=(), optional_bias=False, block_output=False):
@@ -104,7 +103,6 @@ GPT2 = Family(
     ),
     head=(TensorSpec("lm_head.weight", (None, ("res", "F"))),),
     tied_head="lm_head.weight",
-    final_norm=("ln_f",),
     lm_classes=("GPT2LMHeadModel",),
 )
 
@@ -149,11 +147,10 @@ def _bert_like(name, model_types, head_prefix, head_norm, decoder, head_bias, lm
             *_lin(f"{head_prefix}.dense", "res", "res"),
             *_norm(head_norm, side="H"),
             TensorSpec(f"{decoder}.weight", (None, ("res", "F"))),
-            TensorSpec(f"{decoder}.bias", (None,), optional=True),
             TensorSpec(head_bias, (None,)),
         ),
         tied_head=f"{decoder}.weight",
-        final_norm=(head_norm,),
+        aliases=(f"{decoder}.bias",),  # always the same tensor as the head bias
         lm_classes=(lm_class,),
     )
 
@@ -211,7 +208,6 @@ LLAMA = Family(
     ),
     head=(TensorSpec("lm_head.weight", (None, ("res", "F"))),),
     tied_head="lm_head.weight",
-    final_norm=("norm",),
     lm_classes=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"),
 )
 

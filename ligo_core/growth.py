@@ -14,9 +14,9 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from ligo_core.errors import CheckpointError, GrowthCancelled, TargetError
 from ligo_core.families import Family, TensorSpec
-from ligo_core.objective import lm_loss, tokenizer_info
+from ligo_core.objective import heldout_loss, lm_loss, tokenizer_info
 from ligo_core.operator import GrowthOperator
-from ligo_core.strategies import STRATEGY_MODES, build_operator
+from ligo_core.strategies import LIGO_INITS, STRATEGY_MODES, build_operator
 from ligo_core.targets import check_growth, family_of, sizes_of
 
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "position_ids", "rotary_emb.inv_freq")
@@ -67,8 +67,9 @@ def plan_layout(config: PretrainedConfig, shapes: dict[str, tuple[int, ...]]) ->
         names[spec.name] = full
     _check_shapes(family, specs, names, shapes, sizes)
     known = {names[s.name].format(i=i) for s in specs for i in range(sizes["layers"] if s.per_layer else 1)}
+    known |= set(family.aliases)
     if tied and has_head:
-        known |= {family.tied_head, family.tied_head.replace(".weight", ".bias")}
+        known.add(family.tied_head)
     dropped = sorted(k for k in shapes if k not in known and not k.endswith(IGNORED_SUFFIXES))
     return Layout(family, specs, names, prefix, has_head, tied and has_head, dropped)
 
@@ -108,7 +109,7 @@ def _strip_parameters(model: nn.Module) -> None:
             if p is None:
                 continue
             if id(p) not in replaced:
-                replaced[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+                replaced[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
             module._parameters[name] = replaced[id(p)]
 
 
@@ -121,8 +122,7 @@ def _move_buffers(model: nn.Module, device: torch.device) -> None:
 
 def load_grown_weights(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> PreTrainedModel:
     model.load_state_dict(state, strict=False, assign=True)
-    if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
-        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    model.tie_weights()  # assign=True replaced tied parameters on one side only
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise AssertionError(f"grown model is missing tensors: {missing[:5]}")
@@ -179,7 +179,7 @@ def fit_operator(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(operator.parameters(), 1.0)
         optimizer.step()
-        history.append((step + 1, float(loss)))
+        history.append((step + 1, loss.item()))
         if progress:
             progress({"stage": "fitting", "step": step + 1, "total": steps, "loss": float(loss)})
     return history
@@ -223,15 +223,19 @@ def grow_model(
     should_cancel: Callable[[], bool] | None = None,
     tokenizer=None,
     noise: float = 0.1,
-    on_skeleton: Callable[[PreTrainedModel], None] | None = None,
+    heldout: torch.Tensor | None = None,
+    eval_batch_size: int = 16,
+    ligo_init: str = "stack",
 ) -> tuple[PreTrainedModel, dict]:
     """Grow ``small_model`` to ``target_config`` with a strategy; returns (large model, info).
 
-    ``on_skeleton`` sees the randomly initialised large model before its weights are freed
-    (the pipeline scores it as the from-scratch reference).
+    With ``heldout`` token sequences, ``info`` also holds the held-out loss of a randomly
+    initialised large model and of the grown model before and after fitting.
     """
     if strategy not in STRATEGY_MODES:
         raise TargetError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGY_MODES)}")
+    if ligo_init not in LIGO_INITS:
+        raise TargetError(f"unknown ligo_init {ligo_init!r}; choose from {', '.join(LIGO_INITS)}")
     if strategy == "ligo" and fit_steps > 0 and train_batches is None:
         raise TargetError("strategy 'ligo' needs training batches to fit the operator")
     device = pick_device(device)
@@ -241,16 +245,31 @@ def grow_model(
     small_sizes, large_sizes = sizes_of(small_model.config), sizes_of(target_config)
     torch.manual_seed(seed)
     operator = build_operator(
-        strategy, layout.family, layout.specs, small_sizes, large_sizes, layout.head_tied, seed=seed, noise=noise
+        strategy, layout.family, layout.specs, small_sizes, large_sizes, layout.head_tied, seed=seed, noise=noise,
+        ligo_init=ligo_init,
     )
     target_config = _scaled_eps(target_config, layout.family, operator.norm_scale)
     small_state = {k: v.to(device=device, dtype=torch.float32) for k, v in state.items()}
+    mlm_info = tokenizer_info(tokenizer, small_model.config)
+    objective = layout.family.objective
     skeleton = type(small_model)(target_config)
-    if on_skeleton is not None:
-        on_skeleton(skeleton)
+    losses: dict[str, float | None] = {"random": None, "before_fit": None, "after_fit": None}
+
+    def evaluate(**kwargs) -> float:
+        return heldout_loss(skeleton, heldout, objective, mlm_info, eval_batch_size, device=device,
+                            embedding_name=layout.embedding_name, **kwargs)
+
+    if heldout is not None:
+        if progress:
+            progress({"stage": "evaluating", "step": 0, "total": 1, "loss": None})
+        skeleton.to(device)
+        losses["random"] = evaluate()
     _strip_parameters(skeleton)
     _move_buffers(skeleton, device)
     operator.to(device)
+    if heldout is not None:
+        with torch.no_grad():
+            losses["before_fit"] = evaluate(params=operator.materialise(small_state, layout.names))
     info: dict = {
         "strategy": strategy,
         "operator_parameters": operator.num_parameters(),
@@ -259,9 +278,11 @@ def grow_model(
         "fit_seconds": 0.0,
         "dropped_tensors": layout.dropped,
         "family": layout.family.name,
+        "ligo_init": ligo_init if strategy == "ligo" else None,
+        "heldout_loss": losses,
+        "norm_eps_scale": operator.norm_scale**2,
     }
     if strategy == "ligo" and fit_steps > 0:
-        mlm_info = tokenizer_info(tokenizer, small_model.config)
         lr = lr if lr is not None else default_lr(strategy)
         started = time.perf_counter()
         history = fit_operator(
@@ -273,6 +294,8 @@ def grow_model(
         progress({"stage": "materialising", "step": 0, "total": 1, "loss": None})
     with torch.no_grad():
         large_state = operator.materialise(small_state, layout.names)
+        if heldout is not None:
+            losses["after_fit"] = evaluate(params=large_state) if info["fit_steps"] else losses["before_fit"]
     del operator
     large = load_grown_weights(skeleton, {k: v.contiguous() for k, v in large_state.items()})
     large.eval()

@@ -214,10 +214,20 @@ def depth_init(specs: list[TensorSpec], l1: int, l2: int, mode: str, zero_new_ou
 
 # ---- whole operator ---------------------------------------------------------------------------
 
+# Where LiGO's depth mixing starts: stacked copies (the reference code and G_stack), each layer
+# repeated in place, or zero-output new blocks (exactly function-preserving). Widths always
+# start function-preserving. Fitting lowers the loss from a stacked start; from an exact start
+# the operator has little to gain in 100 steps (docs/GROWTH.md).
+LIGO_INITS = {
+    "stack": ("preserve", "stack", False),
+    "interpolate": ("preserve", "interpolate", False),
+    "preserve": ("preserve", "interpolate", True),
+}
+
 STRATEGY_MODES = {
     # strategy: (width mode, depth mode, zero outputs of new blocks)
     "preserve": ("preserve", "interpolate", True),
-    "ligo": ("preserve", "interpolate", True),
+    "ligo": ("preserve", "stack", False),  # depth start chosen by ligo_init, see LIGO_INITS
     "stack": ("preserve", "stack", False),
     "interpolate": ("preserve", "interpolate", False),
     "net2net": ("net2net", "stack", False),
@@ -233,11 +243,14 @@ def build_operator(
     head_tied: bool,
     seed: int = 0,
     noise: float = 0.1,
+    ligo_init: str = "stack",
 ) -> GrowthOperator:
     """The initial operator for a strategy; ``small``/``large`` are ``sizes_of`` dicts."""
     if strategy not in STRATEGY_MODES:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGY_MODES)}")
-    width, depth_mode, zero_new = STRATEGY_MODES[strategy]
+    if ligo_init not in LIGO_INITS:
+        raise ValueError(f"unknown ligo_init {ligo_init!r}; choose from {', '.join(LIGO_INITS)}")
+    width, depth_mode, zero_new = LIGO_INITS[ligo_init] if strategy == "ligo" else STRATEGY_MODES[strategy]
     if width == "net2net":
         noise = 0.0
     g = torch.Generator().manual_seed(seed)

@@ -137,7 +137,7 @@ def _apply_sizes(config: PretrainedConfig, sizes: dict[str, int]) -> PretrainedC
         # Per-layer attention kinds (Qwen2's sliding windows) follow the layer each new one comes from.
         out.layer_types = [config.layer_types[i * old_layers // new_layers] for i in range(new_layers)]
     if "head_dim" in family.config_keys and "head_dim" not in sizes:
-        setattr(out, "head_dim", out.hidden_size // out.num_attention_heads)
+        out.head_dim = out.hidden_size // out.num_attention_heads
     if "kv_heads" in family.config_keys and "kv_heads" not in sizes:
         setattr(out, family.config_keys["kv_heads"], getattr(out, family.config_keys["heads"]))
     return out

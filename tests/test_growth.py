@@ -1,0 +1,156 @@
+"""The growth operator on tiny models of every family: exactness, baselines, LiGO fitting."""
+
+import math
+
+import pytest
+import torch
+
+from ligo_core.data import batches, default_corpus_texts, pack_tokens, split_texts
+from ligo_core.growth import grow_model
+from ligo_core.objective import heldout_loss, lm_loss, tokenizer_info
+from ligo_core.targets import resolve_target, sizes_of
+from tests.engine_fixtures import TINY, make_model, target_for
+
+LM_FAMILIES = [n for n in TINY if not n.endswith("-bare")]
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+@pytest.mark.parametrize("name", LM_FAMILIES)
+@pytest.mark.parametrize("target", ["integer", "fractional"])
+def test_preserve_keeps_the_function(name, target):
+    """Pre-norm families: exact for any width and depth. Post-norm (BERT, RoBERTa): exact for
+    integer width multiples at the same depth (see docs/GROWTH.md for why nothing linear can do more)."""
+    small = make_model(name)
+    post_norm = name in ("bert", "roberta")
+    if target == "integer":
+        spec = "hidden=64,heads=8,ffn=128" if post_norm else ("hidden=64,heads=8,layers=5" + (",ffn=256" if name == "gpt2" else ",ffn=128"))
+    else:
+        spec = target_for(name)
+    large, _ = grow_model(small, resolve_target(spec, small.config), strategy="preserve", fit_steps=0)
+    x = torch.randint(0, small.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    gap = (_logits(small, x) - _logits(large, x)).abs().max().item()
+    if post_norm and target == "fractional":
+        assert gap > 1e-3  # documented limit, measured and reported, never hidden
+    else:
+        assert gap < 1e-4, f"{name} {spec}: max logit difference {gap:.2e}"
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_baselines_are_the_expected_fixed_operators(name):
+    small = make_model(name)
+    spec = "layers=4" if name == "gpt2" else "layers=4"
+    target = resolve_target(spec, small.config)
+    stacked, _ = grow_model(small, target, strategy="stack", fit_steps=0)
+    interp, _ = grow_model(small, target, strategy="interpolate", fit_steps=0)
+    s, st, it = small.state_dict(), stacked.state_dict(), interp.state_dict()
+    key = next(k for k in s if ".0." in k and k.endswith("weight") and s[k].dim() == 2)
+    at = lambda i: key.replace(".0.", f".{i}.")  # noqa: E731
+    # G_stack / StackBERT: large layer l copies small layer l mod L1.
+    assert torch.equal(st[at(2)], s[at(0)]) and torch.equal(st[at(3)], s[at(1)])
+    # Interpolation: each small layer repeated in place.
+    assert torch.equal(it[at(1)], s[at(0)]) and torch.equal(it[at(2)], s[at(1)])
+
+
+def test_net2net_copies_units_and_divides_inputs():
+    small = make_model("gpt2")
+    large, _ = grow_model(small, resolve_target("hidden=64,heads=8,ffn=256", small.config), strategy="net2net", fit_steps=0)
+    w_small = small.transformer.h[0].mlp.c_fc.weight  # Conv1D: (in=hidden, out=ffn)
+    w_large = large.transformer.h[0].mlp.c_fc.weight
+    # Old FFN units keep their incoming weights, divided by how often each residual unit was copied.
+    ratio = w_large[:32, :128] / w_small
+    counts = 1 / ratio.mean(1)
+    assert torch.allclose(ratio, ratio.mean(1, keepdim=True), atol=1e-5)
+    assert torch.allclose(counts, counts.round(), atol=1e-4) and counts.min() >= 1
+    assert int(counts.round().sum()) == 64  # every large residual unit copies exactly one old unit
+    # Every new FFN unit is a copy of an old one (one-hot selection, bert2BERT-FPI).
+    new_cols = w_large[:32, 128:] * counts.round()[:, None]
+    matches = [(new_cols[:, j : j + 1] - w_small).abs().amax(0).min().item() for j in range(new_cols.shape[1])]
+    assert max(matches) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_symmetry_is_broken(name):
+    """Copied units must not stay copies once training continues: their gradients differ."""
+    small = make_model(name)
+    large, _ = grow_model(small, resolve_target("hidden=64,heads=8", small.config), strategy="preserve", fit_steps=0)
+    large.train()
+    x = torch.randint(0, small.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(2))
+    lm_loss(large, x, "clm").backward()
+    grad = (large.transformer.h[0].mlp.c_fc.weight.grad.t() if name == "gpt2"
+            else large.model.layers[0].mlp.up_proj.weight.grad)
+    ffn = grad.shape[0]
+    half = ffn // 2  # unit j and its copy j + half
+    assert not torch.allclose(grad[:half], grad[half:], atol=1e-8)
+
+
+def _pretrain(model, tokens, steps=60, lr=3e-3, objective="clm", info=None):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    it = batches(tokens, 16, 0)
+    for _ in range(steps):
+        loss = lm_loss(model, next(it), objective, info, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tokens(tokenizer):
+    train, held = split_texts(default_corpus_texts()[:1500])
+    return pack_tokens(train, tokenizer, 32), pack_tokens(held, tokenizer, 32)[:48]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_ligo_fitting_lowers_heldout_loss(name, tokens, tokenizer):
+    train, held = tokens
+    small = make_model(name)
+    objective = "mlm" if name == "bert" else "clm"
+    info = tokenizer_info(tokenizer, small.config)
+    _pretrain(small, train, objective=objective, info=info)
+    target = resolve_target(target_for(name), small.config)
+    large, fit = grow_model(
+        small, target, strategy="ligo", fit_steps=25, lr=3e-3, train_batches=batches(train, 16, 1),
+        heldout=held, tokenizer=tokenizer,
+    )
+    losses = fit["heldout_loss"]
+    assert fit["fit_steps"] == 25 and len(fit["fit_history"]) == 25
+    assert losses["after_fit"] < losses["before_fit"] - 0.01, losses
+    assert losses["before_fit"] < losses["random"] - 0.3, losses  # the small model's knowledge carried over
+    # The materialised model is the fitted operator's model, loss for loss.
+    again = heldout_loss(large, held, objective, info)
+    assert math.isclose(again, losses["after_fit"], rel_tol=1e-4)
+    assert sizes_of(large.config)["layers"] == 4
+
+
+def test_ligo_fits_an_encoder_on_masked_tokens(tokens, tokenizer):
+    """BERT at this toy scale: the MLM fit runs on the operator and does not damage the start
+    (measured gains are within the noise of 48 masked sequences; see docs/GROWTH.md)."""
+    train, held = tokens
+    small = make_model("bert")
+    info = tokenizer_info(tokenizer, small.config)
+    _pretrain(small, train, objective="mlm", info=info)
+    target = resolve_target(target_for("bert"), small.config)
+    large, fit = grow_model(small, target, strategy="ligo", fit_steps=15, lr=3e-3,
+                            train_batches=batches(train, 16, 1), heldout=held, tokenizer=tokenizer)
+    losses = fit["heldout_loss"]
+    assert losses["after_fit"] < losses["before_fit"] + 0.02
+    assert losses["after_fit"] < losses["random"] - 0.5
+    assert math.isclose(heldout_loss(large, held, "mlm", info), losses["after_fit"], rel_tol=1e-4)
+
+
+def test_operator_has_the_reference_parameterisation_size():
+    """[diag; C] expanders: (d2 - d1) x d1 free rows plus a diagonal, per side, per space."""
+    small = make_model("gpt2")
+    _, info = grow_model(small, resolve_target(target_for("gpt2"), small.config), strategy="preserve", fit_steps=0)
+    spaces = {"res": (1, 32, 48), "q": (4, 32, 48), "k": (4, 32, 48), "v": (4, 32, 48), "ffn": (4, 128, 192)}
+    expanders = sum(2 * layers * (d1 + (d2 - d1) * d1) for layers, d1, d2 in spaces.values())
+    depth = 12 * 4 * 2  # 12 per-layer tensors in GPT-2, each a (L2=4, L1=2) mixing matrix
+    assert info["operator_parameters"] == expanders + depth
+    dense = sum(2 * layers * d2 * d1 for layers, d1, d2 in spaces.values())
+    assert expanders < 0.4 * dense
