@@ -11,8 +11,9 @@ from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.responses import JSONResponse
 
 MEDIA_TYPE = "application/problem+json"
 TYPE_PREFIX = "urn:ligo:problem:"

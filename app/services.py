@@ -24,8 +24,9 @@ class Dispatcher:
     """Sends job ids to the workers' queue; the job row, not the message, holds the job."""
 
     def __init__(self, settings: Settings, db: Database):
-        from worker.celery_app import GROW_TASK, make_celery
+        from worker.celery_app import GROW_TASK, ensure_broker_folders, make_celery
 
+        ensure_broker_folders(settings)
         self.settings, self.db = settings, db
         self.celery = make_celery(settings)
         self.task = GROW_TASK
@@ -81,7 +82,8 @@ class Services:
             upgrade(settings.resolved_database_url)
         return cls(
             settings=settings, db=db, storage=make_storage(settings), dispatcher=Dispatcher(settings, db),
-            validator=Validator(1, settings.validate_timeout_seconds, settings.resolved_tmp_dir / "validate"),
+            validator=Validator(settings.validator_processes, settings.validate_timeout_seconds,
+                                settings.resolved_tmp_dir / "validate"),
             auth=Authenticator(db, settings.auth_cache_seconds), webhooks=WebhookSender(db, settings),
         )
 
@@ -120,7 +122,7 @@ class Services:
         self.db.dispose()
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:
     return request.app.state.services
 
 

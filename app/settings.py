@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     presigned_max_bytes: int = 1024 * GiB
     upload_ttl_seconds: int = 24 * 3600
     validate_timeout_seconds: float = 900.0
+    validator_processes: int = 1
     auth_cache_seconds: float = 10.0
 
     # Jobs.

@@ -12,6 +12,7 @@ ligo_core, so CUDA is never initialised before a fork.
 from __future__ import annotations
 
 from celery import Celery
+from celery.signals import celeryd_init
 
 from app.settings import Settings, get_settings
 
@@ -23,11 +24,9 @@ def make_celery(settings: Settings) -> Celery:
     transport = {"visibility_timeout": settings.visibility_timeout_seconds}
     if settings.resolved_broker_url.startswith("filesystem://"):
         folder = settings.broker_dir
-        for sub in ("queue", "processed"):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
         transport = {"data_folder_in": str(folder / "queue"), "data_folder_out": str(folder / "queue"),
-                     "processed_folder": str(folder / "processed"), "store_processed": False,
-                     "polling_interval": 0.5}
+                     "processed_folder": str(folder / "processed"), "control_folder": str(folder / "control"),
+                     "store_processed": False, "polling_interval": 0.5}
     app.conf.update(
         task_routes={GROW_TASK: {"queue": settings.gpu_queue}},
         task_default_queue="default",
@@ -50,6 +49,18 @@ def make_celery(settings: Settings) -> Celery:
         worker_send_task_events=False,
     )
     return app
+
+
+def ensure_broker_folders(settings: Settings) -> None:
+    """The filesystem broker's folders must exist before anyone publishes or consumes."""
+    if settings.resolved_broker_url.startswith("filesystem://"):
+        for sub in ("queue", "processed", "control"):
+            (settings.broker_dir / sub).mkdir(parents=True, exist_ok=True)
+
+
+@celeryd_init.connect
+def _worker_starting(**_kwargs) -> None:
+    ensure_broker_folders(get_settings())
 
 
 celery = make_celery(get_settings())
