@@ -239,15 +239,18 @@ class RowReader:
         compiled = select(table).where(table.c.id == bindparam("id")).compile(dialect=engine.dialect)
         self.engine, self.sql, self.positional = engine, compiled.string, compiled.positional
         self.names = [c.name for c in table.columns]
-        self.decoders = [self._decoder(c.type) for c in table.columns]
+        sqlite = engine.dialect.name == "sqlite"
+        self.decoders = [self._decoder(c.type, sqlite) for c in table.columns]
         self._local = threading.local()
 
     @staticmethod
-    def _decoder(type_):
+    def _decoder(type_, sqlite: bool):
         import orjson
 
         if isinstance(type_, JSON):
-            return lambda v: orjson.loads(v) if isinstance(v, (str, bytes)) else v
+            # SQLite hands back the JSON text; psycopg has already decoded it (a JSON string
+            # arrives as a str, so there is no telling the two apart by value).
+            return (lambda v: None if v is None else orjson.loads(v)) if sqlite else None
         if isinstance(type_, UTCDateTime):
             def dt(v):
                 if v is None:

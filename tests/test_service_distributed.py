@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import func, select
 
 from app.db import Checkpoint, Job, Upload, WebhookDelivery
+from app.schemas import job_json
 from tests.service_fixtures import Api, CeleryWorker, job_objects, manifest_keys, tar_gz
 
 pytestmark = pytest.mark.slow
@@ -61,10 +62,11 @@ def test_grow_end_to_end_with_presigned_downloads(distributed, alice, ckpt, chec
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert (model.config.n_layer, model.config.n_embd) == (4, 48)
-    manifest = distributed["app"].state.services.db
-    with manifest.read() as s:
-        stored = s.get(Job, job_id).manifest
-    assert job_objects(storage(distributed), job_id) == manifest_keys(job_id, stored)
+    db = distributed["app"].state.services.db
+    with db.read() as s:
+        row = s.get(Job, job_id)
+    assert job_objects(storage(distributed), job_id) == manifest_keys(job_id, row.manifest)
+    assert job_json(db.jobs.get(job_id)) == job_json(row) == job  # the fast reader, on PostgreSQL
     assert result["estimate"]["target"]["layers"] == 4
 
 

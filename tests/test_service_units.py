@@ -76,6 +76,18 @@ def test_a_job_is_claimed_once_and_only_its_owner_can_finish_it(db):
     assert not store.finish(db, "j1", "w1", "failed", error_type="x")  # terminal is final
 
 
+def test_the_fast_row_reader_matches_the_orm(db):
+    from app.schemas import job_json
+
+    new_job(db, callback="https://example.com/hook")
+    store.claim(db, "j1", "w1", 30)
+    store.report_progress(db, "j1", "w1", stage="fitting", step=1, total=2, loss=None, loss_history=[[1, 2.5]])
+    fast, orm = db.jobs.get("j1"), state(db)
+    assert job_json(fast) == job_json(orm) and fast.lease_expires_at == orm.lease_expires_at
+    assert fast.started_at.tzinfo is not None and fast.cancel_requested is False
+    assert db.jobs.get("nope") is None
+
+
 def test_an_expired_lease_requeues_then_fails_after_max_attempts(db):
     new_job(db)
     for attempt in (1, 2):
@@ -190,3 +202,21 @@ def test_celery_is_configured_for_long_gpu_jobs():
     assert (conf.worker_prefetch_multiplier, conf.task_acks_late, conf.task_reject_on_worker_lost) == (1, True, True)
     assert (conf.worker_max_tasks_per_child, conf.worker_concurrency) == (1, 1)
     assert conf.broker_transport_options["visibility_timeout"] > conf.task_time_limit > 7200
+
+
+def test_long_fits_keep_an_evenly_thinned_loss_history():
+    import threading
+
+    from worker.runner import MAX_HISTORY, Progress
+
+    class Quiet(Progress):
+        def _write(self, *args):
+            pass
+
+    p = Quiet(None, "j", "owner", 0.5, threading.Event())
+    for step in range(1, 5001):
+        p({"stage": "fitting", "step": step, "total": 5000, "loss": 1.0 / step})
+    steps = [s for s, _ in p.history]
+    assert len(steps) <= MAX_HISTORY and steps[-1] == 5000
+    assert len({b - a for a, b in zip(steps, steps[1:])}) == 1  # one stride throughout
+    assert p.fitting == (5000, 5000, 1.0 / 5000)

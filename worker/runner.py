@@ -29,6 +29,7 @@ from app.settings import Settings
 from app.storage import S3Storage, Storage, StorageError, make_storage, parse_s3_uri
 
 log = logging.getLogger("ligo.worker")
+MAX_HISTORY = 1000  # points of the fitting loss kept on the job row
 
 
 class LeaseLost(Exception):
@@ -64,6 +65,7 @@ class Progress:
     def __init__(self, db: Database, job_id: str, owner: str, interval: float, lost: threading.Event):
         self.db, self.job_id, self.owner, self.interval, self.lost = db, job_id, owner, interval, lost
         self.history: list[list[float]] = []
+        self.stride = 1
         self.stage: str | None = None
         self.fitting: tuple[int, int, float | None] | None = None  # last fitting step, total, loss
         self._last_write = 0.0
@@ -73,8 +75,11 @@ class Progress:
         step, total, loss = int(event.get("step") or 0), int(event.get("total") or 0), event.get("loss")
         if stage == "fitting":
             self.fitting = (step, total, None if loss is None else float(loss))
-            if loss is not None:
+            if loss is not None and step % self.stride == 0:
                 self.history.append([step, float(loss)])
+                if len(self.history) > MAX_HISTORY:  # long fits: keep every other point
+                    self.history = self.history[1::2]
+                    self.stride *= 2
         if stage not in JOB_STAGES:
             stage = self.stage or "loading"
         now = time.monotonic()
