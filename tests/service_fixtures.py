@@ -361,14 +361,24 @@ def distributed(tmp_path_factory, redis_url, postgres_url, s3_server):
     worker_env = child_env({**env, "LIGO_DATA_DIR": str(data / "worker")})
     worker = CeleryWorker(worker_env, queue, data / "worker.log").start()
     app = create_app(settings)
-    with TestClient(app) as client:
-        yield {"app": app, "client": client, "keys": keys, "settings": settings, "worker": worker,
-               "worker_env": worker_env, "queue": queue, "data": data, "s3": s3_server}
-    worker.stop()
-    with contextlib.suppress(Exception):
+    ctx = {"app": app, "keys": keys, "settings": settings, "worker": worker, "worker_env": worker_env,
+           "queue": queue, "data": data, "s3": s3_server}
+    try:
+        with TestClient(app) as client:
+            ctx["client"] = client
+            yield ctx
+    finally:
+        ctx["worker"].stop()  # the one running now: a test may have replaced the first
+    with contextlib.suppress(Exception):  # leave nothing of this run in Redis
         import redis
 
-        redis.Redis.from_url(redis_url).delete(queue, f"{queue}\x06\x163", f"{queue}\x06\x166", f"{queue}\x06\x169")
+        r = redis.Redis.from_url(redis_url)
+        r.delete(queue, *(f"{queue}\x06\x16{p}" for p in range(10)), f"_kombu.binding.{queue}",
+                 f"_kombu.binding_permanent.{queue}")
+        for tag, message in r.hgetall("unacked").items():  # the killed worker's unacknowledged task
+            if queue.encode() in message:
+                r.hdel("unacked", tag)
+                r.zrem("unacked_index", tag)
 
 
 def job_objects(storage, job_id: str) -> list[str]:
