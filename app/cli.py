@@ -111,6 +111,16 @@ def cmd_keys_secret(args) -> int:
     return 0
 
 
+def _die_with_parent() -> None:
+    """In the worker child (Linux): get SIGTERM when `ligo serve` dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class WorkerProcess:
     """A Celery worker child, restarted if it dies, stopped with the server."""
 
@@ -129,7 +139,7 @@ class WorkerProcess:
     def _spawn(self) -> subprocess.Popen:
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-        return subprocess.Popen(self.cmd, start_new_session=True, env=env)
+        return subprocess.Popen(self.cmd, start_new_session=True, env=env, preexec_fn=_die_with_parent)
 
     def _supervise(self) -> None:
         delay = 1.0
@@ -154,6 +164,19 @@ class WorkerProcess:
             self.proc.wait()
 
 
+def _has_keys(settings) -> bool:
+    from sqlalchemy import func, select
+
+    from app.db import ApiKey, Database
+
+    db = Database(settings.resolved_database_url)
+    try:
+        with db.read() as s:
+            return bool(s.scalar(select(func.count()).select_from(ApiKey)))
+    finally:
+        db.dispose()
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -162,11 +185,16 @@ def cmd_serve(args) -> int:
     from app.migrate import upgrade
 
     upgrade(settings.resolved_database_url)  # once, before any API process starts
+    if not _has_keys(settings):
+        print("ligo serve: no API keys yet; make one with `ligo keys create --tenant NAME"
+              + (f" --data-dir {args.data_dir}`" if args.data_dir else "`"), file=sys.stderr)
     worker = None if args.no_worker else WorkerProcess(args.log_level, settings.gpu_queue)
     if worker is not None:
         worker.start()
     print(f"ligo serve: http://{args.host}:{args.port}/v1/docs  (data in {settings.data_dir.resolve()})",
           file=sys.stderr)
+    # uvicorn re-raises SIGTERM once it has shut down; make that an exit that runs `finally`.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         if args.workers > 1:  # each process builds its app from the same LIGO_* environment
             uvicorn.run("app.main:create_app", factory=True, workers=args.workers, host=args.host,

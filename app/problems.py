@@ -66,6 +66,11 @@ def install(app: FastAPI) -> None:
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
         return problem_response(Problem(422, "validation", detail, title="Invalid request", errors=errors), request)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        # Logged by Starlette's error middleware; the client gets a problem, not a traceback.
+        return problem_response(Problem(500, "internal", "the service failed to handle this request"), request)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         body = {"type": "about:blank", "title": HTTPStatus(exc.status_code).phrase, "status": exc.status_code,
