@@ -1,0 +1,437 @@
+"""Does growing save compute?  The LiGO paper's Table 1 at small scale.
+
+For each model family (GPT-2, causal LM; BERT, masked LM):
+
+1. train a byte-level BPE tokenizer on the train split of the shipped corpus;
+2. pretrain a small model for a fixed budget (not counted in any saving);
+3. for every seed and strategy, build the large model (``scratch`` = random init, or
+   ``ligo_core.grow_model`` with ``stack``, ``interpolate``, ``net2net``, ``preserve``,
+   ``ligo``) and train it with the identical recipe (optimizer, schedule, batch, sequence
+   length, steps, data order, seed), logging held-out loss at regular intervals;
+4. savings = 1 - (FLOPs to reach the scratch run's final held-out loss, growth/fitting
+   included) / (FLOPs of the scratch run), crossing points interpolated linearly between
+   eval points; the same for wall time.
+
+    python bench/savings.py [--models gpt2,bert] [--seeds 0,1] [--size default|tiny|gpu]
+
+Writes ``savings.md``, ``savings.json`` (one record per run), ``savings_curves.json`` and
+``savings_loss_curves.png`` under ``--out`` (default ``docs/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ligo_core  # noqa: E402
+from ligo_core import cost  # noqa: E402
+from ligo_core.data import batches, default_corpus_texts, pack_tokens, split_texts  # noqa: E402
+from ligo_core.tokenizer import tokenizer_info, train_tokenizer  # noqa: E402
+from ligo_core.training import default_device, evaluate_loss, train  # noqa: E402
+
+MODELS = ("gpt2", "bert")
+STRATEGIES = ("scratch", "stack", "interpolate", "net2net", "preserve", "ligo")
+
+
+@dataclass(frozen=True)
+class Size:
+    """One benchmark scale: model shapes, data, and the shared training recipe."""
+
+    small: tuple[int, int, int, int]  # layers, hidden, heads, ffn
+    large: tuple[int, int, int, int]
+    vocab: int
+    seq_len: int
+    batch: int
+    small_steps: int  # pretraining budget of the small model
+    steps: int  # every large run
+    fit_steps: int  # LiGO operator fitting
+    eval_every: int
+    eval_seqs: int  # held-out sequences scored at each eval
+    lr: float
+    small_lr: float
+    warmup_frac: float = 0.05
+    weight_decay: float = 0.01
+    corpus_docs: int | None = None  # use only the first documents of the corpus (CI)
+
+
+SIZES = {
+    # CI: seconds. Checks the bookkeeping, not the science.
+    "tiny": Size(small=(1, 32, 2, 64), large=(2, 64, 4, 128), vocab=512, seq_len=32, batch=8,
+                 small_steps=20, steps=8, fit_steps=2, eval_every=4, eval_seqs=16, lr=3e-3, small_lr=3e-3,
+                 corpus_docs=800),
+    # 2 CPU cores, about an hour for both models and two seeds.
+    "default": Size(small=(2, 64, 2, 256), large=(4, 128, 4, 512), vocab=4096, seq_len=64, batch=32,
+                    small_steps=200, steps=400, fit_steps=8, eval_every=25, eval_seqs=128,
+                    lr=2e-3, small_lr=3e-3),
+    # One GPU: BERT-Small -> BERT-Base shapes at half width.
+    "gpu": Size(small=(6, 256, 4, 1024), large=(12, 512, 8, 2048), vocab=8192, seq_len=128, batch=128,
+                small_steps=8000, steps=4000, fit_steps=100, eval_every=100, eval_seqs=512,
+                lr=6e-4, small_lr=1e-3),
+}
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def forward_flops_per_token(config, seq_len: int) -> float:
+    """Forward FLOPs per token (matmuls and attention scores, LM head on every position)."""
+    return cost.forward_flops_per_token(config, seq_len, convention="standard")
+
+
+def train_flops_per_token(config, seq_len: int) -> float:
+    """Forward + backward (backward = 2 x forward)."""
+    return 3.0 * forward_flops_per_token(config, seq_len)
+
+
+# ----------------------------------------------------------------------------- savings arithmetic
+
+
+def cost_to_reach(costs: list[float], losses: list[float], target: float) -> float | None:
+    """Cost at which a loss curve first reaches ``target``, linear between points; None if never."""
+    for i, loss in enumerate(losses):
+        if loss <= target:
+            if i == 0:
+                return costs[0]
+            c0, c1, l0 = costs[i - 1], costs[i], losses[i - 1]
+            return c0 + (l0 - target) / (l0 - loss) * (c1 - c0)
+    return None
+
+
+def saving(costs: list[float], losses: list[float], target: float, reference_total: float) -> float | None:
+    reached = cost_to_reach(costs, losses, target)
+    return None if reached is None else 1.0 - reached / reference_total
+
+
+# ----------------------------------------------------------------------------- models and data
+
+
+def make_config(model: str, shape: tuple[int, int, int, int], vocab: int, seq_len: int, tok):
+    layers, hidden, heads, ffn = shape
+    if model == "gpt2":
+        return GPT2Config(vocab_size=vocab, n_positions=seq_len, n_layer=layers, n_embd=hidden, n_head=heads,
+                          n_inner=ffn, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                          bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    return BertConfig(vocab_size=vocab, max_position_embeddings=seq_len, num_hidden_layers=layers,
+                      hidden_size=hidden, num_attention_heads=heads, intermediate_size=ffn,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=tok.pad_token_id)
+
+
+def model_class(model: str):
+    return GPT2LMHeadModel if model == "gpt2" else BertForMaskedLM
+
+
+def target_config(small_config, shape: tuple[int, int, int, int]):
+    layers, hidden, heads, ffn = shape
+    return ligo_core.resolve_target({"layers": layers, "hidden": hidden, "heads": heads, "ffn": ffn}, small_config)
+
+
+class CountingBatches:
+    """Wraps a batch iterator and counts the batches drawn from it (for fitting FLOPs)."""
+
+    def __init__(self, it):
+        self.it, self.batches = it, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.it)
+        self.batches += 1
+        return batch
+
+
+@dataclass
+class Prepared:
+    model: str
+    objective: str
+    tokenizer: object
+    info: dict
+    train_tokens: torch.Tensor
+    heldout_tokens: torch.Tensor
+
+
+def prepare(model: str, size: Size) -> Prepared:
+    train_texts, heldout_texts = split_texts(default_corpus_texts()[: size.corpus_docs])
+    tok = train_tokenizer(train_texts, size.vocab, style=model)
+    return Prepared(
+        model=model,
+        objective="clm" if model == "gpt2" else "mlm",
+        tokenizer=tok,
+        info=tokenizer_info(tok),
+        train_tokens=pack_tokens(train_texts, tok, size.seq_len),
+        heldout_tokens=pack_tokens(heldout_texts, tok, size.seq_len)[: size.eval_seqs],
+    )
+
+
+def build_large(strategy: str, small, tconfig, data: Prepared, size: Size, seed: int, device):
+    """(large model, growth FLOPs, growth wall seconds, info)."""
+    started = time.perf_counter()
+    if strategy == "scratch":
+        torch.manual_seed(seed)
+        return model_class(data.model)(tconfig), 0.0, 0.0, {}
+    fit_batches = CountingBatches(batches(data.train_tokens, size.batch, seed=10_000 + seed))
+    large, info = ligo_core.grow_model(
+        copy.deepcopy(small), tconfig, strategy=strategy, fit_steps=size.fit_steps if strategy == "ligo" else 0,
+        train_batches=fit_batches, seed=seed, device=device, tokenizer=data.tokenizer,
+    )
+    for param in large.parameters():  # grow_model returns weights that may not require grad
+        param.requires_grad_(True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    fit_flops = info.get("fit_flops")
+    if fit_flops is None:
+        # Every batch grow_model drew costs a forward and backward pass of the large model, plus the
+        # operator's own work per step (or one materialisation for the fixed strategies).
+        fit_flops = cost.fit_flops(small.config, tconfig, strategy=strategy, steps=fit_batches.batches,
+                                   batch=size.batch, seq_len=size.seq_len)["flops"]
+    return large, float(fit_flops), seconds, info
+
+
+# ----------------------------------------------------------------------------- one model family
+
+
+def run_model(model: str, size: Size, seeds: list[int], strategies: list[str], device, log) -> dict:
+    data = prepare(model, size)
+    warm = lambda steps: max(1, int(size.warmup_frac * steps))  # noqa: E731
+    eval_fn = lambda m: evaluate_loss(m, data.heldout_tokens, data.objective, tokenizer_info=data.info,  # noqa: E731
+                                      seed=1234, device=device)
+    small_config = make_config(model, size.small, size.vocab, size.seq_len, data.tokenizer)
+    tconfig = target_config(small_config, size.large)
+    torch.manual_seed(1234)
+    small = model_class(model)(small_config)
+    log(f"[{model}] small {size.small} {n_params(small) / 1e6:.2f}M params, pretraining {size.small_steps} steps")
+    started = time.perf_counter()
+    small_hist = train(small, batches(data.train_tokens, size.batch, seed=999), size.small_steps, lr=size.small_lr,
+                       warmup=warm(size.small_steps), weight_decay=size.weight_decay, objective=data.objective,
+                       tokenizer_info=data.info, seed=999, device=device)
+    small.cpu().eval()
+    small_loss = eval_fn(small)
+    small.cpu()
+    log(f"[{model}] small held-out loss {small_loss:.3f} ({time.perf_counter() - started:.0f}s)")
+
+    per_token = train_flops_per_token(tconfig, size.seq_len)
+    step_flops = per_token * size.batch * size.seq_len
+    runs = []
+    for seed in seeds:
+        for strategy in strategies:
+            large, fit_flops, grow_seconds, info = build_large(strategy, small, tconfig, data, size, seed, device)
+            init_loss = eval_fn(large)
+            hist = train(large, batches(data.train_tokens, size.batch, seed=seed), size.steps, lr=size.lr,
+                         warmup=warm(size.steps), weight_decay=size.weight_decay, objective=data.objective,
+                         tokenizer_info=data.info, eval_every=size.eval_every, eval_fn=eval_fn, seed=seed,
+                         device=device)
+            evals = hist["evals"]
+            runs.append({
+                "model": model, "strategy": strategy, "seed": seed,
+                "steps": [e["step"] for e in evals],
+                "losses": [e["loss"] for e in evals],
+                "flops": [fit_flops + e["step"] * step_flops for e in evals],
+                "wall": [grow_seconds + e["train_time"] for e in evals],
+                "fit_flops": fit_flops, "grow_seconds": grow_seconds, "init_loss": init_loss,
+                "fit_history": info.get("fit_history", []),
+                "large_params": n_params(large),
+            })
+            log(f"[{model}] seed {seed} {strategy:<11} init {init_loss:.3f} -> final {evals[-1]['loss']:.3f}"
+                f"  grow {grow_seconds:.1f}s train {hist['train_time']:.0f}s")
+            del large
+    return {
+        "model": model, "small_loss": small_loss, "small_params": n_params(small),
+        "small_train_loss_end": statistics.fmean(small_hist["train_loss"][-20:]),
+        "large_params": runs[0]["large_params"] if runs else None, "step_flops": step_flops, "runs": runs,
+    }
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def records(result: dict) -> list[dict]:
+    """One record per run; savings measured against the scratch run of the same seed."""
+    out = []
+    scratch = {r["seed"]: r for r in result["runs"] if r["strategy"] == "scratch"}
+    for r in result["runs"]:
+        ref = scratch.get(r["seed"])
+        target = ref["losses"][-1] if ref else None
+        rec = {
+            "model": result["model"], "strategy": r["strategy"], "seed": r["seed"],
+            "flops_saved": saving(r["flops"], r["losses"], target, ref["flops"][-1]) if ref else None,
+            "wall_saved": saving(r["wall"], r["losses"], target, ref["wall"][-1]) if ref else None,
+            "final_loss": r["losses"][-1], "small_loss": result["small_loss"], "scratch_final_loss": target,
+            "init_loss": r["init_loss"], "fit_flops": r["fit_flops"], "total_flops": r["flops"][-1],
+        }
+        out.append(rec)
+    return out
+
+
+def _mean_spread(values: list[float | None], pct: bool = True) -> str:
+    got = [v for v in values if v is not None]
+    if not got:
+        return "never reached"
+    scale, unit = (100.0, "%") if pct else (1.0, "")
+    mean = statistics.fmean(got) * scale
+    text = f"{mean:.1f}{unit}" if pct else f"{mean:.3f}"
+    if len(got) > 1:
+        text += f" ± {statistics.stdev(got) * scale:.1f}" if pct else f" ± {statistics.stdev(got):.3f}"
+    if len(got) < len(values):
+        text += f" ({len(values) - len(got)}/{len(values)} seeds never reached)"
+    return text
+
+
+def markdown(results: list[dict], recs: list[dict], meta: dict) -> str:
+    lines = [
+        "# Savings: growing vs training from scratch",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Machine: {meta['machine']}; device {meta['device']}; total wall time {meta['wall_minutes']:.1f} min.  ",
+        f"Size `{meta['size']}`: {meta['size_fields']}",
+        "",
+        "FLOPs saved = 1 - (FLOPs to reach the scratch run's final held-out loss, growth and operator",
+        "fitting included) / (FLOPs of the scratch run); wall time likewise (seconds of growth + training,",
+        "evaluation excluded). Mean ± standard deviation over seeds; the small model's pretraining is",
+        "not counted. Each seed's grown runs are compared with the scratch run of the same seed.",
+        "",
+    ]
+    for res in results:
+        rs = [r for r in recs if r["model"] == res["model"]]
+        scratch_final = [r["scratch_final_loss"] for r in rs if r["strategy"] == "scratch"]
+        lines += [
+            f"## {res['model']}",
+            "",
+            f"Small model {res['small_params'] / 1e6:.2f}M parameters, held-out loss {res['small_loss']:.3f}; "
+            f"large model {res['large_params'] / 1e6:.2f}M parameters "
+            f"({res['large_params'] / res['small_params']:.1f}x); scratch final loss "
+            f"{_mean_spread(scratch_final, pct=False)} "
+            f"({res['small_loss'] - statistics.fmean(scratch_final):.2f} nats below the small model).",
+            "",
+            "| strategy | FLOPs saved | wall time saved | loss at step 0 | final loss |",
+            "|---|---|---|---|---|",
+        ]
+        for strategy in STRATEGIES:
+            sr = [r for r in rs if r["strategy"] == strategy]
+            if not sr:
+                continue
+            lines.append(
+                f"| {strategy} | {_mean_spread([r['flops_saved'] for r in sr])} "
+                f"| {_mean_spread([r['wall_saved'] for r in sr])} "
+                f"| {_mean_spread([r['init_loss'] for r in sr], pct=False)} "
+                f"| {_mean_spread([r['final_loss'] for r in sr], pct=False)} |"
+            )
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.5), squeeze=False)
+    colors = dict(zip(STRATEGIES, ("black", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red")))
+    for ax, res in zip(axes[0], results):
+        seeds = sorted({r["seed"] for r in res["runs"]})
+        for r in res["runs"]:
+            ax.plot([f / 1e12 for f in r["flops"]], r["losses"], color=colors.get(r["strategy"], "gray"),
+                    alpha=0.9 if r["seed"] == seeds[0] else 0.35, lw=1.4,
+                    label=r["strategy"] if r["seed"] == seeds[0] else None)
+        scratch = [r["losses"][-1] for r in res["runs"] if r["strategy"] == "scratch"]
+        if scratch:
+            ax.axhline(statistics.fmean(scratch), color="black", ls=":", lw=1, label="scratch final")
+        ax.axhline(res["small_loss"], color="gray", ls="--", lw=1, label="small model")
+        finals = [r["losses"][-1] for r in res["runs"]]
+        ax.set_ylim(min(finals) - 0.15, max(res["small_loss"], max(finals)) + 0.6)
+        ax.set_title(f"{res['model']}: held-out loss vs training FLOPs ({len(seeds)} seeds)")
+        ax.set_xlabel("FLOPs (1e12), growth + fitting + training")
+        ax.set_ylabel("held-out loss (nats/token)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="gpt2,bert")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--size", choices=sorted(SIZES), default="default")
+    p.add_argument("--steps", type=int, help="training steps of every large run (overrides the size)")
+    p.add_argument("--small-steps", type=int, help="pretraining steps of the small model")
+    p.add_argument("--fit-steps", type=int, help="LiGO operator fitting steps")
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest for the tiny size on a busy machine)")
+    p.add_argument("--out", default="docs/results")
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+
+    size = SIZES[args.size]
+    overrides = {k: v for k, v in {"steps": args.steps, "small_steps": args.small_steps,
+                                   "fit_steps": args.fit_steps, "eval_every": args.eval_every}.items() if v}
+    size = replace(size, **overrides)
+    models = [m for m in args.models.split(",") if m]
+    strategies = [s for s in args.strategies.split(",") if s]
+    for m in models:
+        if m not in MODELS:
+            p.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+    for s in strategies:
+        if s not in STRATEGIES:
+            p.error(f"unknown strategy {s!r}; choose from {', '.join(STRATEGIES)}")
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = default_device(args.device)
+    started = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"{time.perf_counter() - started:7.0f}s  {msg}", flush=True)
+
+    results = [run_model(m, size, seeds, strategies, device, log) for m in models]
+    recs = [rec for res in results for rec in records(res)]
+    meta = {
+        "command": "python bench/savings.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine_description(), "device": str(device), "size": args.size,
+        "size_fields": json.dumps(asdict(size)), "wall_minutes": (time.perf_counter() - started) / 60,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "savings.json").write_text(json.dumps(recs, indent=1) + "\n")
+    (out / "savings_curves.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    (out / "savings.md").write_text(markdown(results, recs, meta))
+    if not args.no_plot:
+        plot(results, out / "savings_loss_curves.png")
+    log(f"wrote {out}/savings.md, savings.json, savings_curves.json" + ("" if args.no_plot else ", savings_loss_curves.png"))
+    return recs
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Bookkeeping of the savings benchmark: FLOPs, the savings arithmetic, the tiny pipeline end to end."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import savings  # noqa: E402
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_flops_per_token_matches_counted_matmuls(family):
+    seq = 16
+    if family == "gpt2":
+        config = GPT2Config(vocab_size=300, n_positions=seq, n_layer=2, n_embd=32, n_head=4, n_inner=96)
+        model = GPT2LMHeadModel(config)
+    else:
+        config = BertConfig(vocab_size=300, max_position_embeddings=seq, num_hidden_layers=2, hidden_size=32,
+                            num_attention_heads=4, intermediate_size=96)
+        model = BertForMaskedLM(config)
+    ids = torch.randint(5, 300, (3, seq))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(input_ids=ids)
+    per_token = counter.get_total_flops() / ids.numel()
+    assert savings.forward_flops_per_token(config, seq) == pytest.approx(per_token, rel=0.01)
+    assert savings.train_flops_per_token(config, seq) == pytest.approx(3 * per_token, rel=0.01)
+
+
+def test_flops_by_hand_for_gpt2():
+    config = GPT2Config(vocab_size=1000, n_positions=64, n_layer=4, n_embd=128, n_head=4, n_inner=512)
+    d, f, layers, seq, vocab = 128, 512, 4, 64, 1000
+    matmuls = layers * (4 * d * d + 2 * d * f + 2 * seq * d) + d * vocab
+    assert savings.forward_flops_per_token(config, seq) == 2 * matmuls
+
+
+def test_cost_to_reach_interpolates_between_eval_points():
+    costs = [0.0, 10.0, 20.0, 30.0, 40.0]
+    losses = [6.0, 5.0, 4.0, 3.0, 2.5]
+    assert savings.cost_to_reach(costs, losses, 3.5) == pytest.approx(25.0)
+    assert savings.cost_to_reach(costs, losses, 4.0) == pytest.approx(20.0)  # exactly on a point
+    assert savings.cost_to_reach(costs, losses, 6.5) == 0.0  # already there at the start
+    assert savings.cost_to_reach(costs, losses, 2.0) is None  # never reached
+    # A noisy curve counts its first crossing.
+    assert savings.cost_to_reach([0, 10, 20, 30], [5.0, 3.0, 4.0, 2.0], 3.5) == pytest.approx(7.5)
+
+
+def test_saving_of_a_synthetic_grown_curve_with_a_known_crossing():
+    # Scratch: 100 FLOPs to reach its final 3.0. Grown: 10 FLOPs of fitting, then 2 FLOPs/step,
+    # crossing 3.0 halfway between step 10 (3.2) and step 20 (2.8) -> 10 + 2 * 15 = 40 FLOPs.
+    scratch_losses = [7.0, 5.0, 3.0]
+    grown_steps, grown_losses = [0, 10, 20], [4.0, 3.2, 2.8]
+    grown_costs = [10 + 2 * s for s in grown_steps]
+    assert savings.cost_to_reach(grown_costs, grown_losses, scratch_losses[-1]) == pytest.approx(40.0)
+    assert savings.saving(grown_costs, grown_losses, 3.0, 100.0) == pytest.approx(0.6)
+    assert savings.saving(grown_costs, grown_losses, 2.0, 100.0) is None
+
+
+def test_records_compare_each_run_with_the_scratch_run_of_its_seed():
+    def run(strategy, seed, losses, fit=0.0):
+        return {"strategy": strategy, "seed": seed, "losses": losses, "init_loss": losses[0], "fit_flops": fit,
+                "flops": [fit + 10.0 * i for i in range(len(losses))], "wall": [1.0 * i for i in range(len(losses))]}
+
+    result = {"model": "gpt2", "small_loss": 5.5, "runs": [
+        run("scratch", 0, [8.0, 6.0, 5.0]), run("scratch", 1, [8.0, 6.0, 4.0]),
+        run("ligo", 0, [5.6, 5.0, 4.5], fit=5.0), run("ligo", 1, [5.6, 5.0, 4.5], fit=5.0),
+    ]}
+    recs = {(r["strategy"], r["seed"]): r for r in savings.records(result)}
+    assert recs[("scratch", 0)]["flops_saved"] == 0.0
+    assert recs[("ligo", 0)]["flops_saved"] == pytest.approx(1 - 15.0 / 20.0)  # reaches 5.0 at step 1
+    assert recs[("ligo", 0)]["wall_saved"] == pytest.approx(1 - 1.0 / 2.0)
+    assert recs[("ligo", 1)]["flops_saved"] is None and recs[("ligo", 1)]["wall_saved"] is None
+    assert recs[("ligo", 1)]["scratch_final_loss"] == 4.0 and recs[("ligo", 0)]["small_loss"] == 5.5
+    for rec in recs.values():
+        assert {"model", "strategy", "seed", "flops_saved", "wall_saved", "final_loss", "small_loss",
+                "scratch_final_loss"} <= set(rec)
+
+
+def test_tiny_pipeline_produces_a_curve_for_every_strategy(tmp_path):
+    pytest.importorskip("matplotlib")
+    size = savings.SIZES["tiny"]
+    threads = torch.get_num_threads()
+    try:
+        recs = savings.main(["--size", "tiny", "--models", "gpt2,bert", "--seeds", "0", "--threads", "1",
+                              "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert {(r["model"], r["strategy"]) for r in recs} == {(m, s) for m in savings.MODELS for s in savings.STRATEGIES}
+    on_disk = json.loads((tmp_path / "savings.json").read_text())
+    assert on_disk == json.loads(json.dumps(recs))
+    curves = json.loads((tmp_path / "savings_curves.json").read_text())["results"]
+    n_evals = size.steps // size.eval_every + 1
+    for res in curves:
+        step_flops = res["step_flops"]
+        for run in res["runs"]:
+            assert run["steps"] == [i * size.eval_every for i in range(n_evals)]
+            assert len(run["losses"]) == n_evals and all(l > 0 for l in run["losses"])
+            # FLOPs: growth/fitting first, then one large-model step per step.
+            assert run["flops"] == pytest.approx([run["fit_flops"] + s * step_flops for s in run["steps"]])
+            if run["strategy"] == "ligo":
+                # Fitting: a large-model training step per fitting step, plus the operator's work.
+                assert size.fit_steps * step_flops < run["fit_flops"] < 2 * size.fit_steps * step_flops
+            elif run["strategy"] == "scratch":
+                assert run["fit_flops"] == 0.0
+            else:
+                # Fixed operators: one materialisation, cheaper than one training step.
+                assert 0.0 < run["fit_flops"] < step_flops
+            if run["strategy"] == "preserve":
+                # Function-preserving growth of the pretrained small model starts at its loss.
+                assert run["init_loss"] == pytest.approx(res["small_loss"], abs=0.02)
+    table = (tmp_path / "savings.md").read_text()
+    assert "| ligo |" in table and "## bert" in table
+    assert (tmp_path / "savings_loss_curves.png").stat().st_size > 10_000
