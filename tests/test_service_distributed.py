@@ -130,6 +130,7 @@ def test_oversize_stream_to_s3_leaves_no_upload(distributed, alice):
     r = alice.upload(chunks(), "big.tar")
     assert r.status_code == 413
     assert (s3_state(distributed), rows(distributed, Checkpoint)) == before
+    assert list((distributed["settings"].resolved_tmp_dir / "uploads").glob("*")) == []  # no spool file
 
 
 def test_cancel_a_running_job(distributed, alice, ckpt):
