@@ -26,12 +26,12 @@ def pretrain_small(directory: Path, steps: int, seed: int, console) -> Path:
 
     train_texts, _ = split_texts(default_corpus_texts())
     tokenizer = train_tokenizer(train_texts, vocab_size=VOCAB, style="gpt2")
-    tokens = pack_tokens(train_texts, tokenizer, SEQ_LEN, max_tokens=steps * 32 * SEQ_LEN)
+    tokens = pack_tokens(train_texts, tokenizer, SEQ_LEN, max_tokens=steps * 16 * SEQ_LEN)
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), **DEMO_SMALL,
                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
     started = time.perf_counter()
-    history = train(model, batches(tokens, 32, seed), steps, lr=3e-3, warmup=steps // 10, objective="clm",
+    history = train(model, batches(tokens, 16, seed), steps, lr=3e-3, warmup=steps // 10, objective="clm",
                     seed=seed, device="cpu" if not torch.cuda.is_available() else None)
     console.print(f"pretrained a {sum(p.numel() for p in model.parameters()):,}-parameter GPT-2 for {steps} steps "
                   f"in {time.perf_counter() - started:.0f}s (train loss {history['train_loss'][-1]:.3f})")
@@ -54,7 +54,7 @@ def cmd_demo(args) -> int:
     if not (small / "config.json").is_file():
         pretrain_small(small, args.pretrain_steps, args.seed, console)
     report = ligo_core.grow(small, args.target, grown, strategy=args.strategy, fit_steps=args.fit_steps,
-                            seed=args.seed, batch_size=16, seq_len=SEQ_LEN, progress=_progress_printer(console))
+                            seed=args.seed, batch_size=8, seq_len=SEQ_LEN, progress=_progress_printer(console))
     print_report(report, Console())
     print(f"small checkpoint: {small}\ngrown checkpoint: {grown} (growth_report.json inside)")
     return 0
@@ -63,7 +63,7 @@ def cmd_demo(args) -> int:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("demo", help="pretrain a tiny GPT-2 on the shipped corpus and grow it (no downloads)")
     p.add_argument("--workdir", default="ligo-demo", help="where the small and grown checkpoints go (default ligo-demo)")
-    p.add_argument("--pretrain-steps", type=int, default=300)
+    p.add_argument("--pretrain-steps", type=int, default=250)
     p.add_argument("--target", default=DEMO_TARGET)
     p.add_argument("--strategy", default="ligo")
     p.add_argument("--fit-steps", type=int, default=100)

@@ -179,9 +179,10 @@ def fit_operator(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(operator.parameters(), 1.0)
         optimizer.step()
-        history.append((step + 1, loss.item()))
+        value = loss.item()
+        history.append((step + 1, value))
         if progress:
-            progress({"stage": "fitting", "step": step + 1, "total": steps, "loss": float(loss)})
+            progress({"stage": "fitting", "step": step + 1, "total": steps, "loss": value})
     return history
 
 
