@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from ligo_core.objective import heldout_loss, lm_loss, tokenizer_info
 from ligo_core.operator import GrowthOperator
 from ligo_core.strategies import LIGO_INITS, STRATEGY_MODES, build_operator
 from ligo_core.targets import check_growth, family_of, sizes_of
+from ligo_core.training import default_device, lr_at
 
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "position_ids", "rotary_emb.inv_freq")
 
@@ -133,15 +133,6 @@ def default_lr(strategy: str) -> float:
     return 1e-3
 
 
-def lr_at(step: int, steps: int, peak: float) -> float:
-    """Warm up over 10% of the fit (at least one step), then cosine down to 10% of the peak."""
-    warmup = max(1, steps // 10)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def fit_operator(
     operator: GrowthOperator,
     skeleton: PreTrainedModel,
@@ -170,7 +161,7 @@ def fit_operator(
         if should_cancel is not None and should_cancel():
             raise GrowthCancelled()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr)
+            group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 10))  # warm-up sized for the fit
         batch = next(batches).to(device)
         with autocast:
             large = operator.materialise(small_state, layout.names)
@@ -204,10 +195,7 @@ def _scaled_eps(config: PretrainedConfig, family: Family, norm_scale: float) -> 
     return config
 
 
-def pick_device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+pick_device = default_device
 
 
 def grow_model(
