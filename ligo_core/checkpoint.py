@@ -46,22 +46,30 @@ def _check_member_path(name: str) -> None:
         raise CheckpointError(f"archive member {name!r} points outside the archive")
 
 
+def _check_members(members: list[tuple[str, int, str]], max_bytes: int) -> None:
+    """Refuse an archive before extracting anything: (name, size, kind) per member."""
+    if len(members) > MAX_ARCHIVE_MEMBERS:
+        raise CheckpointError(f"archive has {len(members)} members, more than {MAX_ARCHIVE_MEMBERS}")
+    total = 0
+    for name, size, kind in members:
+        _check_member_path(name)
+        if kind == "link":
+            raise CheckpointError(f"archive member {name!r} is a link; links are not accepted")
+        if kind == "other":
+            raise CheckpointError(f"archive member {name!r} is not a regular file or directory")
+        total += size
+        if total > max_bytes:
+            raise CheckpointError(f"archive expands to more than {max_bytes} bytes")
+
+
+def _tar_kind(m: tarfile.TarInfo) -> str:
+    return "link" if m.issym() or m.islnk() else "file" if m.isfile() or m.isdir() else "other"
+
+
 def _extract_tar(path: Path, dest: Path, max_bytes: int) -> None:
     try:
         with tarfile.open(path) as tar:
-            members = tar.getmembers()
-            if len(members) > MAX_ARCHIVE_MEMBERS:
-                raise CheckpointError(f"archive has {len(members)} members, more than {MAX_ARCHIVE_MEMBERS}")
-            total = 0
-            for m in members:
-                _check_member_path(m.name)
-                if m.issym() or m.islnk():
-                    raise CheckpointError(f"archive member {m.name!r} is a link; links are not accepted")
-                if not (m.isfile() or m.isdir()):
-                    raise CheckpointError(f"archive member {m.name!r} is not a regular file or directory")
-                total += m.size
-                if total > max_bytes:
-                    raise CheckpointError(f"archive expands to more than {max_bytes} bytes")
+            _check_members([(m.name, m.size, _tar_kind(m)) for m in tar.getmembers()], max_bytes)
             tar.extractall(dest, filter="data")
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise CheckpointError(f"{path.name}: not a readable tar archive ({exc})") from None
@@ -70,17 +78,10 @@ def _extract_tar(path: Path, dest: Path, max_bytes: int) -> None:
 def _extract_zip(path: Path, dest: Path, max_bytes: int) -> None:
     try:
         with zipfile.ZipFile(path) as zf:
-            infos = zf.infolist()
-            if len(infos) > MAX_ARCHIVE_MEMBERS:
-                raise CheckpointError(f"archive has {len(infos)} members, more than {MAX_ARCHIVE_MEMBERS}")
-            total = 0
-            for info in infos:
-                _check_member_path(info.filename)
-                if stat.S_ISLNK(info.external_attr >> 16):
-                    raise CheckpointError(f"archive member {info.filename!r} is a link; links are not accepted")
-                total += info.file_size
-                if total > max_bytes:
-                    raise CheckpointError(f"archive expands to more than {max_bytes} bytes")
+            _check_members([
+                (i.filename, i.file_size, "link" if stat.S_ISLNK(i.external_attr >> 16) else "file")
+                for i in zf.infolist()
+            ], max_bytes)
             bad = zf.testzip()
             if bad is not None:
                 raise CheckpointError(f"archive member {bad!r} is corrupt")

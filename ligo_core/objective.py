@@ -15,14 +15,17 @@ from ligo_core.data import mask_tokens
 
 
 def tokenizer_info(tokenizer, config) -> dict:
-    """What MLM masking needs: the mask id, vocabulary size and ids never masked."""
-    mask_id = getattr(tokenizer, "mask_token_id", None) if tokenizer is not None else None
-    if mask_id is None:
-        mask_id = getattr(config, "mask_token_id", None)
-    if mask_id is None:
-        mask_id = config.vocab_size - 1  # models built without a tokenizer: the last id stands in
-    special = set(getattr(tokenizer, "all_special_ids", []) or []) if tokenizer is not None else set()
-    special.discard(mask_id)
+    """What MLM masking needs: the mask id, vocabulary size and ids never masked.
+
+    Models built without a tokenizer (or one without a mask token) mask with the config's
+    ``mask_token_id`` or, failing that, the last id."""
+    if tokenizer is not None and getattr(tokenizer, "mask_token_id", None) is not None:
+        from ligo_core.tokenizer import tokenizer_info as from_tokenizer
+
+        return {**from_tokenizer(tokenizer), "vocab_size": int(config.vocab_size)}
+    mask_id = getattr(config, "mask_token_id", None)
+    mask_id = config.vocab_size - 1 if mask_id is None else mask_id
+    special = set(getattr(tokenizer, "all_special_ids", []) or []) - {mask_id}
     return {"mask_id": int(mask_id), "vocab_size": int(config.vocab_size), "special_ids": sorted(special)}
 
 
