@@ -203,7 +203,9 @@ def build_large(strategy: str, small, tconfig, data: Prepared, size: Size, seed:
 # ----------------------------------------------------------------------------- one model family
 
 
-def run_model(model: str, size: Size, seeds: list[int], strategies: list[str], device, log) -> dict:
+def run_model(model: str, size: Size, seeds: list[int], strategies: list[str], device, log,
+              on_run=None) -> dict:
+    """Pretrain the small model, then grow and train every (seed, strategy); ``on_run(result)`` after each."""
     data = prepare(model, size)
     warm = lambda steps: max(1, int(size.warmup_frac * steps))  # noqa: E731
     eval_fn = lambda m: evaluate_loss(m, data.heldout_tokens, data.objective, tokenizer_info=data.info,  # noqa: E731
@@ -224,7 +226,12 @@ def run_model(model: str, size: Size, seeds: list[int], strategies: list[str], d
 
     per_token = train_flops_per_token(tconfig, size.seq_len)
     step_flops = per_token * size.batch * size.seq_len
-    runs = []
+    runs: list[dict] = []
+    result = {
+        "model": model, "small_loss": small_loss, "small_params": n_params(small),
+        "small_train_loss_end": statistics.fmean(small_hist["train_loss"][-20:]),
+        "large_params": n_params(model_class(model)(tconfig)), "step_flops": step_flops, "runs": runs,
+    }
     for seed in seeds:
         for strategy in strategies:
             large, fit_flops, grow_seconds, info = build_large(strategy, small, tconfig, data, size, seed, device)
@@ -247,11 +254,9 @@ def run_model(model: str, size: Size, seeds: list[int], strategies: list[str], d
             log(f"[{model}] seed {seed} {strategy:<11} init {init_loss:.3f} -> final {evals[-1]['loss']:.3f}"
                 f"  grow {grow_seconds:.1f}s train {hist['train_time']:.0f}s")
             del large
-    return {
-        "model": model, "small_loss": small_loss, "small_params": n_params(small),
-        "small_train_loss_end": statistics.fmean(small_hist["train_loss"][-20:]),
-        "large_params": runs[0]["large_params"] if runs else None, "step_flops": step_flops, "runs": runs,
-    }
+            if on_run:
+                on_run(result)
+    return result
 
 
 def n_params(model) -> int:
@@ -301,6 +306,7 @@ def markdown(results: list[dict], recs: list[dict], meta: dict) -> str:
         f"Machine: {meta['machine']}; device {meta['device']}; total wall time {meta['wall_minutes']:.1f} min.  ",
         f"Size `{meta['size']}`: {meta['size_fields']}",
         "",
+        *([] if meta.get("complete", True) else ["**Partial results: the run is in progress or stopped early.**", ""]),
         "FLOPs saved = 1 - (FLOPs to reach the scratch run's final held-out loss, growth and operator",
         "fitting included) / (FLOPs of the scratch run); wall time likewise (seconds of growth + training,",
         "evaluation excluded). Mean ± standard deviation over seeds; the small model's pretraining is",
@@ -415,20 +421,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def log(msg: str) -> None:
         print(f"{time.perf_counter() - started:7.0f}s  {msg}", flush=True)
 
-    results = [run_model(m, size, seeds, strategies, device, log) for m in models]
-    recs = [rec for res in results for rec in records(res)]
-    meta = {
-        "command": "python bench/savings.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine_description(), "device": str(device), "size": args.size,
-        "size_fields": json.dumps(asdict(size)), "wall_minutes": (time.perf_counter() - started) / 60,
-    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "savings.json").write_text(json.dumps(recs, indent=1) + "\n")
-    (out / "savings_curves.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
-    (out / "savings.md").write_text(markdown(results, recs, meta))
-    if not args.no_plot:
-        plot(results, out / "savings_loss_curves.png")
+
+    def write(results: list[dict], final: bool) -> list[dict]:
+        # Written after every run, so that a long run that stops early still leaves its results.
+        recs = [rec for res in results for rec in records(res)]
+        meta = {
+            "command": "python bench/savings.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": machine_description(), "device": str(device), "size": args.size,
+            "size_fields": json.dumps(asdict(size)), "wall_minutes": (time.perf_counter() - started) / 60,
+            "complete": final,
+        }
+        (out / "savings.json").write_text(json.dumps(recs, indent=1) + "\n")
+        (out / "savings_curves.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+        (out / "savings.md").write_text(markdown(results, recs, meta))
+        if final and not args.no_plot:
+            plot(results, out / "savings_loss_curves.png")
+        return recs
+
+    results: list[dict] = []
+    for m in models:
+        # run_model's result joins `results` when it returns; until then on_run writes it alongside.
+        results.append(run_model(m, size, seeds, strategies, device, log,
+                                 on_run=lambda res: write(results + [res], final=False)))
+    recs = write(results, final=True)
     log(f"wrote {out}/savings.md, savings.json, savings_curves.json" + ("" if args.no_plot else ", savings_loss_curves.png"))
     return recs
 
