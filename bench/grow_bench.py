@@ -12,11 +12,14 @@ Two questions from issue 2:
 Every phase runs in its own child process, so that at most one large model is alive at a
 time and each phase's peak memory is its own (RSS sampled by a thread on CPU,
 ``torch.cuda.max_memory_allocated`` on CUDA; both above the process's footprint after imports).
-Times are medians over ``--repeats`` steps after ``--warmup`` steps.  ``--profile`` adds the
-top operators of materialise (no_grad, and with grad plus backward).
+Times are medians over ``--repeats`` steps after ``--warmup`` steps (with the defaults, one and
+one, a run takes about 20 minutes on 2 CPU cores shared with other jobs; docs/BENCHMARKS.md used
+``--repeats 2``, 29 minutes).
+``--profile`` instead prints the top operators of materialise (no_grad, and with grad plus
+backward).  Memory: at 4 x 512 tokens both training steps peak near 20 GiB RSS on CPU.
 
-    python bench/grow_bench.py [--batch 4] [--seq 512] [--second-batch 1] [--repeats 2]
-                               [--device cpu|cuda] [--profile]
+    python bench/grow_bench.py [--batch 4] [--seq 512] [--second-batch 1] [--repeats 1]
+                               [--warmup 1] [--device cpu|cuda] [--profile]
 """
 
 from __future__ import annotations
@@ -380,11 +383,12 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--second-batch", type=int, default=1, help="second token count (batch x seq); 0 skips")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tmp", default=None, help="directory for the save test (default: system temp)")
-    ap.add_argument("--profile", action="store_true", help="also print the top ops of one fitting step")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead: print the top ops of materialise (no_grad, and with grad + backward)")
     ap.add_argument("--profile-rows", type=int, default=20)
     ap.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     ap.add_argument("--breakdown", action="store_true", help=argparse.SUPPRESS)
@@ -398,16 +402,18 @@ def main():
 
     started = loadavg()
     wall = time.perf_counter()
-    apply = run_child(args, "apply", args.batch)
-    rows = []
-    for n, batch in enumerate([args.batch] + ([args.second_batch] if args.second_batch else [])):
-        fit = run_child(args, "fit", batch, breakdown=n == 0)
-        rows.append({"batch": batch, "fit": fit, "plain": run_child(args, "plain", batch)})
-    print(report(args, apply, rows, started))
     if args.profile:
         tables = run_child(args, "profile", args.batch)
+        print(f"Load average at start {started}, at end {loadavg()}.")
         print("\nmaterialise, fixed operator (preserve), no_grad:\n```\n" + tables["preserve"] + "```")
         print("\nmaterialise + backward, ligo operator:\n```\n" + tables["ligo"] + "```")
+    else:
+        apply = run_child(args, "apply", args.batch)
+        rows = []
+        for n, batch in enumerate([args.batch] + ([args.second_batch] if args.second_batch else [])):
+            fit = run_child(args, "fit", batch, breakdown=n == 0)
+            rows.append({"batch": batch, "fit": fit, "plain": run_child(args, "plain", batch)})
+        print(report(args, apply, rows, started))
     print(f"\nBenchmark wall time: {time.perf_counter() - wall:.0f} s", file=sys.stderr)
 
 
