@@ -42,6 +42,7 @@ class Expander(nn.Module):
         self.c_e = nn.Parameter(init.c_e.clone().float())
         self.top_f = nn.Parameter(init.top_f.clone().float())
         self.c_f = nn.Parameter(init.c_f.clone().float())
+        self._plans: dict[str, tuple] = {}
 
     @property
     def d1(self) -> int:
@@ -52,14 +53,123 @@ class Expander(nn.Module):
         return self.order.shape[0]
 
     def apply(self, x: torch.Tensor, side: str) -> torch.Tensor:
-        """Expand ``x`` of shape (L, d1, m) along dim 1 to (L, d2, m)."""
+        """Expand ``x`` of shape (L, d1, m) along dim 1 to (L, d2, m); differentiable."""
         top, c = (self.top_e, self.c_e) if side == "E" else (self.top_f, self.c_f)
         top, c = top.to(x.dtype), c.to(x.dtype)
         if top.shape[0] != x.shape[0]:  # a global expander applied to every layer
             top = top.expand(x.shape[0], -1)
             c = c.expand(x.shape[0], -1, -1)
         stacked = torch.cat([top.unsqueeze(-1) * x, torch.bmm(c, x)], dim=1)
-        return stacked.index_select(1, self.order)
+        if self._identity:
+            return stacked
+        return _PermuteRows.apply(stacked, self.order, self._inverse)
+
+    @property
+    def _identity(self) -> bool:
+        return bool(torch.equal(self.order, torch.arange(self.d2, device=self.order.device)))
+
+    @property
+    def _inverse(self) -> torch.Tensor:
+        return torch.argsort(self.order)
+
+    @torch.no_grad()
+    def row_plan(self, side: str) -> RowPlan:
+        """How to build each large unit cheaply from the current values (cached until they change)."""
+        top, c = (self.top_e, self.c_e) if side == "E" else (self.top_f, self.c_f)
+        key = (side, top.data_ptr(), top._version, c.data_ptr(), c._version)
+        if self._plans.get(side, (None,))[0] != key:
+            self._plans[side] = (key, RowPlan.build(top, c, self.order))
+        return self._plans[side][1]
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda(): drop plans built on the old device
+        self._plans = {}
+        return super()._apply(fn, *args, **kwargs)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``x.index_select(1, order)`` for a permutation; its backward is the inverse gather, not an
+    ``index_add_`` (which dominated the fitting step's backward on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
+
+
+@dataclass
+class RowPlan:
+    """A fixed expander side, row by row: most large units are a scaled copy of one small unit
+    (``src``, ``scale``; a zero row is a copy scaled by 0), some are a multiple of the sum of all
+    small units (``mean_*``: the mean pads), the rest are dense rows (``dense_*``). Applying it
+    costs a gather plus work for the few mean and dense rows, instead of a full matrix product.
+    Per-layer tensors have a leading layer dim (1 for a global expander)."""
+
+    src: torch.Tensor  # (L, d2) long
+    scale: torch.Tensor  # (L, d2)
+    mean_rows: torch.Tensor  # (M,) long: large positions
+    mean_coef: torch.Tensor  # (L, M)
+    dense_rows: torch.Tensor  # (D,) long
+    dense_c: torch.Tensor  # (L, D, d1)
+    all_ones: bool  # every gathered row has scale 1 and there are no mean/dense rows
+    runs: list[list[tuple[int, int, int]]] | None  # per layer: (to, from, length) slices of src
+
+    MAX_RUNS = 64  # beyond this many slices, one gather is faster
+
+    @staticmethod
+    def build(top: torch.Tensor, c: torch.Tensor, order: torch.Tensor) -> RowPlan:
+        layers, d1 = top.shape
+        # Passes over C kept few, with no integer casts: it is the size of the operator (hundreds of
+        # MB for a 355M target). A row is a copy when its one largest |entry| is all its mass.
+        magnitude = c.abs()
+        largest, c_src = magnitude.max(-1)
+        gather_ok = (magnitude.sum(-1) == largest).all(0)  # (r,): a copy (or zero) in every layer
+        del magnitude
+        rest = (~gather_ok).nonzero().squeeze(1)
+        constant = (c[:, rest] == c[:, rest, :1]).all(-1).all(0)
+        mean_ok, dense = torch.zeros_like(gather_ok), torch.zeros_like(gather_ok)
+        mean_ok[rest[constant]], dense[rest[~constant]] = True, True
+        c_scale = torch.gather(c, 2, c_src.unsqueeze(-1)).squeeze(-1) * gather_ok
+        own = torch.arange(d1, device=c.device).expand(layers, d1)  # the top rows copy their own unit
+        src = torch.cat([own, c_src], dim=1)[:, order]
+        scale = torch.cat([top, c_scale], dim=1)[:, order]
+        position = torch.argsort(order)  # stacked row -> large position
+        mean_idx, dense_idx = mean_ok.nonzero().squeeze(1), dense.nonzero().squeeze(1)
+        return RowPlan(
+            src=src, scale=scale,
+            mean_rows=position[d1 + mean_idx], mean_coef=c[:, mean_idx, 0],
+            dense_rows=position[d1 + dense_idx], dense_c=c[:, dense_idx],
+            all_ones=bool((scale == 1).all()) and not len(mean_idx) and not len(dense_idx),
+            runs=_runs(src, position[d1 + rest], RowPlan.MAX_RUNS),
+        )
+
+    def expand(self, x: torch.Tensor, dim: int, layer: int) -> torch.Tensor:
+        """Expand dim ``dim`` of one layer's tensor ``x`` (any rank) from d1 to d2 units."""
+        layer = layer if self.src.shape[0] > 1 else 0
+        if self.runs is None:
+            y = x.index_select(dim, self.src[layer])
+        else:  # slices: a gather along a non-leading dim is ~10x slower than copying slices on CPU
+            shape = list(x.shape)
+            shape[dim] = self.src.shape[1]
+            y = x.new_empty(shape)
+            for to, start, length in self.runs[layer]:
+                y.narrow(dim, to, length).copy_(x.narrow(dim, start, length))
+        if self.all_ones:
+            return y
+        shape = [1] * x.dim()
+        shape[dim] = -1
+        y.mul_(self.scale[layer].to(x.dtype).view(shape))
+        if len(self.mean_rows):
+            total = x.sum(dim, keepdim=True)
+            y.index_copy_(dim, self.mean_rows, total * self.mean_coef[layer].to(x.dtype).view(shape))
+        if len(self.dense_rows):
+            part = torch.tensordot(self.dense_c[layer].to(x.dtype), x, dims=([1], [dim])).movedim(0, dim)
+            y.index_copy_(dim, self.dense_rows, part)
+        return y
 
 
 def _canonical(x: torch.Tensor, spec: TensorSpec, per_layer: bool) -> torch.Tensor:
@@ -143,19 +253,91 @@ class GrowthOperator(nn.Module):
         """The large model's tensors from the small model's.
 
         ``names`` maps each spec name (relative, with ``{i}``) to its full name in the checkpoint.
-        Per-layer tensors come back as one tensor per large layer.
+        Per-layer tensors come back as one tensor per large layer. Under ``no_grad`` (a fixed
+        operator, or a fitted one being written out) the cheap row-by-row path is taken; with
+        grad (fitting) the differentiable one.
         """
+        if not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
+            return self._materialise_fixed(small, names)
         large: dict[str, torch.Tensor] = {}
         for spec in self.specs:
             full = names[spec.name]
             if spec.per_layer:
                 stack = torch.stack([small[full.format(i=j)] for j in range(self.depth[_key(spec.name)].shape[1])])
-                grown = self.expand_tensor(spec, stack)
-                for layer in range(self.large_layers):
-                    large[full.format(i=layer)] = grown[layer]
+                # unbind, not grown[layer]: one backward node instead of one select per layer
+                for layer, tensor in enumerate(self.expand_tensor(spec, stack).unbind(0)):
+                    large[full.format(i=layer)] = tensor
             else:
                 large[full] = self.expand_tensor(spec, small[full])
         return large
+
+    @torch.no_grad()
+    def _materialise_fixed(self, small: dict[str, torch.Tensor], names: dict[str, str]) -> dict[str, torch.Tensor]:
+        large: dict[str, torch.Tensor] = {}
+        for spec in self.specs:
+            full = names[spec.name]
+            if not spec.per_layer:
+                large[full] = self._expand_stored(spec, small[full], layer=0)
+                continue
+            weights = self.depth[_key(spec.name)]
+            for layer in range(self.large_layers):
+                large[full.format(i=layer)] = self._expand_stored(
+                    spec, _mix_layers(weights[layer], [small[full.format(i=j)] for j in range(weights.shape[1])]),
+                    layer,
+                )
+        return large
+
+    def _expand_stored(self, spec: TensorSpec, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Grow one layer's tensor in its stored layout (no canonical transposes, no layer stack)."""
+        source = x
+        for k, dim in enumerate(spec.dims):
+            if dim is None:
+                continue
+            axis = (1 - k) if (spec.stored_transposed and x.dim() == 2) else k
+            space, side = dim[0], self._side(dim[1])
+            if "+" in space:
+                parts = torch.split(x, [self.small_dims[s] for s in spec.fused], dim=axis)
+                x = torch.cat([self.expanders[s].row_plan(side).expand(p, axis, layer)
+                               for s, p in zip(spec.fused, parts)], dim=axis)
+            else:
+                x = self.expanders[space].row_plan(side).expand(x, axis, layer)
+        if spec.norm_gain and self.norm_scale != 1.0:
+            x = x * self.norm_scale
+        return x.contiguous() if x is not source else x.clone()
+
+
+def _runs(src: torch.Tensor, skip: torch.Tensor, limit: int) -> list[list[tuple[int, int, int]]] | None:
+    """``src`` (L, d2) as runs of consecutive source units per layer, leaving out the positions
+    ``skip`` (mean and dense rows, written separately); None if any layer needs more than
+    ``limit`` runs (random copies, as net2net draws them)."""
+    skipped = set(skip.tolist())
+    out = []
+    for row in src.tolist():
+        runs: list[tuple[int, int, int]] = []
+        for i, unit in enumerate(row):
+            if i in skipped:
+                continue
+            if runs and runs[-1][0] + runs[-1][2] == i and runs[-1][1] + runs[-1][2] == unit:
+                runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+            elif len(runs) == limit:
+                return None
+            else:
+                runs.append((i, unit, 1))
+        out.append(runs)
+    return out
+
+
+def _mix_layers(weights: torch.Tensor, layers: list[torch.Tensor]) -> torch.Tensor:
+    """sum_j weights[j] * layers[j], without arithmetic when a large layer copies one small layer."""
+    nonzero = weights.nonzero().flatten().tolist()
+    if len(nonzero) == 1 and float(weights[nonzero[0]]) == 1.0:
+        return layers[nonzero[0]]
+    if not nonzero:
+        return torch.zeros_like(layers[0])
+    out = layers[nonzero[0]] * weights[nonzero[0]].to(layers[0].dtype)
+    for j in nonzero[1:]:
+        out.add_(layers[j], alpha=float(weights[j]))
+    return out
 
 
 def _key(name: str) -> str:

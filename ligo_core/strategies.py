@@ -35,7 +35,11 @@ class Source:
 
 
 def _expander_from_sources(sources: list[Source], d1: int, generator: torch.Generator, noise: float) -> ExpanderInit:
-    """Build ``P [diag(top); C]`` for E, and the matching input side F with ``F^T E = I``."""
+    """Build ``P [diag(top); C]`` for E, and the matching input side F with ``F^T E = I``.
+
+    The walk over units is plain Python collecting indices; the tensors are filled in bulk
+    (element-wise tensor writes made this the slowest part of growing a 355M model).
+    """
     d2 = len(sources)
     sources = _ensure_coverage(list(sources), d1)
     counts = [0] * d1
@@ -43,34 +47,37 @@ def _expander_from_sources(sources: list[Source], d1: int, generator: torch.Gene
         if s.kind == COPY:
             counts[s.unit] += 1
     shares = _random_shares(counts, generator, noise)
-    r = d2 - d1
     top_e, top_f = torch.ones(d1), torch.ones(d1)
-    c_e, c_f = torch.zeros(r, d1), torch.zeros(r, d1)
-    order = torch.empty(d2, dtype=torch.long)
-    seen: set[int] = set()
-    pads = [i for i, s in enumerate(sources) if s.kind != COPY]
-    pad_noise = dict(zip(pads, _paired_noise(len(pads), d1, generator, noise)))
-    next_new, used = 0, [0] * d1
+    c_e, c_f = torch.zeros(d2 - d1, d1), torch.zeros(d2 - d1, d1)
+    order = [0] * d2
+    top_units, top_scales, top_shares = [], [], []
+    new_rows, new_units, new_scales, new_shares, mean_rows, pad_rows = [], [], [], [], [], []
+    used = [0] * d1  # copies of each old unit placed so far
     for i, s in enumerate(sources):
-        if s.kind == COPY and s.unit not in seen:
-            seen.add(s.unit)
+        if s.kind == COPY and used[s.unit] == 0:
             order[i] = s.unit
-            top_e[s.unit] = s.scale
-            top_f[s.unit] = shares[s.unit][0]
+            top_units.append(s.unit)
+            top_scales.append(s.scale)
+            top_shares.append(shares[s.unit][0])
             used[s.unit] = 1
             continue
-        row = next_new
-        next_new += 1
+        row = len(new_rows) + len(pad_rows)
         order[i] = d1 + row
         if s.kind == COPY:
-            c_e[row, s.unit] = s.scale
-            c_f[row, s.unit] = shares[s.unit][used[s.unit]]
+            new_rows.append(row)
+            new_units.append(s.unit)
+            new_scales.append(s.scale)
+            new_shares.append(shares[s.unit][used[s.unit]])
             used[s.unit] += 1
         else:
+            pad_rows.append(row)
             if s.kind == MEAN:
-                c_e[row] = 1.0 / d1
-            c_f[row] = pad_noise[i]
-    return ExpanderInit(order=order, top_e=top_e[None], c_e=c_e[None], top_f=top_f[None], c_f=c_f[None])
+                mean_rows.append(row)
+    top_e[top_units], top_f[top_units] = torch.tensor(top_scales), torch.tensor(top_shares)
+    c_e[new_rows, new_units], c_f[new_rows, new_units] = torch.tensor(new_scales), torch.tensor(new_shares)
+    c_e[mean_rows] = 1.0 / d1
+    c_f[pad_rows] = _paired_noise(len(pad_rows), d1, generator, noise)
+    return ExpanderInit(order=torch.tensor(order), top_e=top_e[None], c_e=c_e[None], top_f=top_f[None], c_f=c_f[None])
 
 
 def _ensure_coverage(sources: list[Source], d1: int) -> list[Source]:
@@ -93,23 +100,26 @@ def _ensure_coverage(sources: list[Source], d1: int) -> list[Source]:
 
 def _random_shares(counts: list[int], generator: torch.Generator, noise: float) -> list[list[float]]:
     """Per old unit, how its copies split the input side: about 1/count each, summing to 1."""
-    shares = []
+    copied = [c for c in counts if c > 1]
+    z = (torch.rand(sum(copied), generator=generator) * 2 - 1) * noise
+    owner = torch.repeat_interleave(torch.arange(len(copied)), torch.tensor(copied, dtype=torch.long))
+    mean = torch.zeros(len(copied)).index_add_(0, owner, z) / torch.tensor(copied, dtype=torch.float)
+    split = ((1 + z - mean[owner]) / torch.tensor(copied, dtype=torch.float)[owner]).tolist()
+    shares, at = [], 0
     for c in counts:
         if c <= 1:
             shares.append([1.0] * max(c, 1))
-            continue
-        z = (torch.rand(c, generator=generator) * 2 - 1) * noise
-        z = z - z.mean()
-        shares.append(((1 + z) / c).tolist())
+        else:
+            shares.append(split[at : at + c])
+            at += c
     return shares
 
 
 def _paired_noise(n: int, d1: int, generator: torch.Generator, noise: float) -> torch.Tensor:
     """Rows that cancel in pairs: identical pad units then contribute nothing in sum."""
     rows = torch.zeros(n, d1)
-    for p in range(0, n - 1, 2):
-        v = torch.randn(d1, generator=generator) * noise / math.sqrt(d1)
-        rows[p], rows[p + 1] = v, -v
+    half = torch.randn(n // 2, d1, generator=generator) * noise / math.sqrt(d1)
+    rows[0 : 2 * (n // 2) : 2], rows[1 : 2 * (n // 2) : 2] = half, -half
     return rows
 
 

@@ -154,3 +154,34 @@ def test_operator_has_the_reference_parameterisation_size():
     assert info["operator_parameters"] == expanders + depth
     dense = sum(2 * layers * d2 * d1 for layers, d1, d2 in spaces.values())
     assert expanders < 0.4 * dense
+
+
+@pytest.mark.parametrize("name", LM_FAMILIES)
+@pytest.mark.parametrize("strategy", ["preserve", "stack", "net2net", "ligo"])
+def test_fixed_path_matches_the_differentiable_operator(name, strategy):
+    """materialise under no_grad (row-by-row gathers) builds the same tensors as with grad (matrix
+    products), for the initial operator and for a fitted one whose rows are all dense."""
+    from ligo_core.growth import plan_layout
+    from ligo_core.strategies import build_operator
+
+    small = make_model(name)
+    target = resolve_target("layers=4,hidden=64,heads=8,ffn=160" if name.startswith("gpt2") else target_for(name),
+                            small.config)
+    state = {k: v.float() for k, v in small.state_dict().items()}
+    layout = plan_layout(small.config, {k: tuple(v.shape) for k, v in state.items()})
+    operator = build_operator(strategy, layout.family, layout.specs, sizes_of(small.config), sizes_of(target),
+                              layout.head_tied, seed=3)
+    for perturbed in (False, True):
+        if perturbed:  # a fitted operator: every free row dense, depth mixing blended
+            with torch.no_grad():
+                g = torch.Generator().manual_seed(4)
+                for p in operator.parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * 0.01)
+        with torch.no_grad():
+            fast = operator.materialise(state, layout.names)
+        slow = operator.materialise(state, layout.names)
+        assert fast.keys() == slow.keys()
+        for key, tensor in slow.items():
+            assert fast[key].shape == tensor.shape, key
+            assert fast[key].is_contiguous()
+            torch.testing.assert_close(fast[key], tensor.detach(), atol=1e-6, rtol=1e-5, msg=key)
