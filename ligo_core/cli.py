@@ -78,6 +78,7 @@ def cmd_grow(args) -> int:
         args.src, args.target, args.out, strategy=args.strategy, fit_steps=args.fit_steps, data=args.data,
         seed=args.seed, device=args.device, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
         progress=_progress_printer(console), max_shard_size=args.max_shard_size, ligo_init=args.ligo_init,
+        accumulate=args.accumulate,
     )
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -130,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, help="peak fitting learning rate (default 1e-3)")
     g.add_argument("--batch-size", type=int, help="fitting batch size (default 16)")
     g.add_argument("--seq-len", type=int, help="fitting sequence length (default 128)")
+    g.add_argument("--accumulate", type=int, default=1,
+                   help="batches per fitting step: the operator runs once per step, the batches' "
+                        "gradients add up (bigger fitting batches at one batch's memory; default 1)")
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     g.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
     g.add_argument("--json", action="store_true", help="print the growth report as JSON")
@@ -158,7 +162,7 @@ def _register(sub, module: str) -> None:
 
 
 def _positive(args) -> None:
-    for name in ("fit_steps", "batch_size", "seq_len"):
+    for name in ("fit_steps", "batch_size", "seq_len", "accumulate"):
         value = getattr(args, name, None)
         if value is not None and value < (0 if name == "fit_steps" else 1):
             raise LigoError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'fit_steps' else 'positive'}, got {value}")

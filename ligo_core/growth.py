@@ -146,8 +146,17 @@ def fit_operator(
     seed: int,
     progress: Callable[[dict], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    accumulate: int = 1,
 ) -> list[tuple[int, float]]:
-    """Train only the operator on the large model's loss; the small weights stay frozen."""
+    """Train only the operator on the large model's loss; the small weights stay frozen.
+
+    With ``accumulate`` > 1 each step draws that many batches: the operator is applied once, the
+    batches' gradients gather on the large weights, and one backward pass carries them through
+    the operator. The operator's cost per step stays fixed while the tokens per step grow, at the
+    memory of one batch.
+    """
+    if accumulate < 1:
+        raise ValueError(f"accumulate must be at least 1, got {accumulate}")
     decay = [p for n, p in operator.named_parameters() if n.endswith(("c_e", "c_f"))]
     rest = [p for n, p in operator.named_parameters() if not n.endswith(("c_e", "c_f"))]
     optimizer = torch.optim.AdamW(
@@ -157,20 +166,36 @@ def fit_operator(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
     history = []
     skeleton.train()
+
+    def batch_loss(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = next(batches).to(device)
+        with autocast:
+            return lm_loss(skeleton, batch, layout.family.objective, info, mask_gen, params, layout.embedding_name)
+
     for step in range(steps):
         if should_cancel is not None and should_cancel():
             raise GrowthCancelled()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 10))  # warm-up sized for the fit
-        batch = next(batches).to(device)
         with autocast:
             large = operator.materialise(small_state, layout.names)
-            loss = lm_loss(skeleton, batch, layout.family.objective, info, mask_gen, large, layout.embedding_name)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if accumulate == 1:
+            loss = batch_loss(large)
+            loss.backward()
+            value = loss.item()
+        else:
+            leaves = {k: v.detach().requires_grad_() for k, v in large.items()}
+            value = 0.0
+            for _ in range(accumulate):
+                loss = batch_loss(leaves) / accumulate
+                loss.backward()
+                value += loss.item()
+            used = [k for k, leaf in leaves.items() if leaf.grad is not None]
+            torch.autograd.backward([large[k] for k in used], [leaves[k].grad for k in used])
+            del leaves
         torch.nn.utils.clip_grad_norm_(operator.parameters(), 1.0)
         optimizer.step()
-        value = loss.item()
         history.append((step + 1, value))
         if progress:
             progress({"stage": "fitting", "step": step + 1, "total": steps, "loss": value})
@@ -215,6 +240,7 @@ def grow_model(
     heldout: torch.Tensor | None = None,
     eval_batch_size: int = 16,
     ligo_init: str = "stack",
+    accumulate: int = 1,
 ) -> tuple[PreTrainedModel, dict]:
     """Grow ``small_model`` to ``target_config`` with a strategy; returns (large model, info).
 
@@ -227,6 +253,8 @@ def grow_model(
         raise TargetError(f"unknown ligo_init {ligo_init!r}; choose from {', '.join(LIGO_INITS)}")
     if strategy == "ligo" and fit_steps > 0 and train_batches is None:
         raise TargetError("strategy 'ligo' needs training batches to fit the operator")
+    if accumulate < 1:
+        raise TargetError(f"accumulate must be at least 1, got {accumulate}")
     device = pick_device(device)
     check_growth(small_model.config, target_config)
     state = {k: v.detach() for k, v in small_model.state_dict().items()}
@@ -276,9 +304,10 @@ def grow_model(
         started = time.perf_counter()
         history = fit_operator(
             operator, skeleton, small_state, layout, train_batches, fit_steps, lr, mlm_info, device, seed,
-            progress, should_cancel,
+            progress, should_cancel, accumulate,
         )
-        info.update(fit_steps=fit_steps, fit_history=history, fit_seconds=time.perf_counter() - started, fit_lr=lr)
+        info.update(fit_steps=fit_steps, fit_history=history, fit_seconds=time.perf_counter() - started, fit_lr=lr,
+                    fit_accumulate=accumulate)
     if progress:
         progress({"stage": "materialising", "step": 0, "total": 1, "loss": None})
     with torch.no_grad():

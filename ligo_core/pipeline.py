@@ -67,6 +67,7 @@ def grow(
     should_cancel: Callable[[], bool] | None = None,
     max_shard_size: str | int = "2GB",
     ligo_init: str = "stack",
+    accumulate: int = 1,
 ) -> dict:
     """Grow the checkpoint at ``src`` to ``target`` and write it to ``out_dir``; returns the report."""
     started = time.perf_counter()
@@ -87,7 +88,7 @@ def grow(
         else:
             token_data = build_token_data(
                 data, loaded.tokenizer, seq_len,
-                max_train_tokens=max(fit_steps, 1) * batch_size * seq_len * 2,
+                max_train_tokens=max(fit_steps, 1) * accumulate * batch_size * seq_len * 2,
                 max_heldout_tokens=HELDOUT_SEQUENCES * seq_len,
             )
         heldout = token_data.heldout if token_data is not None else None
@@ -104,7 +105,7 @@ def grow(
             loaded.model, target_config, strategy=strategy, fit_steps=fit_steps if fitting else 0,
             train_batches=batches(token_data.train, batch_size, seed) if token_data is not None else None,
             seed=seed, lr=lr, device=dev, progress=progress, should_cancel=should_cancel,
-            tokenizer=loaded.tokenizer, heldout=heldout, ligo_init=ligo_init,
+            tokenizer=loaded.tokenizer, heldout=heldout, ligo_init=ligo_init, accumulate=accumulate,
         )
         gap = function_gap(loaded.model, large, heldout, dev)
         report = {
@@ -122,7 +123,8 @@ def grow(
             "operator_parameters": info["operator_parameters"],
             "fit": {
                 "steps": info["fit_steps"], "lr": info.get("fit_lr"), "batch_size": batch_size, "seq_len": seq_len,
-                "seconds": round(info["fit_seconds"], 3), "tokens": info["fit_steps"] * batch_size * seq_len,
+                "accumulate": accumulate, "seconds": round(info["fit_seconds"], 3),
+                "tokens": info["fit_steps"] * accumulate * batch_size * seq_len,
                 "loss_history": info["fit_history"],
                 "data": token_data.source if token_data is not None else None,
             },

@@ -185,3 +185,30 @@ def test_fixed_path_matches_the_differentiable_operator(name, strategy):
             assert fast[key].shape == tensor.shape, key
             assert fast[key].is_contiguous()
             torch.testing.assert_close(fast[key], tensor.detach(), atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_accumulated_fitting_step_equals_one_step_on_the_joined_batch():
+    """accumulate=2 applies the operator once and adds two batches' gradients: the operator's
+    gradient is the one of a single step on both batches together."""
+    from ligo_core.growth import _strip_parameters, fit_operator, plan_layout
+    from ligo_core.strategies import build_operator
+
+    small = make_model("gpt2")
+    target = resolve_target(target_for("gpt2"), small.config)
+    target.resid_pdrop = target.embd_pdrop = target.attn_pdrop = 0.0  # dropout would draw different masks
+    state = {k: v.float() for k, v in small.state_dict().items()}
+    layout = plan_layout(small.config, {k: tuple(v.shape) for k, v in state.items()})
+    x = torch.randint(0, small.config.vocab_size, (8, 16), generator=torch.Generator().manual_seed(5))
+    grads = []
+    for accumulate, parts in ((1, [x]), (2, [x[:4], x[4:]])):
+        operator = build_operator("ligo", layout.family, layout.specs, sizes_of(small.config), sizes_of(target),
+                                  layout.head_tied, seed=0)
+        skeleton = type(small)(target)
+        _strip_parameters(skeleton)
+        history = fit_operator(operator, skeleton, state, layout, iter(parts), 1, 1e-3, {}, torch.device("cpu"), 0,
+                               accumulate=accumulate)
+        grads.append({n: p.grad.clone() for n, p in operator.named_parameters() if p.grad is not None})
+        assert len(history) == 1
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-4, msg=name)
