@@ -29,7 +29,10 @@ def tokenizer_info(tokenizer, config) -> dict:
     return {"mask_id": int(mask_id), "vocab_size": int(config.vocab_size), "special_ids": sorted(special)}
 
 
-def lm_loss(
+OBJECTIVES = ("clm", "mlm")
+
+
+def loss_terms(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     objective: str,
@@ -37,13 +40,21 @@ def lm_loss(
     generator: torch.Generator | None = None,
     params: dict[str, torch.Tensor] | None = None,
     embedding_name: str | None = None,
-) -> torch.Tensor:
-    """Mean loss of ``model`` on one batch of packed token ids."""
+) -> tuple[torch.Tensor, int]:
+    """(sum of token losses, number of target tokens) of ``model`` on one batch of packed ids.
+
+    The loss is computed here from the logits, not by the model, so that causal (next-token)
+    and masked (BERT 15%, 80/10/10) objectives are counted the same way.
+    """
     if objective == "mlm":
+        if info is None or info.get("mask_id") is None:
+            raise ValueError("MLM needs tokenizer_info with a mask_id (see ligo_core.tokenizer.tokenizer_info)")
         inputs, labels = mask_tokens(input_ids.cpu(), info, generator or torch.Generator().manual_seed(0))
         inputs, labels = inputs.to(input_ids.device), labels.to(input_ids.device)
-    else:
+    elif objective == "clm":
         inputs, labels = input_ids, input_ids
+    else:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
 
     def run(**kwargs):
         if params is None:
@@ -59,7 +70,23 @@ def lm_loss(
         logits = hidden @ weight.t()
     if objective == "clm":
         logits, labels = logits[:, :-1], labels[:, 1:]
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                            reduction="sum")
+    return total, int((labels != -100).sum())
+
+
+def lm_loss(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    objective: str,
+    info: dict | None = None,
+    generator: torch.Generator | None = None,
+    params: dict[str, torch.Tensor] | None = None,
+    embedding_name: str | None = None,
+) -> torch.Tensor:
+    """Mean loss per target token of ``model`` on one batch of packed token ids."""
+    total, count = loss_terms(model, input_ids, objective, info, generator, params, embedding_name)
+    return total / max(count, 1)
 
 
 @torch.no_grad()
@@ -73,18 +100,23 @@ def heldout_loss(
     embedding_name: str | None = None,
     device: torch.device | str = "cpu",
     max_batches: int | None = None,
+    seed: int = 1234,
 ) -> float:
-    """Mean loss over held-out sequences; MLM masks are fixed by a seed so runs compare."""
+    """Mean loss per target token over held-out sequences ``tokens`` (n, seq_len).
+
+    Deterministic: no dropout, and MLM masks drawn from ``seed`` (the same masks for every model
+    scored with the same seed and tokens), so runs compare.
+    """
     was_training = model.training
     model.eval()
-    g = torch.Generator().manual_seed(1234)
+    g = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     for n, start in enumerate(range(0, tokens.shape[0], batch_size)):
         if max_batches is not None and n >= max_batches:
             break
         batch = tokens[start : start + batch_size].to(device)
-        loss = lm_loss(model, batch, objective, info, g, params, embedding_name)
-        total += float(loss) * batch.shape[0]
-        count += batch.shape[0]
+        s, c = loss_terms(model, batch, objective, info, g, params, embedding_name)
+        total += float(s)
+        count += c
     model.train(was_training)
     return total / max(count, 1)

@@ -2,9 +2,8 @@
 
 nanoGPT-style: AdamW (weight decay on matrices only), linear warmup then cosine (or
 constant / linear) decay, gradient clipping, one loop that reads top to bottom. The loss is
-computed here from the logits, not by the model, so that causal (next-token) and masked
-(BERT 15%, 80/10/10) objectives are counted the same way: mean cross-entropy over target
-tokens.
+``ligo_core.objective``'s (the one the operator is fitted on): mean cross-entropy over target
+tokens, next-token or masked.
 """
 
 from __future__ import annotations
@@ -14,11 +13,9 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
-from ligo_core.data import mask_tokens
+from ligo_core.objective import heldout_loss, loss_terms
 
-OBJECTIVES = ("clm", "mlm")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -37,25 +34,6 @@ def lr_at(step: int, steps: int, lr: float, warmup: int, schedule: str = "cosine
     else:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     return lr * (min_ratio + (1.0 - min_ratio) * decay)
-
-
-def loss_terms(model, input_ids: torch.Tensor, objective: str, tokenizer_info: dict | None = None,
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
-    """(sum of token losses, number of target tokens) for one batch."""
-    if objective == "clm":
-        logits = model(input_ids=input_ids).logits[:, :-1]
-        labels = input_ids[:, 1:]
-    elif objective == "mlm":
-        if tokenizer_info is None or tokenizer_info.get("mask_id") is None:
-            raise ValueError("MLM needs tokenizer_info with a mask_id (see ligo_core.tokenizer.tokenizer_info)")
-        inputs, labels = mask_tokens(input_ids.cpu(), tokenizer_info, generator)
-        inputs, labels = inputs.to(input_ids.device), labels.to(input_ids.device)
-        logits = model(input_ids=inputs).logits
-    else:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                            ignore_index=-100, reduction="sum")
-    return total, int((labels != -100).sum())
 
 
 def _param_groups(model, weight_decay: float) -> list[dict]:
@@ -145,23 +123,10 @@ def train(
     return history
 
 
-@torch.no_grad()
 def evaluate_loss(model, tokens: torch.Tensor, objective: str = "clm", *, tokenizer_info: dict | None = None,
                   batch_size: int = 32, seed: int = 0, device=None) -> float:
-    """Mean held-out loss per target token over ``tokens`` (n, seq_len).
-
-    Deterministic: no dropout, and MLM masks drawn from ``seed`` (the same masks for every model
-    evaluated with the same seed and tokens).
-    """
+    """Mean held-out loss per target token over ``tokens`` (n, seq_len) on ``device`` (default: the
+    best available); ``ligo_core.objective.heldout_loss`` with this module's conventions."""
     device = default_device(device)
-    was_training = model.training
-    model.to(device).eval()
-    gen = torch.Generator().manual_seed(seed)
-    total, count = 0.0, 0
-    for start in range(0, tokens.shape[0], batch_size):
-        batch = tokens[start : start + batch_size].to(device)
-        s, c = loss_terms(model, batch, objective, tokenizer_info, gen)
-        total += float(s)
-        count += c
-    model.train(was_training)
-    return total / max(count, 1)
+    model.to(device)
+    return heldout_loss(model, tokens, objective, tokenizer_info, batch_size, device=device, seed=seed)
