@@ -28,6 +28,9 @@ MEASURED_PATH = Path(__file__).resolve().parent.parent / "docs" / "results" / "s
 # Measured records that do not say which sizes they grew are taken to be the benchmark's
 # default setting: "about 3-4x the parameters, deeper and wider, like BERT-Small to BERT-Base".
 MEASURED_DEFAULT_SETTING = ((6, 512), (12, 768))
+# A measured run counts only if its scratch run ended this many nats below the small model: a
+# shorter scratch run makes every grown model "save" nearly everything (issue 3's regime rule).
+REGIME_MARGIN = 0.3
 
 # Half-widths of the low/high range, as fractions of the scratch FLOPs.
 UNCERTAINTY = {
@@ -107,7 +110,8 @@ def load_measured(path: str | Path | None = None) -> list[Record]:
 
     The file is a list of runs ``{"model", "strategy", "seed", "flops_saved", "wall_saved", ...}``;
     runs of one setting are averaged over seeds, and a run that never reached the scratch loss
-    (``flops_saved`` null) counts as saving nothing. A missing file gives no records.
+    (``flops_saved`` null) counts as saving nothing. Runs whose scratch run did not end
+    ``REGIME_MARGIN`` below the small model are left out. A missing file gives no records.
     """
     path = Path(path) if path is not None else MEASURED_PATH
     if not path.is_file():
@@ -122,7 +126,7 @@ def load_measured(path: str | Path | None = None) -> list[Record]:
     for run in runs:
         if not isinstance(run, dict) or "model" not in run or "strategy" not in run:
             raise CalibrationError(f"measured savings file {str(path)!r}: each run needs 'model' and 'strategy'")
-        if run["strategy"] == "scratch":
+        if run["strategy"] == "scratch" or not _regime_valid(run):
             continue
         small, large = _setting_of(run)
         groups.setdefault((run["model"], run["strategy"], small, large), []).append(run)
@@ -142,6 +146,13 @@ def load_measured(path: str | Path | None = None) -> list[Record]:
             seeds=tuple(r.get("seed") for r in group),
         ))
     return records
+
+
+def _regime_valid(run: dict) -> bool:
+    small, scratch = run.get("small_loss"), run.get("scratch_final_loss")
+    if not isinstance(small, (int, float)) or not isinstance(scratch, (int, float)):
+        return True  # not recorded: nothing to judge by
+    return small - scratch >= REGIME_MARGIN
 
 
 def _has_setting(run: dict) -> bool:
