@@ -105,20 +105,25 @@ class _PermuteRows(torch.autograd.Function):
 class RowPlan:
     """A fixed expander side, row by row: most large units are a scaled copy of one small unit
     (``src``, ``scale``; a zero row is a copy scaled by 0), some are a multiple of the sum of all
-    small units (``mean_*``: the mean pads), the rest are dense rows (``dense_*``). Applying it
-    costs a gather plus work for the few mean and dense rows, instead of a full matrix product.
+    small units (``mean_*``: the mean pads), some have a few non-zero entries (``sparse_*``: the
+    pads' paired noise), the rest are dense rows (``dense_*``). Applying it costs a gather plus
+    work for the few other rows, instead of a full matrix product.
     Per-layer tensors have a leading layer dim (1 for a global expander)."""
 
     src: torch.Tensor  # (L, d2) long
     scale: torch.Tensor  # (L, d2)
     mean_rows: torch.Tensor  # (M,) long: large positions
     mean_coef: torch.Tensor  # (L, M)
+    sparse_rows: torch.Tensor  # (S,) long
+    sparse_idx: torch.Tensor  # (L, S, K) long: the non-zero entries' small units
+    sparse_val: torch.Tensor  # (L, S, K)
     dense_rows: torch.Tensor  # (D,) long
     dense_c: torch.Tensor  # (L, D, d1)
     all_ones: bool  # every gathered row has scale 1 and there are no mean/dense rows
     runs: list[list[tuple[int, int, int]]] | None  # per layer: (to, from, length) slices of src
 
     MAX_RUNS = 64  # beyond this many slices, one gather is faster
+    MAX_SPARSE = 8  # non-zero entries up to which a row is built from gathers, not a matrix product
 
     @staticmethod
     def build(top: torch.Tensor, c: torch.Tensor, order: torch.Tensor) -> RowPlan:
@@ -131,19 +136,25 @@ class RowPlan:
         del magnitude
         rest = (~gather_ok).nonzero().squeeze(1)
         constant = (c[:, rest] == c[:, rest, :1]).all(-1).all(0)
-        mean_ok, dense = torch.zeros_like(gather_ok), torch.zeros_like(gather_ok)
-        mean_ok[rest[constant]], dense[rest[~constant]] = True, True
+        few = ((c[:, rest] != 0).sum(-1) <= RowPlan.MAX_SPARSE).all(0) & ~constant
+        mean_ok, sparse, dense = (torch.zeros_like(gather_ok) for _ in range(3))
+        mean_ok[rest[constant]], sparse[rest[few]], dense[rest[~constant & ~few]] = True, True, True
         c_scale = torch.gather(c, 2, c_src.unsqueeze(-1)).squeeze(-1) * gather_ok
         own = torch.arange(d1, device=c.device).expand(layers, d1)  # the top rows copy their own unit
         src = torch.cat([own, c_src], dim=1)[:, order]
         scale = torch.cat([top, c_scale], dim=1)[:, order]
         position = torch.argsort(order)  # stacked row -> large position
         mean_idx, dense_idx = mean_ok.nonzero().squeeze(1), dense.nonzero().squeeze(1)
+        sparse_idx = sparse.nonzero().squeeze(1)
+        k = min(RowPlan.MAX_SPARSE, d1) if len(sparse_idx) else 0
+        entries = c[:, sparse_idx].abs().topk(k, dim=-1).indices  # (L, S, K); zeros past a row's nnz
         return RowPlan(
             src=src, scale=scale,
             mean_rows=position[d1 + mean_idx], mean_coef=c[:, mean_idx, 0],
+            sparse_rows=position[d1 + sparse_idx], sparse_idx=entries,
+            sparse_val=torch.gather(c[:, sparse_idx], 2, entries),
             dense_rows=position[d1 + dense_idx], dense_c=c[:, dense_idx],
-            all_ones=bool((scale == 1).all()) and not len(mean_idx) and not len(dense_idx),
+            all_ones=bool((scale == 1).all()) and not len(rest),
             runs=_runs(src, position[d1 + rest], RowPlan.MAX_RUNS),
         )
 
@@ -166,6 +177,12 @@ class RowPlan:
         if len(self.mean_rows):
             total = x.sum(dim, keepdim=True)
             y.index_copy_(dim, self.mean_rows, total * self.mean_coef[layer].to(x.dtype).view(shape))
+        if len(self.sparse_rows):
+            idx, val = self.sparse_idx[layer], self.sparse_val[layer].to(x.dtype)
+            part = x.index_select(dim, idx[:, 0]) * val[:, 0].view(shape)
+            for t in range(1, idx.shape[1]):
+                part.add_(x.index_select(dim, idx[:, t]) * val[:, t].view(shape))
+            y.index_copy_(dim, self.sparse_rows, part)
         if len(self.dense_rows):
             part = torch.tensordot(self.dense_c[layer].to(x.dtype), x, dims=([1], [dim])).movedim(0, dim)
             y.index_copy_(dim, self.dense_rows, part)

@@ -115,11 +115,19 @@ def _random_shares(counts: list[int], generator: torch.Generator, noise: float) 
     return shares
 
 
-def _paired_noise(n: int, d1: int, generator: torch.Generator, noise: float) -> torch.Tensor:
-    """Rows that cancel in pairs: identical pad units then contribute nothing in sum."""
+def _paired_noise(n: int, d1: int, generator: torch.Generator, noise: float, nonzeros: int = 8) -> torch.Tensor:
+    """Rows that cancel in pairs: identical pad units then contribute nothing in sum.
+
+    Each pair reads ``nonzeros`` random old units (as much noise in total as a dense row), so a
+    fixed operator applies these rows with a few gathers rather than a matrix product.
+    """
     rows = torch.zeros(n, d1)
-    half = torch.randn(n // 2, d1, generator=generator) * noise / math.sqrt(d1)
-    rows[0 : 2 * (n // 2) : 2], rows[1 : 2 * (n // 2) : 2] = half, -half
+    pairs, k = n // 2, min(nonzeros, d1)
+    if pairs == 0:
+        return rows
+    units = torch.rand(pairs, d1, generator=generator).argsort(-1)[:, :k]
+    half = torch.zeros(pairs, d1).scatter_(1, units, torch.randn(pairs, k, generator=generator) * noise / math.sqrt(k))
+    rows[0 : 2 * pairs : 2], rows[1 : 2 * pairs : 2] = half, -half
     return rows
 
 
