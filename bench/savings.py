@@ -324,9 +324,10 @@ REGIME_MARGIN = calibration.REGIME_MARGIN  # nats: the scratch run must end this
 def _regime(margin: float) -> str:
     if margin >= REGIME_MARGIN:
         return f"Regime: valid (the scratch run ends {margin:.2f} >= {REGIME_MARGIN} nats below the small model)."
-    return (f"**Regime: NOT valid** (the scratch run ends only {margin:.2f} nats below the small model; "
-            f"{REGIME_MARGIN} needed): a grown model starts at about the scratch run's final loss, so these "
-            "savings do not measure growth.")
+    where = f"only {margin:.2f} nats below" if margin >= 0 else f"{-margin:.2f} nats above"
+    return (f"**Regime: NOT valid** (the scratch run ends {where} the small model; {REGIME_MARGIN} below "
+            "needed): a grown model starts at about the scratch run's final loss, so these savings do not "
+            "measure growth, and the cost estimate ignores them.")
 
 
 def markdown(results: list[dict], recs: list[dict], meta: dict) -> str:
@@ -354,7 +355,7 @@ def markdown(results: list[dict], recs: list[dict], meta: dict) -> str:
             f"large model {res['large_params'] / 1e6:.2f}M parameters "
             f"({res['large_params'] / res['small_params']:.1f}x); scratch final loss "
             f"{_mean_spread(scratch_final, pct=False)} "
-            f"({res['small_loss'] - statistics.fmean(scratch_final):.2f} nats below the small model).",
+            f"({res['small_loss'] - statistics.fmean(scratch_final):+.2f} nats: small minus scratch).",
             "",
             _regime(res["small_loss"] - statistics.fmean(scratch_final)),
             "",
