@@ -42,6 +42,10 @@ class Expander(nn.Module):
         self.c_e = nn.Parameter(init.c_e.clone().float())
         self.top_f = nn.Parameter(init.top_f.clone().float())
         self.c_f = nn.Parameter(init.c_f.clone().float())
+        # The placement is fixed: its inverse (large position of each stacked row) and whether it is
+        # the identity are worked out once, not on every application.
+        self.register_buffer("inverse", torch.argsort(self.order), persistent=False)
+        self.identity = bool(torch.equal(self.order, torch.arange(self.d2)))
         self._plans: dict[str, tuple] = {}
 
     @property
@@ -60,17 +64,9 @@ class Expander(nn.Module):
             top = top.expand(x.shape[0], -1)
             c = c.expand(x.shape[0], -1, -1)
         stacked = torch.cat([top.unsqueeze(-1) * x, torch.bmm(c, x)], dim=1)
-        if self._identity:
+        if self.identity:
             return stacked
-        return _PermuteRows.apply(stacked, self.order, self._inverse)
-
-    @property
-    def _identity(self) -> bool:
-        return bool(torch.equal(self.order, torch.arange(self.d2, device=self.order.device)))
-
-    @property
-    def _inverse(self) -> torch.Tensor:
-        return torch.argsort(self.order)
+        return _PermuteRows.apply(stacked, self.order, self.inverse)
 
     @torch.no_grad()
     def row_plan(self, side: str) -> RowPlan:
@@ -78,7 +74,7 @@ class Expander(nn.Module):
         top, c = (self.top_e, self.c_e) if side == "E" else (self.top_f, self.c_f)
         key = (side, top.data_ptr(), top._version, c.data_ptr(), c._version)
         if self._plans.get(side, (None,))[0] != key:
-            self._plans[side] = (key, RowPlan.build(top, c, self.order))
+            self._plans[side] = (key, RowPlan.build(top, c, self.order, self.inverse))
         return self._plans[side][1]
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda(): drop plans built on the old device
@@ -119,14 +115,15 @@ class RowPlan:
     sparse_val: torch.Tensor  # (L, S, K)
     dense_rows: torch.Tensor  # (D,) long
     dense_c: torch.Tensor  # (L, D, d1)
-    all_ones: bool  # every gathered row has scale 1 and there are no mean/dense rows
+    all_ones: bool  # every row is a copy with scale 1 (no mean, sparse or dense rows)
     runs: list[list[tuple[int, int, int]]] | None  # per layer: (to, from, length) slices of src
 
     MAX_RUNS = 64  # beyond this many slices, one gather is faster
     MAX_SPARSE = 8  # non-zero entries up to which a row is built from gathers, not a matrix product
 
     @staticmethod
-    def build(top: torch.Tensor, c: torch.Tensor, order: torch.Tensor) -> RowPlan:
+    def build(top: torch.Tensor, c: torch.Tensor, order: torch.Tensor, position: torch.Tensor) -> RowPlan:
+        """``order``: stacked row of each large unit; ``position``: its inverse."""
         layers, d1 = top.shape
         # Passes over C kept few, with no integer casts: it is the size of the operator (hundreds of
         # MB for a 355M target). A row is a copy when its one largest |entry| is all its mass.
@@ -143,7 +140,6 @@ class RowPlan:
         own = torch.arange(d1, device=c.device).expand(layers, d1)  # the top rows copy their own unit
         src = torch.cat([own, c_src], dim=1)[:, order]
         scale = torch.cat([top, c_scale], dim=1)[:, order]
-        position = torch.argsort(order)  # stacked row -> large position
         mean_idx, dense_idx = mean_ok.nonzero().squeeze(1), dense.nonzero().squeeze(1)
         sparse_idx = sparse.nonzero().squeeze(1)
         k = min(RowPlan.MAX_SPARSE, d1) if len(sparse_idx) else 0
