@@ -69,6 +69,9 @@ class Size:
     corpus_docs: int | None = None  # use only the first documents of the corpus (CI)
     mlm_lr: float | None = None  # the large runs' peak learning rate for BERT (post-LN), if not ``lr``
 
+    def warmup(self, steps: int) -> int:
+        return max(1, int(self.warmup_frac * steps))
+
     def large_lr(self, model: str) -> float:
         return self.mlm_lr if model == "bert" and self.mlm_lr else self.lr
 
@@ -122,6 +125,30 @@ def cost_to_reach(costs: list[float], losses: list[float], target: float) -> flo
 def saving(costs: list[float], losses: list[float], target: float, reference_total: float) -> float | None:
     reached = cost_to_reach(costs, losses, target)
     return None if reached is None else 1.0 - reached / reference_total
+
+
+BUDGETS = (0.25, 0.5, 0.75, 1.0)  # fractions of the scratch run's FLOPs
+
+
+def loss_at(costs: list[float], losses: list[float], cost_point: float) -> float:
+    """A curve's loss at ``cost_point``, linear between points (clamped to the curve's ends)."""
+    if cost_point <= costs[0]:
+        return losses[0]
+    for i in range(1, len(costs)):
+        if cost_point <= costs[i]:
+            w = (cost_point - costs[i - 1]) / (costs[i] - costs[i - 1])
+            return losses[i - 1] + w * (losses[i] - losses[i - 1])
+    return losses[-1]
+
+
+def savings_by_budget(costs: list[float], losses: list[float], ref_costs: list[float],
+                      ref_losses: list[float]) -> dict[str, float | None]:
+    """Saving against a scratch run stopped at each fraction of its budget (its loss there the target)."""
+    out = {}
+    for fraction in BUDGETS:
+        budget = ref_costs[0] + fraction * (ref_costs[-1] - ref_costs[0])
+        out[str(fraction)] = saving(costs, losses, loss_at(ref_costs, ref_losses, budget), budget)
+    return out
 
 
 # ----------------------------------------------------------------------------- models and data
@@ -216,26 +243,37 @@ def build_large(strategy: str, small, tconfig, data: Prepared, size: Size, seed:
 # ----------------------------------------------------------------------------- one model family
 
 
-def run_model(model: str, size: Size, seeds: list[int], strategies: list[str], device, log,
-              on_run=None) -> dict:
-    """Pretrain the small model, then grow and train every (seed, strategy); ``on_run(result)`` after each."""
-    data = prepare(model, size)
-    warm = lambda steps: max(1, int(size.warmup_frac * steps))  # noqa: E731
-    eval_fn = lambda m: evaluate_loss(m, data.heldout_tokens, data.objective, tokenizer_info=data.info,  # noqa: E731
-                                      seed=1234, device=device)
+def loss_scorer(data: Prepared, device, tokens: torch.Tensor | None = None):
+    """Loss of a model on fixed sequences (and masks): the held-out ones unless ``tokens`` are given."""
+    tokens = data.heldout_tokens if tokens is None else tokens
+    return lambda m: evaluate_loss(m, tokens, data.objective, tokenizer_info=data.info, seed=1234, device=device)
+
+
+def pretrain_small(model: str, size: Size, data: Prepared, device, log=print):
+    """The small model every strategy grows from, trained for ``size.small_steps``; (model, history)."""
     small_config = make_config(model, size.small, size.vocab, size.seq_len, data.tokenizer)
-    tconfig = target_config(small_config, size.large)
     torch.manual_seed(1234)
     small = model_class(model)(small_config)
     log(f"[{model}] small {size.small} {n_params(small) / 1e6:.2f}M params, pretraining {size.small_steps} steps")
     started = time.perf_counter()
-    small_hist = train(small, batches(data.train_tokens, size.batch, seed=999), size.small_steps, lr=size.small_lr,
-                       warmup=warm(size.small_steps), weight_decay=size.weight_decay, objective=data.objective,
-                       tokenizer_info=data.info, seed=999, device=device)
+    hist = train(small, batches(data.train_tokens, size.batch, seed=999), size.small_steps, lr=size.small_lr,
+                 warmup=size.warmup(size.small_steps), weight_decay=size.weight_decay, objective=data.objective,
+                 tokenizer_info=data.info, seed=999, device=device)
     small.cpu().eval()
+    log(f"[{model}] small pretrained ({time.perf_counter() - started:.0f}s)")
+    return small, hist
+
+
+def run_model(model: str, size: Size, seeds: list[int], strategies: list[str], device, log,
+              on_run=None) -> dict:
+    """Pretrain the small model, then grow and train every (seed, strategy); ``on_run(result)`` after each."""
+    data = prepare(model, size)
+    eval_fn = loss_scorer(data, device)
+    seen_fn = loss_scorer(data, device, data.train_tokens[: size.eval_seqs])
+    small, small_hist = pretrain_small(model, size, data, device, log)
     small_loss = eval_fn(small)
-    small.cpu()
-    log(f"[{model}] small held-out loss {small_loss:.3f} ({time.perf_counter() - started:.0f}s)")
+    log(f"[{model}] small held-out loss {small_loss:.3f}")
+    tconfig = target_config(small.config, size.large)
 
     per_token = train_flops_per_token(tconfig, size.seq_len)
     step_flops = per_token * size.batch * size.seq_len
@@ -244,21 +282,29 @@ def run_model(model: str, size: Size, seeds: list[int], strategies: list[str], d
         "model": model, "small_loss": small_loss, "small_params": n_params(small),
         "small_train_loss_end": statistics.fmean(small_hist["train_loss"][-20:]),
         "large_params": n_params(model_class(model)(tconfig)), "step_flops": step_flops, "runs": runs,
-        "source": _setting(small_config), "target": _setting(tconfig),
+        "source": _setting(small.config), "target": _setting(tconfig),
     }
     for seed in seeds:
         for strategy in strategies:
             large, fit_flops, grow_seconds, info = build_large(strategy, small, tconfig, data, size, seed, device)
             init_loss = eval_fn(large)
+            seen_losses: list[float] = []
+
+            def eval_both(m, seen_losses=seen_losses):
+                # Loss on training sequences too: the gap to held-out shows memorisation of a repeated corpus.
+                seen_losses.append(seen_fn(m))
+                return eval_fn(m)
+
             hist = train(large, batches(data.train_tokens, size.batch, seed=seed), size.steps, lr=size.large_lr(model),
-                         warmup=warm(size.steps), weight_decay=size.weight_decay, objective=data.objective,
-                         tokenizer_info=data.info, eval_every=size.eval_every, eval_fn=eval_fn, seed=seed,
+                         warmup=size.warmup(size.steps), weight_decay=size.weight_decay, objective=data.objective,
+                         tokenizer_info=data.info, eval_every=size.eval_every, eval_fn=eval_both, seed=seed,
                          device=device)
             evals = hist["evals"]
             runs.append({
                 "model": model, "strategy": strategy, "seed": seed,
                 "steps": [e["step"] for e in evals],
                 "losses": [e["loss"] for e in evals],
+                "train_sample_losses": seen_losses,
                 "flops": [fit_flops + e["step"] * step_flops for e in evals],
                 "wall": [grow_seconds + e["train_time"] for e in evals],
                 "fit_flops": fit_flops, "grow_seconds": grow_seconds, "init_loss": init_loss,
@@ -295,8 +341,13 @@ def records(result: dict) -> list[dict]:
         rec = {
             "model": result["model"], "strategy": r["strategy"], "seed": r["seed"],
             "flops_saved": saving(r["flops"], r["losses"], target, ref["flops"][-1]) if ref else None,
+            "flops_saved_fit_free": saving([f - r["fit_flops"] for f in r["flops"]], r["losses"], target,
+                                           ref["flops"][-1]) if ref else None,
             "wall_saved": saving(r["wall"], r["losses"], target, ref["wall"][-1]) if ref else None,
-            "final_loss": r["losses"][-1], "small_loss": result["small_loss"], "scratch_final_loss": target,
+            "flops_saved_by_budget": savings_by_budget(r["flops"], r["losses"], ref["flops"], ref["losses"])
+            if ref else None,
+            "final_loss": r["losses"][-1], "final_seen_loss": (r.get("train_sample_losses") or [None])[-1],
+            "small_loss": result["small_loss"], "scratch_final_loss": target,
             "init_loss": r["init_loss"], "fit_flops": r["fit_flops"], "total_flops": r["flops"][-1],
             "source": result.get("source"), "target": result.get("target"),
         }
@@ -304,10 +355,10 @@ def records(result: dict) -> list[dict]:
     return out
 
 
-def _mean_spread(values: list[float | None], pct: bool = True) -> str:
+def _mean_spread(values: list[float | None], pct: bool = True, missing: str = "never reached") -> str:
     got = [v for v in values if v is not None]
     if not got:
-        return "never reached"
+        return missing
     scale, unit = (100.0, "%") if pct else (1.0, "")
     mean = statistics.fmean(got) * scale
     text = f"{mean:.1f}{unit}" if pct else f"{mean:.3f}"
@@ -316,6 +367,70 @@ def _mean_spread(values: list[float | None], pct: bool = True) -> str:
     if len(got) < len(values):
         text += f" ({len(values) - len(got)}/{len(values)} seeds never reached)"
     return text
+
+
+BASELINES = ("stack", "interpolate", "net2net", "preserve")
+
+
+def paired_gaps(recs: list[dict], strategy: str, baseline: str, key: str = "flops_saved") -> dict[int, float | None]:
+    """Per seed, ``strategy``'s saving (``key``) minus ``baseline``'s (None where either never reached)."""
+    saved = {(r["strategy"], r["seed"]): r.get(key) for r in recs}
+    seeds = sorted({r["seed"] for r in recs if r["strategy"] == strategy})
+    gaps = {}
+    for seed in seeds:
+        a, b = saved.get((strategy, seed)), saved.get((baseline, seed))
+        gaps[seed] = None if a is None or b is None else a - b
+    return gaps
+
+
+def best_baseline(recs: list[dict]) -> str | None:
+    """The baseline with the highest mean FLOPs saved (a run that never reached counts as 0), or,
+    where no baseline reaches the scratch loss, the one with the lowest mean final loss."""
+    ran = [b for b in BASELINES if any(r["strategy"] == b for r in recs)]
+    if not ran:
+        return None
+    of = lambda b, key: [r[key] for r in recs if r["strategy"] == b]  # noqa: E731
+    if any(v is not None for b in ran for v in of(b, "flops_saved")):
+        return max(ran, key=lambda b: statistics.fmean(v or 0.0 for v in of(b, "flops_saved")))
+    return min(ran, key=lambda b: statistics.fmean(of(b, "final_loss")))
+
+
+def _budget_table(recs: list[dict]) -> list[str]:
+    if not any(r.get("flops_saved_by_budget") for r in recs):
+        return []
+    lines = [
+        "FLOPs saved at shorter budgets: the target is the scratch run's held-out loss after that fraction",
+        "of its FLOPs, and the saving is against that fraction. Read off the same full-length runs (a run",
+        "planned for the shorter budget would decay its rate sooner and end lower), so indicative only:",
+        "",
+        "| strategy | " + " | ".join(f"{int(100 * f)}% budget" for f in BUDGETS) + " |",
+        "|---|" + "---|" * len(BUDGETS),
+    ]
+    for strategy in STRATEGIES[1:]:
+        sr = [r for r in recs if r["strategy"] == strategy and r.get("flops_saved_by_budget")]
+        if sr:
+            lines.append(f"| {strategy} | " + " | ".join(
+                _mean_spread([r["flops_saved_by_budget"][str(f)] for r in sr]) for f in BUDGETS) + " |")
+    return lines + [""]
+
+
+def _comparison(recs: list[dict]) -> list[str]:
+    best = best_baseline(recs)
+    if best is None:
+        return []
+    lines = []
+    for key, what, fmt in (("flops_saved", "FLOPs saved (points)", lambda g: f"{100 * g:+.1f}"),
+                           ("flops_saved_fit_free", "growth free (points)", lambda g: f"{100 * g:+.1f}"),
+                           ("final_loss", "final loss (nats)", lambda g: f"{g:+.3f}")):
+        parts = []
+        for variant in LIGO_VARIANTS:
+            gaps = paired_gaps(recs, variant, best, key)
+            if gaps and any(g is not None for g in gaps.values()):
+                parts.append(f"{variant} minus {best}: "
+                             + ", ".join(f"seed {s}: " + ("n/a" if g is None else fmt(g)) for s, g in gaps.items()))
+        if parts:
+            lines.append(f"- {what}, paired by seed: " + "; ".join(parts) + ".")
+    return [f"Best baseline: {best}.", "", *lines, ""] if lines else []
 
 
 REGIME_MARGIN = calibration.REGIME_MARGIN  # nats: the scratch run must end this far below the small model
@@ -337,12 +452,18 @@ def markdown(results: list[dict], recs: list[dict], meta: dict) -> str:
         f"Command: `{meta['command']}`  ",
         f"Machine: {meta['machine']}; device {meta['device']}; total wall time {meta['wall_minutes']:.1f} min.  ",
         f"Size `{meta['size']}`: {meta['size_fields']}",
+        *([f"Tables rewritten from the recorded curves by `{meta['rerendered']}`."] if meta.get("rerendered") else []),
+        *([meta["note"]] if meta.get("note") else []),
         "",
         *([] if meta.get("complete", True) else ["**Partial results: the run is in progress or stopped early.**", ""]),
         "FLOPs saved = 1 - (FLOPs to reach the scratch run's final held-out loss, growth and operator",
         "fitting included) / (FLOPs of the scratch run); wall time likewise (seconds of growth + training,",
         "evaluation excluded). Mean ± standard deviation over seeds; the small model's pretraining is",
         "not counted. Each seed's grown runs are compared with the scratch run of the same seed.",
+        "The last column leaves the growth step's FLOPs (operator fitting, or one materialisation) out:",
+        "what the grown start alone is worth, as when fitting is a negligible share of a long run.",
+        "\"Seen sequences\": the same loss on a fixed sample of training sequences; a grown model has",
+        "also read them through the small model, so a gap below held-out shows memorisation.",
         "",
     ]
     for res in results:
@@ -359,8 +480,9 @@ def markdown(results: list[dict], recs: list[dict], meta: dict) -> str:
             "",
             _regime(res["small_loss"] - statistics.fmean(scratch_final)),
             "",
-            "| strategy | FLOPs saved | wall time saved | loss at step 0 | final loss |",
-            "|---|---|---|---|---|",
+            "| strategy | FLOPs saved | wall time saved | loss at step 0 | final loss | final loss, seen sequences "
+            "| FLOPs saved, growth free |",
+            "|---|---|---|---|---|---|---|",
         ]
         for strategy in STRATEGIES:
             sr = [r for r in rs if r["strategy"] == strategy]
@@ -370,9 +492,13 @@ def markdown(results: list[dict], recs: list[dict], meta: dict) -> str:
                 f"| {strategy} | {_mean_spread([r['flops_saved'] for r in sr])} "
                 f"| {_mean_spread([r['wall_saved'] for r in sr])} "
                 f"| {_mean_spread([r['init_loss'] for r in sr], pct=False)} "
-                f"| {_mean_spread([r['final_loss'] for r in sr], pct=False)} |"
+                f"| {_mean_spread([r['final_loss'] for r in sr], pct=False)} "
+                f"| {_mean_spread([r.get('final_seen_loss') for r in sr], pct=False, missing='-')} "
+                f"| {_mean_spread([r.get('flops_saved_fit_free') for r in sr])} |"
             )
         lines.append("")
+        lines += _comparison(rs)
+        lines += _budget_table(rs)
     return "\n".join(lines) + "\n"
 
 
@@ -418,6 +544,16 @@ def machine_description() -> str:
     return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
+def rewrite_report(curves_path: Path) -> list[dict]:
+    """Tables and records again from a finished run's curves (after the report gained a column)."""
+    saved = json.loads(curves_path.read_text())
+    saved["meta"]["rerendered"] = f"python bench/savings.py --report {curves_path}"
+    recs = [rec for res in saved["results"] for rec in records(res)]
+    (curves_path.parent / "savings.json").write_text(json.dumps(recs, indent=1) + "\n")
+    (curves_path.parent / "savings.md").write_text(markdown(saved["results"], recs, saved["meta"]))
+    return recs
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="gpt2,bert")
@@ -432,7 +568,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest for the tiny size on a busy machine)")
     p.add_argument("--out", default="docs/results")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--report", metavar="CURVES_JSON",
+                   help="train nothing: rewrite savings.md and savings.json beside this savings_curves.json")
     args = p.parse_args(argv)
+    if args.report:
+        return rewrite_report(Path(args.report))
 
     size = SIZES[args.size]
     overrides = {k: v for k, v in {"steps": args.steps, "small_steps": args.small_steps,

@@ -61,6 +61,20 @@ def test_saving_of_a_synthetic_grown_curve_with_a_known_crossing():
     assert savings.saving(grown_costs, grown_losses, 2.0, 100.0) is None
 
 
+
+def test_savings_at_shorter_budgets_use_the_scratch_loss_at_that_point():
+    ref_costs, ref_losses = [0.0, 10.0, 20.0, 30.0, 40.0], [8.0, 6.0, 5.0, 4.5, 4.0]
+    assert savings.loss_at(ref_costs, ref_losses, 15.0) == pytest.approx(5.5)
+    assert savings.loss_at(ref_costs, ref_losses, 99.0) == 4.0 and savings.loss_at(ref_costs, ref_losses, -1) == 8.0
+    # A grown run: starts at 5.5 after 4 FLOPs of growth, then the same per-step cost.
+    grown = savings.savings_by_budget([4.0, 14.0, 24.0, 34.0, 44.0], [5.5, 5.0, 4.6, 4.4, 4.2], ref_costs, ref_losses)
+    assert grown["0.25"] == pytest.approx(1 - 4.0 / 10.0)  # target 6.0: reached at the start
+    assert grown["0.5"] == pytest.approx(1 - 14.0 / 20.0)  # target 5.0: reached after one step
+    assert grown["0.75"] == pytest.approx(1 - 29.0 / 30.0)  # target 4.5: halfway from 4.6 (24) to 4.4 (34)
+    assert grown["1.0"] is None  # 4.0 never reached
+    assert savings.savings_by_budget(ref_costs, ref_losses, ref_costs, ref_losses) == {
+        str(f): pytest.approx(0.0) for f in savings.BUDGETS}
+
 def test_records_compare_each_run_with_the_scratch_run_of_its_seed():
     def run(strategy, seed, losses, fit=0.0):
         return {"strategy": strategy, "seed": seed, "losses": losses, "init_loss": losses[0], "fit_flops": fit,
@@ -74,12 +88,33 @@ def test_records_compare_each_run_with_the_scratch_run_of_its_seed():
     assert recs[("scratch", 0)]["flops_saved"] == 0.0
     assert recs[("ligo", 0)]["flops_saved"] == pytest.approx(1 - 15.0 / 20.0)  # reaches 5.0 at step 1
     assert recs[("ligo", 0)]["wall_saved"] == pytest.approx(1 - 1.0 / 2.0)
+    assert recs[("ligo", 0)]["flops_saved_fit_free"] == pytest.approx(1 - 10.0 / 20.0)  # fitting left out
     assert recs[("ligo", 1)]["flops_saved"] is None and recs[("ligo", 1)]["wall_saved"] is None
     assert recs[("ligo", 1)]["scratch_final_loss"] == 4.0 and recs[("ligo", 0)]["small_loss"] == 5.5
     for rec in recs.values():
         assert {"model", "strategy", "seed", "flops_saved", "wall_saved", "final_loss", "small_loss",
                 "scratch_final_loss"} <= set(rec)
 
+
+
+def test_ligo_is_compared_with_the_best_baseline_seed_by_seed():
+    def rec(strategy, seed, saved, final, free=None):
+        return {"strategy": strategy, "seed": seed, "flops_saved": saved, "final_loss": final,
+                "flops_saved_fit_free": saved if free is None else free}
+
+    recs = [rec("stack", 0, 0.40, 5.0), rec("stack", 1, 0.44, 5.0), rec("preserve", 0, 0.47, 4.9),
+            rec("preserve", 1, 0.45, 4.9), rec("ligo", 0, 0.45, 4.8, free=0.49), rec("ligo", 1, None, 4.95)]
+    assert savings.best_baseline(recs) == "preserve"  # mean 46% against stack's 42%
+    gaps = savings.paired_gaps(recs, "ligo", "preserve")
+    assert gaps[0] == pytest.approx(-0.02) and gaps[1] is None  # seed 1's ligo never reached
+    assert savings.paired_gaps(recs, "ligo", "preserve", "flops_saved_fit_free")[0] == pytest.approx(0.02)
+    text = "\n".join(savings._comparison(recs))
+    assert "ligo minus preserve: seed 0: -2.0, seed 1: n/a" in text
+    assert "ligo minus preserve: seed 0: -0.100, seed 1: +0.050" in text  # final loss, nats
+    # Where no baseline reaches the scratch loss, the best is the lowest final loss.
+    never = [dict(r, flops_saved=None) for r in recs]
+    assert savings.best_baseline([r for r in never if r["strategy"] != "preserve"]) == "stack"
+    assert savings.best_baseline(never) == "preserve"
 
 def test_tiny_pipeline_produces_a_curve_for_every_strategy(tmp_path):
     pytest.importorskip("matplotlib")
@@ -100,6 +135,7 @@ def test_tiny_pipeline_produces_a_curve_for_every_strategy(tmp_path):
         for run in res["runs"]:
             assert run["steps"] == [i * size.eval_every for i in range(n_evals)]
             assert len(run["losses"]) == n_evals and all(l > 0 for l in run["losses"])
+            assert len(run["train_sample_losses"]) == n_evals and all(l > 0 for l in run["train_sample_losses"])
             # FLOPs: growth/fitting first, then one large-model step per step.
             assert run["flops"] == pytest.approx([run["fit_flops"] + s * step_flops for s in run["steps"]])
             if run["strategy"].startswith("ligo"):
@@ -116,3 +152,25 @@ def test_tiny_pipeline_produces_a_curve_for_every_strategy(tmp_path):
     table = (tmp_path / "savings.md").read_text()
     assert "| ligo |" in table and "## bert" in table
     assert (tmp_path / "savings_loss_curves.png").stat().st_size > 10_000
+
+
+def test_fit_sweep_reports_every_setting_with_its_cost(tmp_path):
+    import fit_sweep
+
+    out = tmp_path / "sweep.md"
+    threads = torch.get_num_threads()
+    try:
+        result = fit_sweep.main(["--size", "tiny", "--model", "gpt2", "--inits", "preserve", "--steps", "2,4",
+                                 "--lrs", "1e-3", "--threads", "1", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    rows = result["rows"]
+    assert [(r["init"], r["steps"], r["lr"]) for r in rows] == [("preserve", 2, 1e-3), ("preserve", 4, 1e-3)]
+    for r in rows:
+        # A fitting step is a large-model training step plus the operator's own work.
+        assert r["steps"] < r["fit_train_steps"] < 2 * r["steps"]
+        assert r["fitted_loss"] != r["start_loss"]  # the fit moved the operator
+    # The function-preserving start is the small model's function.
+    assert rows[0]["start_loss"] == pytest.approx(result["small_loss"], abs=0.02)
+    assert "| preserve | 4 | 1e-03 |" in out.read_text()
+    assert json.loads(out.with_suffix(".json").read_text()) == json.loads(json.dumps(result))
