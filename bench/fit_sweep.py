@@ -1,0 +1,116 @@
+"""How much does fitting the LiGO operator buy, per fitting step and learning rate?
+
+Pretrains the savings benchmark's small model (same size, data and seed), then fits the
+operator from each start (``--inits``) for every number of steps and peak learning rate, and
+prints the held-out loss of the grown model against the unfitted start and the small model.
+The fit's cost is in large-model training steps (a fitting step is a forward and backward pass
+of the large model plus the operator's own work), so a gain can be set against what the same
+FLOPs buy in continued training (the savings curves).
+
+    python bench/fit_sweep.py [--model gpt2] [--inits preserve,stack] [--steps 6,12,24,48]
+                              [--lrs 3e-4,1e-3,3e-3] [--out docs/results/fit_sweep.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import savings  # noqa: E402
+
+import ligo_core  # noqa: E402
+from ligo_core import cost  # noqa: E402
+from ligo_core.data import batches  # noqa: E402
+from ligo_core.strategies import LIGO_INITS  # noqa: E402
+from ligo_core.training import default_device  # noqa: E402
+
+
+def sweep(model: str, size: savings.Size, inits: list[str], steps: list[int], lrs: list[float], seed: int,
+          device, log=print) -> dict:
+    data = savings.prepare(model, size)
+    score = savings.loss_scorer(data, device)
+    small, _ = savings.pretrain_small(model, size, data, device, log)
+    tconfig = savings.target_config(small.config, size.large)
+    step_flops = savings.train_flops_per_token(tconfig, size.seq_len) * size.batch * size.seq_len
+    result = {"model": model, "small_loss": score(small), "seed": seed, "rows": []}
+    log(f"[{model}] small held-out loss {result['small_loss']:.4f}")
+    for init in inits:
+        start, _ = ligo_core.grow_model(copy.deepcopy(small), tconfig, strategy=init, fit_steps=0, seed=seed,
+                                        device=device, tokenizer=data.tokenizer)
+        start_loss = score(start)
+        for n in steps:
+            for lr in lrs:
+                started = time.perf_counter()
+                large, _ = ligo_core.grow_model(
+                    copy.deepcopy(small), tconfig, strategy="ligo", ligo_init=init, fit_steps=n, lr=lr,
+                    train_batches=batches(data.train_tokens, size.batch, seed=10_000 + seed), seed=seed,
+                    device=device, tokenizer=data.tokenizer)
+                fit_flops = cost.fit_flops(small.config, tconfig, strategy="ligo", steps=n, batch=size.batch,
+                                           seq_len=size.seq_len)["flops"]
+                row = {"init": init, "steps": n, "lr": lr, "start_loss": start_loss, "fitted_loss": score(large),
+                       "fit_train_steps": fit_flops / step_flops, "seconds": time.perf_counter() - started}
+                result["rows"].append(row)
+                log(f"[{model}] {init:<8} {n:>3} steps lr {lr:.0e}: {start_loss:.4f} -> {row['fitted_loss']:.4f}")
+    return result
+
+
+def markdown(result: dict, command: str, machine: str) -> str:
+    lines = [
+        f"# LiGO fitting sweep: {result['model']}",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine}.  ",
+        f"Small model held-out loss {result['small_loss']:.4f}; seed {result['seed']}. Held-out loss of the grown",
+        "model before and after fitting; the fit's cost in large-model training steps (FLOPs).",
+        "",
+        "| start | fit steps | peak lr | start loss | fitted loss | change | cost (training steps) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(f"| {r['init']} | {r['steps']} | {r['lr']:.0e} | {r['start_loss']:.4f} | {r['fitted_loss']:.4f} "
+                     f"| {r['fitted_loss'] - r['start_loss']:+.4f} | {r['fit_train_steps']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=savings.MODELS, default="gpt2")
+    p.add_argument("--size", choices=sorted(savings.SIZES), default="default")
+    p.add_argument("--inits", default="preserve,stack")
+    p.add_argument("--steps", default="6,12,24,48")
+    p.add_argument("--lrs", default="3e-4,1e-3,3e-3")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", help="write the table (markdown) and the rows (.json beside it) here")
+    args = p.parse_args(argv)
+    inits = [i for i in args.inits.split(",") if i]
+    for init in inits:
+        if init not in LIGO_INITS:
+            p.error(f"unknown start {init!r}; choose from {', '.join(LIGO_INITS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = sweep(args.model, savings.SIZES[args.size], inits, [int(s) for s in args.steps.split(",")],
+                   [float(x) for x in args.lrs.split(",")], args.seed, default_device(args.device))
+    text = markdown(result, "python bench/fit_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                    savings.machine_description())
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
