@@ -572,6 +572,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="train nothing: rewrite savings.md and savings.json beside this savings_curves.json")
     args = p.parse_args(argv)
     if args.report:
+        if not Path(args.report).is_file():
+            p.error(f"--report: no curves file at {args.report} (a finished run writes savings_curves.json)")
         return rewrite_report(Path(args.report))
 
     size = SIZES[args.size]

@@ -152,6 +152,14 @@ def test_tiny_pipeline_produces_a_curve_for_every_strategy(tmp_path):
     table = (tmp_path / "savings.md").read_text()
     assert "| ligo |" in table and "## bert" in table
     assert (tmp_path / "savings_loss_curves.png").stat().st_size > 10_000
+    # --report rebuilds the same records and tables from the recorded curves, training nothing.
+    (tmp_path / "savings.json").unlink()
+    rebuilt = savings.main(["--report", str(tmp_path / "savings_curves.json")])
+    assert json.loads(json.dumps(rebuilt)) == json.loads(json.dumps(recs))
+    assert json.loads((tmp_path / "savings.json").read_text()) == json.loads(json.dumps(recs))
+    assert "Tables rewritten from the recorded curves" in (tmp_path / "savings.md").read_text()
+    with pytest.raises(SystemExit):
+        savings.main(["--report", str(tmp_path / "missing.json")])
 
 
 def test_fit_sweep_reports_every_setting_with_its_cost(tmp_path):
