@@ -44,18 +44,19 @@ def sweep(model: str, size: savings.Size, inits: list[str], steps: list[int], lr
     result = {"model": model, "small_loss": score(small), "seed": seed, "rows": []}
     log(f"[{model}] small held-out loss {result['small_loss']:.4f}")
     for init in inits:
-        start, _ = ligo_core.grow_model(copy.deepcopy(small), tconfig, strategy=init, fit_steps=0, seed=seed,
-                                        device=device, tokenizer=data.tokenizer)
+        # The start is the operator the fit begins from: the same call with no fitting steps.
+        start, _ = ligo_core.grow_model(copy.deepcopy(small), tconfig, strategy="ligo", ligo_init=init, fit_steps=0,
+                                        seed=seed, device=device, tokenizer=data.tokenizer)
         start_loss = score(start)
         for n in steps:
+            fit_flops = cost.fit_flops(small.config, tconfig, strategy="ligo", steps=n, batch=size.batch,
+                                       seq_len=size.seq_len)["flops"]
             for lr in lrs:
                 started = time.perf_counter()
                 large, _ = ligo_core.grow_model(
                     copy.deepcopy(small), tconfig, strategy="ligo", ligo_init=init, fit_steps=n, lr=lr,
                     train_batches=batches(data.train_tokens, size.batch, seed=10_000 + seed), seed=seed,
                     device=device, tokenizer=data.tokenizer)
-                fit_flops = cost.fit_flops(small.config, tconfig, strategy="ligo", steps=n, batch=size.batch,
-                                           seq_len=size.seq_len)["flops"]
                 row = {"init": init, "steps": n, "lr": lr, "start_loss": start_loss, "fitted_loss": score(large),
                        "fit_train_steps": fit_flops / step_flops, "seconds": time.perf_counter() - started}
                 result["rows"].append(row)

@@ -548,9 +548,14 @@ def rewrite_report(curves_path: Path) -> list[dict]:
     """Tables and records again from a finished run's curves (after the report gained a column)."""
     saved = json.loads(curves_path.read_text())
     saved["meta"]["rerendered"] = f"python bench/savings.py --report {curves_path}"
-    recs = [rec for res in saved["results"] for rec in records(res)]
-    (curves_path.parent / "savings.json").write_text(json.dumps(recs, indent=1) + "\n")
-    (curves_path.parent / "savings.md").write_text(markdown(saved["results"], recs, saved["meta"]))
+    return write_tables(curves_path.parent, saved["results"], saved["meta"])
+
+
+def write_tables(out: Path, results: list[dict], meta: dict) -> list[dict]:
+    """savings.json (one record per run) and savings.md from the runs' curves; returns the records."""
+    recs = [rec for res in results for rec in records(res)]
+    (out / "savings.json").write_text(json.dumps(recs, indent=1) + "\n")
+    (out / "savings.md").write_text(markdown(results, recs, meta))
     return recs
 
 
@@ -602,16 +607,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     def write(results: list[dict], final: bool) -> list[dict]:
         # Written after every run, so that a long run that stops early still leaves its results.
-        recs = [rec for res in results for rec in records(res)]
         meta = {
             "command": "python bench/savings.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": machine_description(), "device": str(device), "size": args.size,
             "size_fields": json.dumps(asdict(size)), "wall_minutes": (time.perf_counter() - started) / 60,
             "complete": final,
         }
-        (out / "savings.json").write_text(json.dumps(recs, indent=1) + "\n")
         (out / "savings_curves.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
-        (out / "savings.md").write_text(markdown(results, recs, meta))
+        recs = write_tables(out, results, meta)
         if final and not args.no_plot:
             plot(results, out / "savings_loss_curves.png")
         return recs
