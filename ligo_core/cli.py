@@ -78,7 +78,7 @@ def cmd_grow(args) -> int:
         args.src, args.target, args.out, strategy=args.strategy, fit_steps=args.fit_steps, data=args.data,
         seed=args.seed, device=args.device, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
         progress=_progress_printer(console), max_shard_size=args.max_shard_size, ligo_init=args.ligo_init,
-        accumulate=args.accumulate,
+        accumulate=args.accumulate, **({} if args.noise is None else {"noise": args.noise}),
     )
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fit-steps", type=int, default=100, help="operator fitting steps for 'ligo' (default 100)")
     g.add_argument("--ligo-init", default="stack", choices=("stack", "interpolate", "preserve"),
                    help="where LiGO's depth mixing starts (widths always start function-preserving)")
+    g.add_argument("--noise", type=float,
+                   help="symmetry breaking between copied units, 0-1 (default 1; exact at any value)")
     g.add_argument("--data", help="text file, JSON lines with a 'text' field, or a directory of them "
                                   "(default: the shipped English corpus)")
     g.add_argument("--seed", type=int, default=0)

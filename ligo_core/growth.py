@@ -15,7 +15,7 @@ from ligo_core.errors import CheckpointError, GrowthCancelled, TargetError
 from ligo_core.families import Family, TensorSpec
 from ligo_core.objective import heldout_loss, lm_loss, tokenizer_info
 from ligo_core.operator import GrowthOperator
-from ligo_core.strategies import LIGO_INITS, STRATEGY_MODES, build_operator
+from ligo_core.strategies import DEFAULT_NOISE, LIGO_INITS, STRATEGY_MODES, build_operator
 from ligo_core.targets import check_growth, family_of, sizes_of
 from ligo_core.training import default_device, lr_at
 
@@ -236,7 +236,7 @@ def grow_model(
     progress: Callable[[dict], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     tokenizer=None,
-    noise: float = 0.1,
+    noise: float = DEFAULT_NOISE,
     heldout: torch.Tensor | None = None,
     eval_batch_size: int = 16,
     ligo_init: str = "stack",
@@ -253,6 +253,8 @@ def grow_model(
         raise TargetError(f"unknown ligo_init {ligo_init!r}; choose from {', '.join(LIGO_INITS)}")
     if strategy == "ligo" and fit_steps > 0 and train_batches is None:
         raise TargetError("strategy 'ligo' needs training batches to fit the operator")
+    if not 0.0 <= noise <= 1.0:
+        raise TargetError(f"noise (symmetry breaking between copied units) must be in [0, 1], got {noise}")
     if accumulate < 1:
         raise TargetError(f"accumulate must be at least 1, got {accumulate}")
     device = pick_device(device)
@@ -296,6 +298,7 @@ def grow_model(
         "dropped_tensors": layout.dropped,
         "family": layout.family.name,
         "ligo_init": ligo_init if strategy == "ligo" else None,
+        "noise": 0.0 if strategy == "net2net" else noise,  # net2net divides inputs evenly, by definition
         "heldout_loss": losses,
         "norm_eps_scale": operator.norm_scale**2,
     }

@@ -7,7 +7,8 @@ padded head dimensions).
 
 - ``preserve``: residual stream = k copies + mean/zero pads, heads and FFN units copied in turn,
   the input side divided among the copies with random shares (breaks symmetry, keeps the sum);
-  new layers are copies whose block outputs are zero. Exact for pre-norm families.
+  new layers are copies whose block outputs are zero (and whose copied units' incoming weights
+  are scaled apart, see ``_jitter_copies``). Exact for pre-norm families.
 - ``stack`` / ``interpolate``: the same widths, depth by repeating the stack / each layer.
 - ``net2net``: bert2BERT-FPI widths (new units copy random old units, inputs divided by the
   count), stacked depth.
@@ -17,7 +18,7 @@ padded head dimensions).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,6 +26,14 @@ from ligo_core.families import Family, TensorSpec
 from ligo_core.operator import ExpanderInit, GrowthOperator
 
 COPY, MEAN, ZERO = "copy", "mean", "zero"
+
+# Symmetry breaking, ``noise`` in [0, 1] (default 1): copies split their outgoing weights with
+# shares (1 + z) / count, z spread over [-noise, noise]; copies in zero-output blocks scale their
+# incoming weights by 1 +- noise / 2; pads read old units through paired noise of std
+# PAD_NOISE * noise. All exact. Under AdamW copies separate only as fast as these make them
+# differ (docs/GROWTH.md: at 0.1 they were still at cosine 0.9997 after 600 steps).
+DEFAULT_NOISE = 1.0
+PAD_NOISE = 0.1
 
 
 @dataclass(frozen=True)
@@ -76,7 +85,7 @@ def _expander_from_sources(sources: list[Source], d1: int, generator: torch.Gene
     top_e[top_units], top_f[top_units] = torch.tensor(top_scales), torch.tensor(top_shares)
     c_e[new_rows, new_units], c_f[new_rows, new_units] = torch.tensor(new_scales), torch.tensor(new_shares)
     c_e[mean_rows] = 1.0 / d1
-    c_f[pad_rows] = _paired_noise(len(pad_rows), d1, generator, noise)
+    c_f[pad_rows] = _paired_noise(len(pad_rows), d1, generator, PAD_NOISE * noise)
     return ExpanderInit(order=torch.tensor(order), top_e=top_e[None], c_e=c_e[None], top_f=top_f[None], c_f=c_f[None])
 
 
@@ -214,17 +223,36 @@ def depth_map(l1: int, l2: int, mode: str) -> list[int]:
     return [l * l1 // l2 for l in range(l2)]  # interpolate: each layer repeated in place
 
 
-def depth_init(specs: list[TensorSpec], l1: int, l2: int, mode: str, zero_new_outputs: bool) -> dict[str, torch.Tensor]:
+def silent_layers(l1: int, l2: int, mode: str) -> set[int]:
+    """Large layers that repeat an earlier copy of their small layer: with zero block outputs
+    (``preserve``) they add nothing to the residual stream at first."""
     src = depth_map(l1, l2, mode)
-    first = {j: src.index(j) for j in set(src)}
+    return {layer for layer, j in enumerate(src) if src.index(j) != layer}
+
+
+def _jitter_copies(init: ExpanderInit, generator: torch.Generator, noise: float) -> ExpanderInit:
+    """Scale every copied unit's incoming weights by its own factor in [1 - noise / 2, 1 + noise / 2].
+
+    Only for the units of a block whose outputs start at zero, where this is exact. Without it
+    such a block's copies never separate: their outputs and so their gradients are identical at
+    every step, and the block trains as if it were as narrow as the small model (measured: copies'
+    incoming weights at cosine 1.0000000 after 600 AdamW steps).
+    """
+    def jitter(t: torch.Tensor) -> torch.Tensor:
+        return t * (1 + (torch.rand(t.shape, generator=generator) - 0.5) * noise)
+
+    return replace(init, top_e=jitter(init.top_e), c_e=jitter(init.c_e))  # zero entries stay zero
+
+
+def depth_init(specs: list[TensorSpec], l1: int, l2: int, mode: str, zero_new_outputs: bool) -> dict[str, torch.Tensor]:
+    src, silent = depth_map(l1, l2, mode), silent_layers(l1, l2, mode)
     depth = {}
     for spec in specs:
         if not spec.per_layer:
             continue
         w = torch.zeros(l2, l1)
         for layer, j in enumerate(src):
-            new_block = first[j] != layer
-            if not (zero_new_outputs and spec.block_output and new_block):
+            if not (zero_new_outputs and spec.block_output and layer in silent):
                 w[layer, j] = 1.0
         depth[spec.name] = w
     return depth
@@ -260,7 +288,7 @@ def build_operator(
     large: dict[str, int],
     head_tied: bool,
     seed: int = 0,
-    noise: float = 0.1,
+    noise: float = DEFAULT_NOISE,
     ligo_init: str = "stack",
 ) -> GrowthOperator:
     """The initial operator for a strategy; ``small``/``large`` are ``sizes_of`` dicts."""
@@ -291,8 +319,12 @@ def build_operator(
         "res": small["hidden"], "q": small["heads"] * dh, "k": small["kv_heads"] * dh,
         "v": small["kv_heads"] * dh, "ffn": small["ffn"],
     }
+    silent = silent_layers(small["layers"], l2, depth_mode) if zero_new else set()
     for space, layers in per_layer.items():
-        expanders[space] = _stack_layers([_expander_from_sources(s, small_dims[space], g, noise) for s in layers])
+        inits = [_expander_from_sources(s, small_dims[space], g, noise) for s in layers]
+        for layer in silent:
+            inits[layer] = _jitter_copies(inits[layer], g, noise)
+        expanders[space] = _stack_layers(inits)
 
     if width == "net2net":
         norm_scale = 1.0

@@ -223,9 +223,10 @@ def test_cli_grow_inspect_and_errors(checkpoint_dir, tmp_path, capsys):
     src = str(_tar(checkpoint_dir("llama"), tmp_path / "llama.tar.gz"))
     out = tmp_path / "cli-out"
     code = cli_main(["grow", src, "--target", "layers=4,hidden=64,heads=8,kv_heads=4,ffn=128", "--out", str(out),
-                     "--fit-steps", "2", "--batch-size", "4", "--seq-len", "32", "--accumulate", "2", "--json"])
+                     "--fit-steps", "2", "--batch-size", "4", "--seq-len", "32", "--accumulate", "2", "--noise", "0.5", "--json"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
+    assert report["noise"] == 0.5
     assert report["fit"]["accumulate"] == 2 and report["fit"]["tokens"] == 2 * 2 * 4 * 32
     assert report["target"]["sizes"] == {"layers": 4, "hidden": 64, "heads": 8, "kv_heads": 4, "ffn": 128, "head_dim": 8}
     assert cli_main(["inspect", str(out), "--json"]) == 0
@@ -237,3 +238,6 @@ def test_cli_grow_inspect_and_errors(checkpoint_dir, tmp_path, capsys):
     assert "not an empty directory" in capsys.readouterr().err
     assert cli_main(["grow", src, "--target", "layers=4", "--out", str(tmp_path / "y"), "--accumulate", "0"]) == 2
     assert "--accumulate must be positive" in capsys.readouterr().err
+    assert cli_main(["grow", src, "--target", "layers=4", "--out", str(tmp_path / "z"), "--noise", "2"]) == 2
+    assert "noise (symmetry breaking between copied units) must be in [0, 1], got 2.0" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ligo_core.data import batches, default_corpus_texts, pack_tokens, split_texts
+from ligo_core.errors import TargetError
 from ligo_core.growth import grow_model
 from ligo_core.objective import heldout_loss, lm_loss, tokenizer_info
 from ligo_core.targets import resolve_target, sizes_of
@@ -85,6 +86,47 @@ def test_symmetry_is_broken(name):
     ffn = grad.shape[0]
     half = ffn // 2  # unit j and its copy j + half
     assert not torch.allclose(grad[:half], grad[half:], atol=1e-8)
+
+
+def _copy_pair_cosines(weight: torch.Tensor) -> torch.Tensor:
+    """Cosine of each FFN unit's incoming weights with those of its copy (unit j and j + half)."""
+    half = weight.shape[0] // 2
+    return torch.nn.functional.cosine_similarity(weight[:half], weight[half:], dim=1)
+
+
+@pytest.mark.parametrize("noise, separates", [(1.0, True), (0.0, False)])
+def test_copies_in_a_new_block_separate_under_adamw(noise, separates):
+    """A new block starts with zero outputs, so its copied units get identical gradients at every
+    step and, unless their incoming weights start different, stay copies for good. The default
+    symmetry breaking scales them apart (exact: the block adds nothing yet)."""
+    small = make_model("gpt2")
+    large, _ = grow_model(small, resolve_target("layers=4,hidden=64,heads=8,ffn=256", small.config),
+                          strategy="preserve", fit_steps=0, noise=noise)
+    new_block = large.transformer.h[1].mlp.c_fc  # interpolated depth: layer 1 repeats layer 0
+    assert torch.equal(large.transformer.h[1].mlp.c_proj.weight, torch.zeros_like(new_block.weight.t()))
+    x = torch.randint(0, small.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    gap = (_logits(small, x) - _logits(large, x)).abs().max().item()
+    assert gap < 1e-4  # still the small model's function
+
+    opt = torch.optim.AdamW(large.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    large.train()
+    for _ in range(10):
+        batch = torch.randint(0, small.config.vocab_size, (4, 24), generator=g)
+        opt.zero_grad()
+        lm_loss(large, batch, "clm").backward()
+        opt.step()
+    cos = _copy_pair_cosines(new_block.weight.detach().t())  # Conv1D (in, out): units are columns
+    if separates:
+        assert cos.min() < 0.999, cos.min()
+    else:
+        assert cos.min() > 1 - 1e-6  # identical outputs, identical AdamW steps: never apart
+
+
+def test_noise_outside_its_range_is_refused():
+    small = make_model("gpt2")
+    with pytest.raises(TargetError, match="noise"):
+        grow_model(small, resolve_target("layers=4", small.config), strategy="preserve", fit_steps=0, noise=1.5)
 
 
 def _pretrain(model, tokens, steps=60, lr=3e-3, objective="clm", info=None):
