@@ -8,7 +8,10 @@ of the large model plus the operator's own work), so a gain can be set against w
 FLOPs buy in continued training (the savings curves).
 
     python bench/fit_sweep.py [--model gpt2] [--inits preserve,stack] [--steps 6,12,24,48]
-                              [--lrs 3e-4,1e-3,3e-3] [--out docs/results/fit_sweep.md]
+                              [--lrs 3e-4,1e-3,3e-3] [--fit-batches 32] [--out docs/results/fit_sweep.md]
+
+``--fit-batches`` sets the sequences per fitting step (default: the benchmark's training batch); a
+smaller batch makes each step cheaper, which matters where the fit is a visible share of a run.
 """
 
 from __future__ import annotations
@@ -35,32 +38,35 @@ from ligo_core.training import default_device  # noqa: E402
 
 
 def sweep(model: str, size: savings.Size, inits: list[str], steps: list[int], lrs: list[float], seed: int,
-          device, log=print) -> dict:
+          device, log=print, fit_batches: list[int] | None = None) -> dict:
     data = savings.prepare(model, size)
     score = savings.loss_scorer(data, device)
     small, _ = savings.pretrain_small(model, size, data, device, log)
     tconfig = savings.target_config(small.config, size.large)
     step_flops = savings.train_flops_per_token(tconfig, size.seq_len) * size.batch * size.seq_len
-    result = {"model": model, "small_loss": score(small), "seed": seed, "rows": []}
+    result = {"model": model, "small_loss": score(small), "seed": seed, "train_batch": size.batch, "rows": []}
     log(f"[{model}] small held-out loss {result['small_loss']:.4f}")
     for init in inits:
         # The start is the operator the fit begins from: the same call with no fitting steps.
         start, _ = ligo_core.grow_model(copy.deepcopy(small), tconfig, strategy="ligo", ligo_init=init, fit_steps=0,
                                         seed=seed, device=device, tokenizer=data.tokenizer)
         start_loss = score(start)
-        for n in steps:
-            fit_flops = cost.fit_flops(small.config, tconfig, strategy="ligo", steps=n, batch=size.batch,
-                                       seq_len=size.seq_len)["flops"]
-            for lr in lrs:
-                started = time.perf_counter()
-                large, _ = ligo_core.grow_model(
-                    copy.deepcopy(small), tconfig, strategy="ligo", ligo_init=init, fit_steps=n, lr=lr,
-                    train_batches=batches(data.train_tokens, size.batch, seed=10_000 + seed), seed=seed,
-                    device=device, tokenizer=data.tokenizer)
-                row = {"init": init, "steps": n, "lr": lr, "start_loss": start_loss, "fitted_loss": score(large),
-                       "fit_train_steps": fit_flops / step_flops, "seconds": time.perf_counter() - started}
-                result["rows"].append(row)
-                log(f"[{model}] {init:<8} {n:>3} steps lr {lr:.0e}: {start_loss:.4f} -> {row['fitted_loss']:.4f}")
+        for fit_batch in fit_batches or [size.batch]:
+            for n in steps:
+                fit_flops = cost.fit_flops(small.config, tconfig, strategy="ligo", steps=n, batch=fit_batch,
+                                           seq_len=size.seq_len)["flops"]
+                for lr in lrs:
+                    started = time.perf_counter()
+                    large, _ = ligo_core.grow_model(
+                        copy.deepcopy(small), tconfig, strategy="ligo", ligo_init=init, fit_steps=n, lr=lr,
+                        train_batches=batches(data.train_tokens, fit_batch, seed=10_000 + seed), seed=seed,
+                        device=device, tokenizer=data.tokenizer)
+                    row = {"init": init, "batch": fit_batch, "steps": n, "lr": lr, "start_loss": start_loss,
+                           "fitted_loss": score(large), "fit_train_steps": fit_flops / step_flops,
+                           "seconds": time.perf_counter() - started}
+                    result["rows"].append(row)
+                    log(f"[{model}] {init:<8} batch {fit_batch:>3} {n:>3} steps lr {lr:.0e}: "
+                        f"{start_loss:.4f} -> {row['fitted_loss']:.4f}")
     return result
 
 
@@ -73,11 +79,13 @@ def markdown(result: dict, command: str, machine: str) -> str:
         f"Small model held-out loss {result['small_loss']:.4f}; seed {result['seed']}. Held-out loss of the grown",
         "model before and after fitting; the fit's cost in large-model training steps (FLOPs).",
         "",
-        "| start | fit steps | peak lr | start loss | fitted loss | change | cost (training steps) |",
-        "|---|---|---|---|---|---|---|",
+        "| start | fit batch | fit steps | peak lr | start loss | fitted loss | change | cost (training steps) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        lines.append(f"| {r['init']} | {r['steps']} | {r['lr']:.0e} | {r['start_loss']:.4f} | {r['fitted_loss']:.4f} "
+        # Rows from before the batch axis fitted with the training batch.
+        batch = r.get("batch", result.get("train_batch", "-"))
+        lines.append(f"| {r['init']} | {batch} | {r['steps']} | {r['lr']:.0e} | {r['start_loss']:.4f} | {r['fitted_loss']:.4f} "
                      f"| {r['fitted_loss'] - r['start_loss']:+.4f} | {r['fit_train_steps']:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -89,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--inits", default="preserve,stack")
     p.add_argument("--steps", default="6,12,24,48")
     p.add_argument("--lrs", default="3e-4,1e-3,3e-3")
+    p.add_argument("--fit-batches", help="sequences per fitting step, comma-separated (default: the training batch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
@@ -101,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = sweep(args.model, savings.SIZES[args.size], inits, [int(s) for s in args.steps.split(",")],
-                   [float(x) for x in args.lrs.split(",")], args.seed, default_device(args.device))
+                   [float(x) for x in args.lrs.split(",")], args.seed, default_device(args.device),
+                   fit_batches=[int(b) for b in args.fit_batches.split(",")] if args.fit_batches else None)
     text = markdown(result, "python bench/fit_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                     savings.machine_description())
     print(text)

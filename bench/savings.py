@@ -68,6 +68,11 @@ class Size:
     weight_decay: float = 0.01
     corpus_docs: int | None = None  # use only the first documents of the corpus (CI)
     mlm_lr: float | None = None  # the large runs' peak learning rate for BERT (post-LN), if not ``lr``
+    fit_batch: int | None = None  # sequences per LiGO fitting step, if not ``batch``
+    noise: float | None = None  # growth's symmetry breaking, if not the engine's default
+
+    def fit_batch_size(self) -> int:
+        return self.fit_batch or self.batch
 
     def warmup(self, steps: int) -> int:
         return max(1, int(self.warmup_frac * steps))
@@ -218,12 +223,13 @@ def build_large(strategy: str, small, tconfig, data: Prepared, size: Size, seed:
     if strategy == "scratch":
         torch.manual_seed(seed)
         return model_class(data.model)(tconfig), 0.0, 0.0, {}
-    fit_batches = CountingBatches(batches(data.train_tokens, size.batch, seed=10_000 + seed))
+    fit_batches = CountingBatches(batches(data.train_tokens, size.fit_batch_size(), seed=10_000 + seed))
     ligo_init = LIGO_VARIANTS.get(strategy)
     large, info = ligo_core.grow_model(
         copy.deepcopy(small), tconfig, strategy="ligo" if ligo_init else strategy,
         fit_steps=size.fit_steps if ligo_init else 0, train_batches=fit_batches, seed=seed, device=device,
         tokenizer=data.tokenizer, ligo_init=ligo_init or "stack",
+        **({} if size.noise is None else {"noise": size.noise}),
     )
     for param in large.parameters():  # grow_model returns weights that may not require grad
         param.requires_grad_(True)
@@ -236,7 +242,7 @@ def build_large(strategy: str, small, tconfig, data: Prepared, size: Size, seed:
         # operator's own work per step (or one materialisation for the fixed strategies).
         fit_flops = cost.fit_flops(small.config, tconfig, strategy="ligo" if ligo_init else strategy,
                                    steps=fit_batches.batches,
-                                   batch=size.batch, seq_len=size.seq_len)["flops"]
+                                   batch=size.fit_batch_size(), seq_len=size.seq_len)["flops"]
     return large, float(fit_flops), seconds, info
 
 
@@ -568,7 +574,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, help="training steps of every large run (overrides the size)")
     p.add_argument("--small-steps", type=int, help="pretraining steps of the small model")
     p.add_argument("--fit-steps", type=int, help="LiGO operator fitting steps")
+    p.add_argument("--fit-batch", type=int, help="sequences per LiGO fitting step (default: the training batch)")
     p.add_argument("--eval-every", type=int)
+    p.add_argument("--noise", type=float, help="growth's symmetry breaking in [0, 1] (default: the engine's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest for the tiny size on a busy machine)")
     p.add_argument("--out", default="docs/results")
@@ -583,7 +591,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     size = SIZES[args.size]
     overrides = {k: v for k, v in {"steps": args.steps, "small_steps": args.small_steps,
-                                   "fit_steps": args.fit_steps, "eval_every": args.eval_every}.items() if v}
+                                   "fit_steps": args.fit_steps, "fit_batch": args.fit_batch,
+                                   "eval_every": args.eval_every, "noise": args.noise}.items() if v is not None}
     size = replace(size, **overrides)
     models = [m for m in args.models.split(",") if m]
     strategies = [s for s in args.strategies.split(",") if s]

@@ -169,16 +169,34 @@ def test_fit_sweep_reports_every_setting_with_its_cost(tmp_path):
     threads = torch.get_num_threads()
     try:
         result = fit_sweep.main(["--size", "tiny", "--model", "gpt2", "--inits", "preserve", "--steps", "2,4",
-                                 "--lrs", "1e-3", "--threads", "1", "--out", str(out)])
+                                 "--lrs", "1e-3", "--fit-batches", "4,8", "--threads", "1", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     rows = result["rows"]
-    assert [(r["init"], r["steps"], r["lr"]) for r in rows] == [("preserve", 2, 1e-3), ("preserve", 4, 1e-3)]
+    assert [(r["init"], r["batch"], r["steps"], r["lr"]) for r in rows] == [
+        ("preserve", 4, 2, 1e-3), ("preserve", 4, 4, 1e-3), ("preserve", 8, 2, 1e-3), ("preserve", 8, 4, 1e-3)]
     for r in rows:
-        # A fitting step is a large-model training step plus the operator's own work.
-        assert r["steps"] < r["fit_train_steps"] < 2 * r["steps"]
+        # A fitting step at the training batch (8) is a large-model training step plus the operator's work.
+        tokens_share = r["batch"] / 8
+        assert r["steps"] * tokens_share < r["fit_train_steps"] < r["steps"] * (tokens_share + 1)
         assert r["fitted_loss"] != r["start_loss"]  # the fit moved the operator
     # The function-preserving start is the small model's function.
     assert rows[0]["start_loss"] == pytest.approx(result["small_loss"], abs=0.02)
-    assert "| preserve | 4 | 1e-03 |" in out.read_text()
+    assert "| preserve | 8 | 4 | 1e-03 |" in out.read_text()
     assert json.loads(out.with_suffix(".json").read_text()) == json.loads(json.dumps(result))
+
+
+def test_symmetry_bench_finds_copies_and_their_separation():
+    import symmetry
+
+    threads = torch.get_num_threads()
+    try:
+        rows = symmetry.main(["--size", "tiny", "--steps", "6", "--noises", "0,1", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    stuck, broken = (r["probes"]["FFN units, last layer"] for r in rows)
+    # tiny: 1 -> 2 layers, FFN 64 -> 128: the new (last) layer holds 64 pairs of copies.
+    assert stuck["groups"] == broken["groups"] == 64
+    assert stuck["copy_cos"] == pytest.approx(1.0, abs=1e-6)  # zero-output block, no breaking: never apart
+    assert broken["copy_cos"] < 1 - 1e-4
+    assert rows[0]["probes"]["residual units (embedding)"]["groups"] == 32  # 32 -> 64 wide: each unit twice

@@ -1,0 +1,131 @@
+"""Do copied units stay copies?  Symmetry breaking after growth, measured.
+
+A function-preserving growth makes every new unit a copy of an old one. Under AdamW the copies
+separate only as fast as the growth makes them differ: AdamW's step ignores a gradient's scale,
+so copies whose gradients differ only by a factor take identical steps, and the copies in a new
+block whose outputs start at zero get identical gradients outright. This grows the savings
+benchmark's small GPT-2 with ``preserve`` at each ``--noises`` value (the engine's symmetry
+breaking), trains every grown model with the benchmark's recipe, and prints how alike the
+copies still are (mean cosine of their incoming weights; a random pair of distinct units for
+scale) and the held-out loss.
+
+    python bench/symmetry.py [--noises 0.1,1.0] [--steps 600] [--strategy preserve]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import savings  # noqa: E402
+
+import ligo_core  # noqa: E402
+from ligo_core.data import batches  # noqa: E402
+from ligo_core.training import default_device, train  # noqa: E402
+
+# What to look at: tensor, and whether units are its columns (GPT-2's Conv1D stores (in, out)).
+PROBES = {
+    "FFN units, first layer": "transformer.h.0.mlp.c_fc.weight",
+    "FFN units, last layer": "transformer.h.{last}.mlp.c_fc.weight",
+    "residual units (embedding)": "transformer.wte.weight",
+}
+
+
+def copy_groups(weight: torch.Tensor) -> list[list[int]]:
+    """Units (columns) whose incoming weights point the same way: the copies of one old unit.
+    Direction, not value: the engine may scale a copy's incoming weights."""
+    directions = torch.nn.functional.normalize(weight.T.double(), dim=1)
+    groups: dict[tuple, list[int]] = {}
+    for unit, d in enumerate(directions):
+        groups.setdefault(tuple(torch.round(d * 1e4).tolist()), []).append(unit)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def copy_cosine(weight: torch.Tensor, groups: list[list[int]]) -> float:
+    """Mean cosine between the incoming weights of copies of the same old unit."""
+    cols = weight.T
+    pairs = [(a, b) for g in groups for i, a in enumerate(g) for b in g[i + 1:]]
+    if not pairs:
+        return float("nan")
+    a, b = zip(*pairs)
+    return torch.nn.functional.cosine_similarity(cols[list(a)], cols[list(b)], dim=1).mean().item()
+
+
+def random_cosine(weight: torch.Tensor, samples: int = 2000) -> float:
+    """Mean |cosine| of random pairs of distinct units: what unrelated units look like."""
+    cols = weight.T
+    g = torch.Generator().manual_seed(0)
+    i, j = torch.randint(len(cols), (samples,), generator=g), torch.randint(len(cols), (samples,), generator=g)
+    keep = i != j
+    return torch.nn.functional.cosine_similarity(cols[i[keep]], cols[j[keep]], dim=1).abs().mean().item()
+
+
+def measure(strategy: str, noises: list[float], steps: int, size: savings.Size, device, log=print) -> list[dict]:
+    data = savings.prepare("gpt2", size)
+    score = savings.loss_scorer(data, device)
+    small, _ = savings.pretrain_small("gpt2", size, data, device, log)
+    tconfig = savings.target_config(small.config, size.large)
+    probes = {name: t.format(last=size.large[0] - 1) for name, t in PROBES.items()}
+    rows = []
+    for noise in noises:
+        large, _ = ligo_core.grow_model(copy.deepcopy(small), tconfig, strategy=strategy, fit_steps=0, seed=0,
+                                        device=device, tokenizer=data.tokenizer, noise=noise)
+        for p in large.parameters():
+            p.requires_grad_(True)
+        start = large.state_dict()
+        groups = {name: copy_groups(start[t]) for name, t in probes.items()}
+        train(large, batches(data.train_tokens, size.batch, seed=0), steps, lr=size.lr, warmup=size.warmup(steps),
+              weight_decay=size.weight_decay, objective=data.objective, tokenizer_info=data.info, seed=0,
+              device=device)
+        end = {k: v.detach().cpu() for k, v in large.state_dict().items()}
+        row = {"noise": noise, "loss": score(large), "probes": {}}
+        for name, t in probes.items():
+            row["probes"][name] = {"groups": len(groups[name]), "copy_cos": copy_cosine(end[t], groups[name]),
+                                   "random_cos": random_cosine(end[t])}
+        rows.append(row)
+        log(f"noise {noise}: loss {row['loss']:.4f} " + ", ".join(
+            f"{n}: {p['copy_cos']:.4f}" for n, p in row["probes"].items()))
+    return rows
+
+
+def markdown(rows: list[dict], strategy: str, steps: int) -> str:
+    names = list(PROBES)
+    lines = [
+        f"`{strategy}` growth, then {steps} AdamW steps. Copies: mean cosine of the incoming weights of units",
+        "that started as copies of one old unit (1 = still copies); random: mean |cosine| of distinct units.",
+        "",
+        "| noise | held-out loss | " + " | ".join(f"{n}: copies / random" for n in names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for r in rows:
+        cells = [f"{r['probes'][n]['copy_cos']:.4f} / {r['probes'][n]['random_cos']:.2f}" for n in names]
+        lines.append(f"| {r['noise']} | {r['loss']:.4f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--noises", default="0.1,1.0")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--strategy", default="preserve", choices=[s for s in ligo_core.STRATEGIES if s != "ligo"])
+    p.add_argument("--size", choices=sorted(savings.SIZES), default="default")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = measure(args.strategy, [float(n) for n in args.noises.split(",")], args.steps, savings.SIZES[args.size],
+                   default_device(args.device))
+    print(markdown(rows, args.strategy, args.steps))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
