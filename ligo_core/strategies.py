@@ -322,7 +322,7 @@ def build_operator(
     silent = silent_layers(small["layers"], l2, depth_mode) if zero_new else set()
     for space, layers in per_layer.items():
         inits = [_expander_from_sources(s, small_dims[space], g, noise) for s in layers]
-        for layer in silent:
+        for layer in sorted(silent):  # a fixed order of random draws, not a set's
             inits[layer] = _jitter_copies(inits[layer], g, noise)
         expanders[space] = _stack_layers(inits)
 
