@@ -298,7 +298,7 @@ def grow_model(
         "dropped_tensors": layout.dropped,
         "family": layout.family.name,
         "ligo_init": ligo_init if strategy == "ligo" else None,
-        "noise": 0.0 if strategy == "net2net" else noise,  # net2net divides inputs evenly, by definition
+        "noise": operator.noise,
         "heldout_loss": losses,
         "norm_eps_scale": operator.norm_scale**2,
     }

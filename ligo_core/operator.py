@@ -215,6 +215,7 @@ class GrowthOperator(nn.Module):
         head_tied: bool,
         small_dims: dict[str, int],
         large_layers: int,
+        noise: float = 0.0,
     ):
         super().__init__()
         self.family = family
@@ -226,6 +227,7 @@ class GrowthOperator(nn.Module):
         self.head_tied = head_tied
         self.small_dims = small_dims
         self.large_layers = large_layers
+        self.noise = noise  # the symmetry breaking its initial expanders were drawn with
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

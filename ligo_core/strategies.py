@@ -298,7 +298,7 @@ def build_operator(
         raise ValueError(f"unknown ligo_init {ligo_init!r}; choose from {', '.join(LIGO_INITS)}")
     width, depth_mode, zero_new = LIGO_INITS[ligo_init] if strategy == "ligo" else STRATEGY_MODES[strategy]
     if width == "net2net":
-        noise = 0.0
+        noise = 0.0  # bert2BERT divides a unit's inputs evenly among its copies, by definition
     g = torch.Generator().manual_seed(seed)
     dh, dh2 = small["head_dim"], large["head_dim"]
     q_scale = math.sqrt(dh2 / dh)  # keeps q.k / sqrt(head_dim) when heads get wider
@@ -340,4 +340,5 @@ def build_operator(
         head_tied=head_tied,
         small_dims=small_dims,
         large_layers=l2,
+        noise=noise,
     )

@@ -129,6 +129,16 @@ def test_noise_outside_its_range_is_refused():
         grow_model(small, resolve_target("layers=4", small.config), strategy="preserve", fit_steps=0, noise=1.5)
 
 
+@pytest.mark.parametrize("strategy, reported", [("preserve", 0.4), ("stack", 0.4), ("net2net", 0.0)])
+def test_info_reports_the_noise_the_operator_applied(strategy, reported):
+    """net2net divides a unit's inputs evenly among its copies whatever noise is asked for, so its
+    report must say 0 rather than echo the request."""
+    small = make_model("gpt2")
+    _, info = grow_model(small, resolve_target("layers=4,hidden=64", small.config), strategy=strategy,
+                         fit_steps=0, noise=0.4)
+    assert info["noise"] == reported
+
+
 def _pretrain(model, tokens, steps=60, lr=3e-3, objective="clm", info=None):
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
