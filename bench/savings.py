@@ -70,6 +70,8 @@ class Size:
     mlm_lr: float | None = None  # the large runs' peak learning rate for BERT (post-LN), if not ``lr``
     fit_batch: int | None = None  # sequences per LiGO fitting step, if not ``batch``
     noise: float | None = None  # growth's symmetry breaking, if not the engine's default
+    fit_lr: float | None = None  # LiGO fitting's peak learning rate, if not the engine's default
+    spread: float | None = None  # how far growth moves copied units apart, if not the engine's default
 
     def fit_batch_size(self) -> int:
         return self.fit_batch or self.batch
@@ -230,6 +232,8 @@ def build_large(strategy: str, small, tconfig, data: Prepared, size: Size, seed:
         fit_steps=size.fit_steps if ligo_init else 0, train_batches=fit_batches, seed=seed, device=device,
         tokenizer=data.tokenizer, ligo_init=ligo_init or "stack",
         **({} if size.noise is None else {"noise": size.noise}),
+        **({} if size.fit_lr is None else {"lr": size.fit_lr}),
+        **({} if size.spread is None else {"spread": size.spread}),
     )
     for param in large.parameters():  # grow_model returns weights that may not require grad
         param.requires_grad_(True)
@@ -575,8 +579,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--small-steps", type=int, help="pretraining steps of the small model")
     p.add_argument("--fit-steps", type=int, help="LiGO operator fitting steps")
     p.add_argument("--fit-batch", type=int, help="sequences per LiGO fitting step (default: the training batch)")
+    p.add_argument("--fit-lr", type=float, help="LiGO fitting's peak learning rate (default: the engine's)")
     p.add_argument("--eval-every", type=int)
     p.add_argument("--noise", type=float, help="growth's symmetry breaking in [0, 1] (default: the engine's)")
+    p.add_argument("--spread", type=float, help="how far growth moves copied units apart (default: the engine's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest for the tiny size on a busy machine)")
     p.add_argument("--out", default="docs/results")
@@ -591,8 +597,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     size = SIZES[args.size]
     overrides = {k: v for k, v in {"steps": args.steps, "small_steps": args.small_steps,
-                                   "fit_steps": args.fit_steps, "fit_batch": args.fit_batch,
-                                   "eval_every": args.eval_every, "noise": args.noise}.items() if v is not None}
+                                   "fit_steps": args.fit_steps, "fit_batch": args.fit_batch, "fit_lr": args.fit_lr,
+                                   "eval_every": args.eval_every, "noise": args.noise,
+                                   "spread": args.spread}.items() if v is not None}
     size = replace(size, **overrides)
     models = [m for m in args.models.split(",") if m]
     strategies = [s for s in args.strategies.split(",") if s]

@@ -5,11 +5,12 @@ separate only as fast as the growth makes them differ: AdamW's step ignores a gr
 so copies whose gradients differ only by a factor take identical steps, and the copies in a new
 block whose outputs start at zero get identical gradients outright. This grows the savings
 benchmark's small GPT-2 with ``preserve`` at each ``--noises`` value (the engine's symmetry
-breaking), trains every grown model with the benchmark's recipe, and prints how alike the
-copies still are (mean cosine of their incoming weights; a random pair of distinct units for
-scale) and the held-out loss.
+breaking of the input shares) and ``--spreads`` value (how far the copies' incoming weights are
+moved apart after growth), trains every grown model with the benchmark's recipe, and prints how
+alike the copies still are (mean cosine of their incoming weights, at the start and after
+training; a random pair of distinct units for scale) and the held-out loss.
 
-    python bench/symmetry.py [--noises 0.1,1.0] [--steps 600] [--strategy preserve]
+    python bench/symmetry.py [--noises 1.0] [--spreads 0,1,2] [--steps 600] [--strategy preserve]
 """
 
 from __future__ import annotations
@@ -67,31 +68,42 @@ def random_cosine(weight: torch.Tensor, samples: int = 2000) -> float:
     return torch.nn.functional.cosine_similarity(cols[i[keep]], cols[j[keep]], dim=1).abs().mean().item()
 
 
-def measure(strategy: str, noises: list[float], steps: int, size: savings.Size, device, log=print) -> list[dict]:
+def measure(strategy: str, noises: list[float], spreads: list[float], steps: int, size: savings.Size, device,
+            log=print) -> list[dict]:
     data = savings.prepare("gpt2", size)
     score = savings.loss_scorer(data, device)
     small, _ = savings.pretrain_small("gpt2", size, data, device, log)
     tconfig = savings.target_config(small.config, size.large)
     probes = {name: t.format(last=size.large[0] - 1) for name, t in PROBES.items()}
+
+    def grow(noise: float, spread: float):
+        large, _ = ligo_core.grow_model(copy.deepcopy(small), tconfig, strategy=strategy, fit_steps=0, seed=0,
+                                        device=device, tokenizer=data.tokenizer, noise=noise, spread=spread)
+        return large
+
     rows = []
     for noise in noises:
-        large, _ = ligo_core.grow_model(copy.deepcopy(small), tconfig, strategy=strategy, fit_steps=0, seed=0,
-                                        device=device, tokenizer=data.tokenizer, noise=noise)
-        for p in large.parameters():
-            p.requires_grad_(True)
-        start = large.state_dict()
-        groups = {name: copy_groups(start[t]) for name, t in probes.items()}
-        train(large, batches(data.train_tokens, size.batch, seed=0), steps, lr=size.lr, warmup=size.warmup(steps),
-              weight_decay=size.weight_decay, objective=data.objective, tokenizer_info=data.info, seed=0,
-              device=device)
-        end = {k: v.detach().cpu() for k, v in large.state_dict().items()}
-        row = {"noise": noise, "loss": score(large), "probes": {}}
-        for name, t in probes.items():
-            row["probes"][name] = {"groups": len(groups[name]), "copy_cos": copy_cosine(end[t], groups[name]),
-                                   "random_cos": random_cosine(end[t])}
-        rows.append(row)
-        log(f"noise {noise}: loss {row['loss']:.4f} " + ", ".join(
-            f"{n}: {p['copy_cos']:.4f}" for n, p in row["probes"].items()))
+        # Which units are copies: read off the unseparated growth (same seed, same placement).
+        exact = grow(noise, 0.0).state_dict()
+        groups = {name: copy_groups(exact[t]) for name, t in probes.items()}
+        for spread in spreads:
+            large = grow(noise, spread)
+            for p in large.parameters():
+                p.requires_grad_(True)
+            start = {k: v.detach().clone() for k, v in large.state_dict().items()}
+            row = {"noise": noise, "spread": spread, "start_loss": score(large), "probes": {}}
+            train(large, batches(data.train_tokens, size.batch, seed=0), steps, lr=size.lr,
+                  warmup=size.warmup(steps), weight_decay=size.weight_decay, objective=data.objective,
+                  tokenizer_info=data.info, seed=0, device=device)
+            end = {k: v.detach().cpu() for k, v in large.state_dict().items()}
+            row["loss"] = score(large)
+            for name, t in probes.items():
+                row["probes"][name] = {"groups": len(groups[name]), "start_cos": copy_cosine(start[t], groups[name]),
+                                       "copy_cos": copy_cosine(end[t], groups[name]),
+                                       "random_cos": random_cosine(end[t])}
+            rows.append(row)
+            log(f"noise {noise} spread {spread}: loss {row['start_loss']:.4f} -> {row['loss']:.4f}; " + ", ".join(
+                f"{n}: {p['start_cos']:.4f} -> {p['copy_cos']:.4f}" for n, p in row["probes"].items()))
     return rows
 
 
@@ -99,20 +111,25 @@ def markdown(rows: list[dict], strategy: str, steps: int) -> str:
     names = list(PROBES)
     lines = [
         f"`{strategy}` growth, then {steps} AdamW steps. Copies: mean cosine of the incoming weights of units",
-        "that started as copies of one old unit (1 = still copies); random: mean |cosine| of distinct units.",
+        "that started as copies of one old unit (1 = still copies), at the start and after training;",
+        "random: mean |cosine| of distinct units after training.",
         "",
-        "| noise | held-out loss | " + " | ".join(f"{n}: copies / random" for n in names) + " |",
-        "|---|---|" + "---|" * len(names),
+        "| noise | spread | held-out loss, start | after training | "
+        + " | ".join(f"{n}: copies start / end / random" for n in names) + " |",
+        "|---|---|---|---|" + "---|" * len(names),
     ]
     for r in rows:
-        cells = [f"{r['probes'][n]['copy_cos']:.4f} / {r['probes'][n]['random_cos']:.2f}" for n in names]
-        lines.append(f"| {r['noise']} | {r['loss']:.4f} | " + " | ".join(cells) + " |")
+        cells = [f"{r['probes'][n]['start_cos']:.3f} / {r['probes'][n]['copy_cos']:.4f} / "
+                 f"{r['probes'][n]['random_cos']:.2f}" for n in names]
+        lines.append(f"| {r['noise']} | {r['spread']} | {r['start_loss']:.4f} | {r['loss']:.4f} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--noises", default="0.1,1.0")
+    p.add_argument("--noises", default="1.0")
+    p.add_argument("--spreads", default="0,1,2")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--strategy", default="preserve", choices=[s for s in ligo_core.STRATEGIES if s != "ligo"])
     p.add_argument("--size", choices=sorted(savings.SIZES), default="default")
@@ -121,7 +138,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = measure(args.strategy, [float(n) for n in args.noises.split(",")], args.steps, savings.SIZES[args.size],
+    rows = measure(args.strategy, [float(n) for n in args.noises.split(",")],
+                   [float(s) for s in args.spreads.split(",")], args.steps, savings.SIZES[args.size],
                    default_device(args.device))
     print(markdown(rows, args.strategy, args.steps))
     return rows

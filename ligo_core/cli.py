@@ -53,7 +53,7 @@ def print_report(report: dict, console) -> None:
     console.print(t)
     h = report["heldout_loss"]
     lt = Table(title="held-out loss", show_header=True)
-    for col in ("small model", "grown, before fit", "grown, after fit", "random large"):
+    for col in ("small model", "grown, before fit", "grown, as written", "random large"):
         lt.add_column(col)
     lt.add_row(_fmt_loss(h["small"]), _fmt_loss(h["grown_before_fit"]), _fmt_loss(h["grown_after_fit"]),
                _fmt_loss(h["random_large"]))
@@ -78,7 +78,7 @@ def cmd_grow(args) -> int:
         args.src, args.target, args.out, strategy=args.strategy, fit_steps=args.fit_steps, data=args.data,
         seed=args.seed, device=args.device, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
         progress=_progress_printer(console), max_shard_size=args.max_shard_size, ligo_init=args.ligo_init,
-        accumulate=args.accumulate, **({} if args.noise is None else {"noise": args.noise}),
+        accumulate=args.accumulate, **{k: v for k, v in {"noise": args.noise, "spread": args.spread}.items() if v is not None},
     )
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where LiGO's depth mixing starts (widths always start function-preserving)")
     g.add_argument("--noise", type=float,
                    help="symmetry breaking between copied units, 0-1 (default 1; exact at any value)")
+    g.add_argument("--spread", type=float,
+                   help="move copied units' incoming weights apart, 0-4 (default 2; exact to first order, "
+                        "0 keeps the function exactly)")
     g.add_argument("--data", help="text file, JSON lines with a 'text' field, or a directory of them "
                                   "(default: the shipped English corpus)")
     g.add_argument("--seed", type=int, default=0)

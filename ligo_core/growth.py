@@ -15,7 +15,8 @@ from ligo_core.errors import CheckpointError, GrowthCancelled, TargetError
 from ligo_core.families import Family, TensorSpec
 from ligo_core.objective import heldout_loss, lm_loss, tokenizer_info
 from ligo_core.operator import GrowthOperator
-from ligo_core.strategies import DEFAULT_NOISE, LIGO_INITS, STRATEGY_MODES, build_operator
+from ligo_core.separation import separation_offsets
+from ligo_core.strategies import DEFAULT_NOISE, DEFAULT_SPREAD, LIGO_INITS, MAX_SPREAD, STRATEGY_MODES, build_operator
 from ligo_core.targets import check_growth, family_of, sizes_of
 from ligo_core.training import default_device, lr_at
 
@@ -147,8 +148,12 @@ def fit_operator(
     progress: Callable[[dict], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     accumulate: int = 1,
+    offsets: dict[str, torch.Tensor] | None = None,
 ) -> list[tuple[int, float]]:
     """Train only the operator on the large model's loss; the small weights stay frozen.
+
+    ``offsets`` (fixed tensors, by large name) are added to the operator's output, so the loss is
+    that of the model that will be written (copies moved apart, see ligo_core/separation.py).
 
     With ``accumulate`` > 1 each step draws that many batches: the operator is applied once, the
     batches' gradients gather on the large weights, and one backward pass carries them through
@@ -179,6 +184,8 @@ def fit_operator(
             group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 10))  # warm-up sized for the fit
         with autocast:
             large = operator.materialise(small_state, layout.names)
+            for name, offset in (offsets or {}).items():
+                large[name] = large[name] + offset
         optimizer.zero_grad(set_to_none=True)
         if accumulate == 1:
             loss = batch_loss(large)
@@ -237,6 +244,7 @@ def grow_model(
     should_cancel: Callable[[], bool] | None = None,
     tokenizer=None,
     noise: float = DEFAULT_NOISE,
+    spread: float = DEFAULT_SPREAD,
     heldout: torch.Tensor | None = None,
     eval_batch_size: int = 16,
     ligo_init: str = "stack",
@@ -255,6 +263,8 @@ def grow_model(
         raise TargetError("strategy 'ligo' needs training batches to fit the operator")
     if not 0.0 <= noise <= 1.0:
         raise TargetError(f"noise (symmetry breaking between copied units) must be in [0, 1], got {noise}")
+    if not 0.0 <= spread <= MAX_SPREAD:
+        raise TargetError(f"spread (how far copied units are moved apart) must be in [0, {MAX_SPREAD}], got {spread}")
     if accumulate < 1:
         raise TargetError(f"accumulate must be at least 1, got {accumulate}")
     device = pick_device(device)
@@ -265,7 +275,7 @@ def grow_model(
     torch.manual_seed(seed)
     operator = build_operator(
         strategy, layout.family, layout.specs, small_sizes, large_sizes, layout.head_tied, seed=seed, noise=noise,
-        ligo_init=ligo_init,
+        ligo_init=ligo_init, spread=spread,
     )
     target_config = _scaled_eps(target_config, layout.family, operator.norm_scale)
     small_state = {k: v.to(device=device, dtype=torch.float32) for k, v in state.items()}
@@ -286,9 +296,13 @@ def grow_model(
     _strip_parameters(skeleton)
     _move_buffers(skeleton, device)
     operator.to(device)
-    if heldout is not None:
-        with torch.no_grad():
-            losses["before_fit"] = evaluate(params=operator.materialise(small_state, layout.names))
+    with torch.no_grad():
+        initial = operator.materialise(small_state, layout.names)
+        if heldout is not None:
+            losses["before_fit"] = evaluate(params=initial)
+    # Copies moved apart (ligo_core/separation.py), as offsets: the fit trains with them in place.
+    offsets = separation_offsets(initial, operator, layout.names, operator.spread,
+                                 torch.Generator().manual_seed(seed + 2))
     info: dict = {
         "strategy": strategy,
         "operator_parameters": operator.num_parameters(),
@@ -299,24 +313,31 @@ def grow_model(
         "family": layout.family.name,
         "ligo_init": ligo_init if strategy == "ligo" else None,
         "noise": operator.noise,
+        "spread": operator.spread,
         "heldout_loss": losses,
         "norm_eps_scale": operator.norm_scale**2,
     }
     if strategy == "ligo" and fit_steps > 0:
+        initial = None  # the fitted operator's tensors replace it; not held through the fit
         lr = lr if lr is not None else default_lr(strategy)
         started = time.perf_counter()
         history = fit_operator(
             operator, skeleton, small_state, layout, train_batches, fit_steps, lr, mlm_info, device, seed,
-            progress, should_cancel, accumulate,
+            progress, should_cancel, accumulate, offsets,
         )
         info.update(fit_steps=fit_steps, fit_history=history, fit_seconds=time.perf_counter() - started, fit_lr=lr,
                     fit_accumulate=accumulate)
     if progress:
         progress({"stage": "materialising", "step": 0, "total": 1, "loss": None})
     with torch.no_grad():
-        large_state = operator.materialise(small_state, layout.names)
+        large_state = operator.materialise(small_state, layout.names) if info["fit_steps"] else initial
+        del initial
+        for name, offset in offsets.items():
+            large_state[name] = large_state[name] + offset
+        del offsets
         if heldout is not None:
-            losses["after_fit"] = evaluate(params=large_state) if info["fit_steps"] else losses["before_fit"]
+            changed = info["fit_steps"] or operator.spread  # the grown model differs from the initial operator's
+            losses["after_fit"] = evaluate(params=large_state) if changed else losses["before_fit"]
     del operator
     large = load_grown_weights(skeleton, {k: v.contiguous() for k, v in large_state.items()})
     large.eval()

@@ -216,6 +216,7 @@ class GrowthOperator(nn.Module):
         small_dims: dict[str, int],
         large_layers: int,
         noise: float = 0.0,
+        spread: float = 0.0,
     ):
         super().__init__()
         self.family = family
@@ -228,6 +229,7 @@ class GrowthOperator(nn.Module):
         self.small_dims = small_dims
         self.large_layers = large_layers
         self.noise = noise  # the symmetry breaking its initial expanders were drawn with
+        self.spread = spread  # how far copies are moved apart once materialised (ligo_core/separation.py)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -14,7 +14,7 @@ from ligo_core.data import batches, build_token_data
 from ligo_core.errors import DataError
 from ligo_core.growth import grow_model, pick_device
 from ligo_core.output import check_output_dir, write_checkpoint
-from ligo_core.strategies import DEFAULT_NOISE
+from ligo_core.strategies import DEFAULT_NOISE, DEFAULT_SPREAD
 from ligo_core.targets import resolve_target, sizes_of
 
 DEFAULT_BATCH_SIZE = 16
@@ -70,6 +70,7 @@ def grow(
     ligo_init: str = "stack",
     accumulate: int = 1,
     noise: float = DEFAULT_NOISE,
+    spread: float = DEFAULT_SPREAD,
 ) -> dict:
     """Grow the checkpoint at ``src`` to ``target`` and write it to ``out_dir``; returns the report."""
     started = time.perf_counter()
@@ -108,13 +109,14 @@ def grow(
             train_batches=batches(token_data.train, batch_size, seed) if token_data is not None else None,
             seed=seed, lr=lr, device=dev, progress=progress, should_cancel=should_cancel,
             tokenizer=loaded.tokenizer, heldout=heldout, ligo_init=ligo_init, accumulate=accumulate,
-            noise=noise,
+            noise=noise, spread=spread,
         )
         gap = function_gap(loaded.model, large, heldout, dev)
         report = {
             "strategy": strategy,
             "ligo_init": info["ligo_init"],
             "noise": info["noise"],
+            "spread": info["spread"],
             "family": loaded.layout.family.name,
             "source": {
                 "config": loaded.config.to_dict(), "sizes": sizes_of(loaded.config),

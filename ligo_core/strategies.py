@@ -34,6 +34,9 @@ COPY, MEAN, ZERO = "copy", "mean", "zero"
 # differ (docs/GROWTH.md: at 0.1 they were still at cosine 0.9997 after 600 steps).
 DEFAULT_NOISE = 1.0
 PAD_NOISE = 0.1
+# Copies' incoming weights moved apart after growth, first-order exact (ligo_core/separation.py).
+DEFAULT_SPREAD = 2.0
+MAX_SPREAD = 4.0
 
 
 @dataclass(frozen=True)
@@ -43,8 +46,11 @@ class Source:
     scale: float = 1.0
 
 
-def _expander_from_sources(sources: list[Source], d1: int, generator: torch.Generator, noise: float) -> ExpanderInit:
+def _expander_from_sources(sources: list[Source], d1: int, generator: torch.Generator, noise: float,
+                           even_shares: bool = False) -> ExpanderInit:
     """Build ``P [diag(top); C]`` for E, and the matching input side F with ``F^T E = I``.
+
+    ``even_shares``: copies split the input side evenly (``noise`` then only reaches the pads).
 
     The walk over units is plain Python collecting indices; the tensors are filled in bulk
     (element-wise tensor writes made this the slowest part of growing a 355M model).
@@ -55,7 +61,7 @@ def _expander_from_sources(sources: list[Source], d1: int, generator: torch.Gene
     for s in sources:
         if s.kind == COPY:
             counts[s.unit] += 1
-    shares = _random_shares(counts, generator, noise)
+    shares = _random_shares(counts, generator, 0.0 if even_shares else noise)
     top_e, top_f = torch.ones(d1), torch.ones(d1)
     c_e, c_f = torch.zeros(d2 - d1, d1), torch.zeros(d2 - d1, d1)
     order = [0] * d2
@@ -290,6 +296,7 @@ def build_operator(
     seed: int = 0,
     noise: float = DEFAULT_NOISE,
     ligo_init: str = "stack",
+    spread: float = DEFAULT_SPREAD,
 ) -> GrowthOperator:
     """The initial operator for a strategy; ``small``/``large`` are ``sizes_of`` dicts."""
     if strategy not in STRATEGY_MODES:
@@ -298,14 +305,17 @@ def build_operator(
         raise ValueError(f"unknown ligo_init {ligo_init!r}; choose from {', '.join(LIGO_INITS)}")
     width, depth_mode, zero_new = LIGO_INITS[ligo_init] if strategy == "ligo" else STRATEGY_MODES[strategy]
     if width == "net2net":
-        noise = 0.0  # bert2BERT divides a unit's inputs evenly among its copies, by definition
+        noise = spread = 0.0  # bert2BERT as published: exact copies, inputs divided evenly
     g = torch.Generator().manual_seed(seed)
     dh, dh2 = small["head_dim"], large["head_dim"]
     q_scale = math.sqrt(dh2 / dh)  # keeps q.k / sqrt(head_dim) when heads get wider
     l2 = large["layers"]
 
+    # Separating copies after growth moves the residual stream's copies by equal and opposite
+    # amounts; a norm's mean and variance see them cancel only if the readers' shares are even too.
     res = _expander_from_sources(
-        residual_sources(small["hidden"], large["hidden"], family.norm, width, g), small["hidden"], g, noise
+        residual_sources(small["hidden"], large["hidden"], family.norm, width, g), small["hidden"], g, noise,
+        even_shares=spread > 0,
     )
     expanders = {"res": res}
     per_layer = {"q": [], "k": [], "v": [], "ffn": []}
@@ -341,4 +351,5 @@ def build_operator(
         small_dims=small_dims,
         large_layers=l2,
         noise=noise,
+        spread=spread,
     )

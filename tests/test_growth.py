@@ -31,7 +31,7 @@ def test_preserve_keeps_the_function(name, target):
         spec = "hidden=64,heads=8,ffn=128" if post_norm else ("hidden=64,heads=8,layers=5" + (",ffn=256" if name == "gpt2" else ",ffn=128"))
     else:
         spec = target_for(name)
-    large, _ = grow_model(small, resolve_target(spec, small.config), strategy="preserve", fit_steps=0)
+    large, _ = grow_model(small, resolve_target(spec, small.config), strategy="preserve", fit_steps=0, spread=0.0)
     x = torch.randint(0, small.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     gap = (_logits(small, x) - _logits(large, x)).abs().max().item()
     if post_norm and target == "fractional":
@@ -101,7 +101,7 @@ def test_copies_in_a_new_block_separate_under_adamw(noise, separates):
     symmetry breaking scales them apart (exact: the block adds nothing yet)."""
     small = make_model("gpt2")
     large, _ = grow_model(small, resolve_target("layers=4,hidden=64,heads=8,ffn=256", small.config),
-                          strategy="preserve", fit_steps=0, noise=noise)
+                          strategy="preserve", fit_steps=0, noise=noise, spread=0.0)
     new_block = large.transformer.h[1].mlp.c_fc  # interpolated depth: layer 1 repeats layer 0
     assert torch.equal(large.transformer.h[1].mlp.c_proj.weight, torch.zeros_like(new_block.weight.t()))
     x = torch.randint(0, small.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -130,13 +130,73 @@ def test_noise_outside_its_range_is_refused():
 
 
 @pytest.mark.parametrize("strategy, reported", [("preserve", 0.4), ("stack", 0.4), ("net2net", 0.0)])
-def test_info_reports_the_noise_the_operator_applied(strategy, reported):
-    """net2net divides a unit's inputs evenly among its copies whatever noise is asked for, so its
-    report must say 0 rather than echo the request."""
+def test_info_reports_the_symmetry_breaking_the_operator_applied(strategy, reported):
+    """net2net (bert2BERT as published) keeps exact copies that divide their inputs evenly whatever
+    is asked for, so its report must say 0 rather than echo the request."""
     small = make_model("gpt2")
     _, info = grow_model(small, resolve_target("layers=4,hidden=64", small.config), strategy=strategy,
-                         fit_steps=0, noise=0.4)
-    assert info["noise"] == reported
+                         fit_steps=0, noise=0.4, spread=reported * 5)
+    assert info["noise"] == reported and info["spread"] == reported * 5
+
+
+def test_spread_outside_its_range_is_refused():
+    small = make_model("gpt2")
+    for spread in (-0.5, 4.5):
+        with pytest.raises(TargetError, match="spread"):
+            grow_model(small, resolve_target("hidden=64", small.config), strategy="preserve", fit_steps=0, spread=spread)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_separating_copies_changes_the_function_only_at_second_order(name):
+    """Copies move by +s_b d and -s_a d: the readers' share-weighted sums, and the norms' mean and
+    variance, cancel the first order, so doubling the spread quadruples the change in the logits
+    (a first-order leak would only double it)."""
+    small = make_model(name)
+    spec = "hidden=64,heads=8,ffn=128" if name == "bert" else (
+        "hidden=64,heads=8,layers=5" + (",ffn=256" if name == "gpt2" else ",ffn=128"))
+    x = torch.randint(0, small.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    gaps = []
+    for spread in (0.0, 0.01, 0.02):
+        large, _ = grow_model(small, resolve_target(spec, small.config), strategy="preserve", fit_steps=0,
+                              spread=spread)
+        gaps.append((_logits(small, x) - _logits(large, x)).abs().max().item())
+    assert gaps[0] < 1e-5 and gaps[1] > 1e-6
+    assert 3.0 < gaps[2] / gaps[1] < 5.0, gaps
+
+
+def test_ligo_fits_the_model_it_hands_over():
+    """The fit trains with the copies already moved apart: its first loss is the moved model's."""
+    small = make_model("llama")
+    target = resolve_target("hidden=64,heads=8,ffn=128", small.config)
+    batch = torch.randint(0, small.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(3))
+    moved, _ = grow_model(small, target, strategy="preserve", fit_steps=0, spread=2.0)
+    exact, _ = grow_model(small, target, strategy="preserve", fit_steps=0, spread=0.0)
+    _, info = grow_model(small, target, strategy="ligo", ligo_init="preserve", fit_steps=1, spread=2.0,
+                         train_batches=iter([batch]))
+    with torch.no_grad():
+        want, other = (lm_loss(m.train(), batch, "clm").item() for m in (moved, exact))
+    assert info["fit_history"][0][1] == pytest.approx(want, rel=1e-5)
+    assert abs(want - other) > 1e-3
+
+
+def test_separated_copies_differ_but_keep_what_their_readers_see():
+    small = make_model("gpt2")
+    target = resolve_target("hidden=64,heads=8,ffn=256", small.config)
+    kept, _ = grow_model(small, target, strategy="preserve", fit_steps=0, spread=1e-9)  # same operator, no move
+    moved, _ = grow_model(small, target, strategy="preserve", fit_steps=0, spread=2.0)
+    # FFN units j and j + 128 copy one old unit; the readers weight them by their shares.
+    w0, w1 = (m.transformer.h[0].mlp.c_fc.weight.detach().t() for m in (kept, moved))  # (units, in)
+    out = kept.transformer.h[0].mlp.c_proj.weight.detach().norm(dim=1)  # outgoing row = share * v
+    share = out / (out[:128] + out[128:]).repeat(2)
+    seen = lambda w: share[:128, None] * w[:128] + share[128:, None] * w[128:]  # noqa: E731
+    torch.testing.assert_close(seen(w1), seen(w0), atol=1e-5, rtol=1e-4)
+    assert _copy_pair_cosines(w0).min() > 0.9999 and _copy_pair_cosines(w1).mean() < 0.8
+    # Residual units j and j + 32 (even shares there): equal and opposite moves of the embedding.
+    e0, e1 = (m.transformer.wte.weight.detach().t() for m in (kept, moved))
+    torch.testing.assert_close(e1[:32] + e1[32:], e0[:32] + e0[32:], atol=1e-5, rtol=1e-4)
+    assert _copy_pair_cosines(e1).mean() < 0.8
+    # Attention heads are not moved.
+    assert torch.equal(kept.transformer.h[0].attn.c_attn.weight, moved.transformer.h[0].attn.c_attn.weight)
 
 
 def _pretrain(model, tokens, steps=60, lr=3e-3, objective="clm", info=None):

@@ -191,12 +191,16 @@ def test_symmetry_bench_finds_copies_and_their_separation():
 
     threads = torch.get_num_threads()
     try:
-        rows = symmetry.main(["--size", "tiny", "--steps", "6", "--noises", "0,1", "--threads", "1"])
+        rows = symmetry.main(["--size", "tiny", "--steps", "6", "--noises", "0,1", "--spreads", "0,2",
+                              "--threads", "1"])
     finally:
         torch.set_num_threads(threads)
-    stuck, broken = (r["probes"]["FFN units, last layer"] for r in rows)
+    assert [(r["noise"], r["spread"]) for r in rows] == [(0.0, 0.0), (0.0, 2.0), (1.0, 0.0), (1.0, 2.0)]
+    stuck, moved, broken, _ = (r["probes"]["FFN units, last layer"] for r in rows)
     # tiny: 1 -> 2 layers, FFN 64 -> 128: the new (last) layer holds 64 pairs of copies.
-    assert stuck["groups"] == broken["groups"] == 64
+    assert stuck["groups"] == moved["groups"] == broken["groups"] == 64
     assert stuck["copy_cos"] == pytest.approx(1.0, abs=1e-6)  # zero-output block, no breaking: never apart
     assert broken["copy_cos"] < 1 - 1e-4
+    assert moved["start_cos"] < 0.5 and stuck["start_cos"] == pytest.approx(1.0, abs=1e-6)
+    assert rows[1]["start_loss"] > rows[0]["start_loss"]  # separating copies is exact to first order only
     assert rows[0]["probes"]["residual units (embedding)"]["groups"] == 32  # 32 -> 64 wide: each unit twice

@@ -944,7 +944,7 @@
     const hl = report.heldout_loss;
     if (hl && typeof hl === "object") {
       const rows = [["small", "Small model"], ["grown_before_fit", "Grown, before fitting"],
-        ["grown_after_fit", "Grown, after fitting"], ["random_large", "Large model, random weights"]]
+        ["grown_after_fit", "Grown, as written (fitted, copies separated)"], ["random_large", "Large model, random weights"]]
         .filter(([k]) => hl[k] !== undefined && hl[k] !== null);
       if (rows.length) {
         parts.push(h("table", { class: "report-table heldout" },
