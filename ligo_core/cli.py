@@ -123,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     g.add_argument("--strategy", default="ligo", choices=ligo_core.STRATEGIES)
     g.add_argument("--fit-steps", type=int, default=100, help="operator fitting steps for 'ligo' (default 100)")
-    g.add_argument("--ligo-init", default="stack", choices=("stack", "interpolate", "preserve"),
-                   help="where LiGO's depth mixing starts (widths always start function-preserving)")
+    g.add_argument("--ligo-init", default="preserve", choices=("preserve", "stack", "interpolate"),
+                   help="where LiGO's depth mixing starts: zero-output new blocks (default), stacked copies "
+                        "(the reference code's), or each layer repeated (widths always start function-preserving)")
     g.add_argument("--noise", type=float,
                    help="symmetry breaking between copied units, 0-1 (default 1; exact at any value)")
     g.add_argument("--spread", type=float,

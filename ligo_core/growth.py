@@ -16,7 +16,15 @@ from ligo_core.families import Family, TensorSpec
 from ligo_core.objective import heldout_loss, lm_loss, tokenizer_info
 from ligo_core.operator import GrowthOperator
 from ligo_core.separation import separation_offsets
-from ligo_core.strategies import DEFAULT_NOISE, DEFAULT_SPREAD, LIGO_INITS, MAX_SPREAD, STRATEGY_MODES, build_operator
+from ligo_core.strategies import (
+    DEFAULT_LIGO_INIT,
+    DEFAULT_NOISE,
+    DEFAULT_SPREAD,
+    LIGO_INITS,
+    MAX_SPREAD,
+    STRATEGY_MODES,
+    build_operator,
+)
 from ligo_core.targets import check_growth, family_of, sizes_of
 from ligo_core.training import default_device, lr_at
 
@@ -247,7 +255,7 @@ def grow_model(
     spread: float = DEFAULT_SPREAD,
     heldout: torch.Tensor | None = None,
     eval_batch_size: int = 16,
-    ligo_init: str = "stack",
+    ligo_init: str = DEFAULT_LIGO_INIT,
     accumulate: int = 1,
 ) -> tuple[PreTrainedModel, dict]:
     """Grow ``small_model`` to ``target_config`` with a strategy; returns (large model, info).

@@ -14,7 +14,7 @@ from ligo_core.data import batches, build_token_data
 from ligo_core.errors import DataError
 from ligo_core.growth import grow_model, pick_device
 from ligo_core.output import check_output_dir, write_checkpoint
-from ligo_core.strategies import DEFAULT_NOISE, DEFAULT_SPREAD
+from ligo_core.strategies import DEFAULT_LIGO_INIT, DEFAULT_NOISE, DEFAULT_SPREAD
 from ligo_core.targets import resolve_target, sizes_of
 
 DEFAULT_BATCH_SIZE = 16
@@ -67,7 +67,7 @@ def grow(
     progress: Callable[[dict], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     max_shard_size: str | int = "2GB",
-    ligo_init: str = "stack",
+    ligo_init: str = DEFAULT_LIGO_INIT,
     accumulate: int = 1,
     noise: float = DEFAULT_NOISE,
     spread: float = DEFAULT_SPREAD,

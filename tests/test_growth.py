@@ -227,7 +227,7 @@ def test_ligo_fitting_lowers_heldout_loss(name, tokens, tokenizer):
     _pretrain(small, train, objective=objective, info=info)
     target = resolve_target(target_for(name), small.config)
     large, fit = grow_model(
-        small, target, strategy="ligo", fit_steps=25, lr=3e-3, train_batches=batches(train, 16, 1),
+        small, target, strategy="ligo", ligo_init="stack", fit_steps=25, lr=3e-3, train_batches=batches(train, 16, 1),
         heldout=held, tokenizer=tokenizer,
     )
     losses = fit["heldout_loss"]
