@@ -231,9 +231,7 @@ def build_large(strategy: str, small, tconfig, data: Prepared, size: Size, seed:
         copy.deepcopy(small), tconfig, strategy="ligo" if ligo_init else strategy,
         fit_steps=size.fit_steps if ligo_init else 0, train_batches=fit_batches, seed=seed, device=device,
         tokenizer=data.tokenizer, ligo_init=ligo_init or "stack",
-        **({} if size.noise is None else {"noise": size.noise}),
-        **({} if size.fit_lr is None else {"lr": size.fit_lr}),
-        **({} if size.spread is None else {"spread": size.spread}),
+        **{k: v for k, v in {"noise": size.noise, "lr": size.fit_lr, "spread": size.spread}.items() if v is not None},
     )
     for param in large.parameters():  # grow_model returns weights that may not require grad
         param.requires_grad_(True)

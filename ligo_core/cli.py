@@ -78,7 +78,8 @@ def cmd_grow(args) -> int:
         args.src, args.target, args.out, strategy=args.strategy, fit_steps=args.fit_steps, data=args.data,
         seed=args.seed, device=args.device, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
         progress=_progress_printer(console), max_shard_size=args.max_shard_size, ligo_init=args.ligo_init,
-        accumulate=args.accumulate, **{k: v for k, v in {"noise": args.noise, "spread": args.spread}.items() if v is not None},
+        accumulate=args.accumulate,
+        **{k: v for k, v in {"noise": args.noise, "spread": args.spread}.items() if v is not None},
     )
     if args.json:
         print(json.dumps(report, indent=2, default=str))

@@ -341,7 +341,7 @@ def grow_model(
         large_state = operator.materialise(small_state, layout.names) if info["fit_steps"] else initial
         del initial
         for name, offset in offsets.items():
-            large_state[name] = large_state[name] + offset
+            large_state[name].add_(offset)  # materialised tensors own their memory: no second copy
         del offsets
         if heldout is not None:
             changed = info["fit_steps"] or operator.spread  # the grown model differs from the initial operator's

@@ -310,7 +310,7 @@ class GrowthOperator(nn.Module):
         for k, dim in enumerate(spec.dims):
             if dim is None:
                 continue
-            axis = (1 - k) if (spec.stored_transposed and x.dim() == 2) else k
+            axis = stored_axis(spec, k, x.dim())
             space, side = dim[0], self._side(dim[1])
             if "+" in space:
                 parts = torch.split(x, [self.small_dims[s] for s in spec.fused], dim=axis)
@@ -321,6 +321,11 @@ class GrowthOperator(nn.Module):
         if spec.norm_gain and self.norm_scale != 1.0:
             x = x * self.norm_scale
         return x.contiguous() if x is not source else x.clone()
+
+
+def stored_axis(spec: TensorSpec, k: int, ndim: int) -> int:
+    """The axis of a stored tensor that holds the spec's logical dimension ``k`` ((out, in) order)."""
+    return (1 - k) if (spec.stored_transposed and ndim == 2) else k
 
 
 def _runs(src: torch.Tensor, skip: torch.Tensor, limit: int) -> list[list[tuple[int, int, int]]] | None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ligo_core.operator import GrowthOperator
+from ligo_core.operator import GrowthOperator, stored_axis
 
 SEPARATED_SPACES = ("res", "ffn")
 
@@ -74,7 +74,7 @@ def separation_offsets(
         for k, dim in enumerate(spec.dims):
             if dim is None or dim[0] not in pairs or operator._side(dim[1]) != "E" or len(spec.dims) != 2:
                 continue
-            axis = 1 - k if spec.stored_transposed else k
+            axis = stored_axis(spec, k, 2)
             full = names[spec.name]
             tensors = [full.format(i=layer) for layer in range(operator.large_layers)] if spec.per_layer else [full]
             for layer, name in enumerate(tensors):
