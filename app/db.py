@@ -151,6 +151,7 @@ class Job(Base):
     target_config: Mapped[dict] = mapped_column(JSON)  # the resolved large config
     strategy: Mapped[str] = mapped_column(String(32))
     fit: Mapped[dict] = mapped_column(JSON)
+    growth: Mapped[dict] = mapped_column(JSON, default=dict, server_default="{}")  # GrowthOptions; {} = defaults
     plan: Mapped[dict] = mapped_column(JSON)
     seed: Mapped[int] = mapped_column(Integer, default=0)
     callback_url: Mapped[str | None] = mapped_column(String(2048))

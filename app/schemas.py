@@ -80,6 +80,20 @@ class FitOptions(Strict):
     data_uri: str | None = Field(None, description="s3://bucket/key of a text corpus; default: the shipped corpus.")
 
 
+class GrowthOptions(Strict):
+    """How the operator is built; empty fields take the engine's defaults (docs/GROWTH.md)."""
+
+    spread: float | None = Field(None, ge=0, le=4, description=(
+        "How far growth moves copied units apart (default 2). 0 keeps the grown model exactly "
+        "function-preserving; larger values start it a little further from the small model's outputs "
+        "and train better. Not for net2net, which keeps exact copies."))
+    noise: float | None = Field(None, ge=0, le=1, description=(
+        "Symmetry breaking between copies that keeps the function exact (default 1). Not for net2net."))
+    ligo_init: Literal["preserve", "stack"] | None = Field(None, description=(
+        "Where LiGO's fit starts (ligo only): the exact function-preserving operator (default) or "
+        "the stacked depth of the reference code."))
+
+
 class PlanOptions(Strict):
     tokens: int | None = Field(None, ge=1, description="Tokens the grown model will be trained on.")
     gpu: str = "H100"
@@ -92,6 +106,7 @@ class JobCreate(Strict):
     target: TargetSpec = Field(description="A preset name, 'layers=..,hidden=..' fields, or a dict of fields.")
     strategy: Strategy = "ligo"
     fit: FitOptions = Field(default_factory=FitOptions)
+    growth: GrowthOptions = Field(default_factory=GrowthOptions)
     plan: PlanOptions = Field(default_factory=PlanOptions)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     callback_url: HttpUrl | None = None
@@ -118,6 +133,7 @@ class JobOut(BaseModel):
     target: TargetSpec
     strategy: str
     fit: dict[str, Any]
+    growth: dict[str, Any]
     plan: dict[str, Any]
     seed: int
     callback_url: str | None
@@ -176,6 +192,7 @@ def job_json(job) -> dict:
         "target": job.target,
         "strategy": job.strategy,
         "fit": job.fit,
+        "growth": job.growth or {},
         "plan": job.plan,
         "seed": job.seed,
         "callback_url": job.callback_url,

@@ -176,7 +176,13 @@ def test_a_job_is_queued_with_a_location(alice, ckpt):
     assert (job["state"], job["stage"], job["attempts"], job["cancel_requested"]) == ("queued", None, 0, False)
     assert (job["target"], job["strategy"], job["seed"], job["fit"]["steps"]) == (TARGET, "ligo", 7, 3)
     assert job["plan"]["tokens"] == 10**9 and job["error"] is None and job["created_at"].endswith("Z")
+    assert job["growth"] == {}  # the engine's defaults
     assert alice.job(job["id"]) == job
+
+
+def test_growth_options_are_kept_as_given(alice, ckpt):
+    job = alice.submit(ckpt["id"], growth={"spread": 0, "ligo_init": "stack"}).json()
+    assert job["growth"] == {"spread": 0.0, "ligo_init": "stack"} and alice.job(job["id"])["growth"] == job["growth"]
 
 
 @pytest.mark.parametrize("body, field, match", [
@@ -189,6 +195,13 @@ def test_a_job_is_queued_with_a_location(alice, ckpt):
     ({"plan": {"gpu": "abacus"}}, "plan.gpu", "abacus"),
     ({"callback_url": "not a url"}, "callback_url", None),
     ({"fit": {"steps": 3, "data_uri": "s3://b/k.txt"}}, "fit.data_uri", "S3"),
+    ({"growth": {"spread": 4.5}}, "growth.spread", None),
+    ({"growth": {"noise": -0.1}}, "growth.noise", None),
+    ({"growth": {"ligo_init": "random"}}, "growth.ligo_init", None),
+    ({"growth": {"amount": 1}}, "growth.amount", None),
+    ({"strategy": "stack", "growth": {"ligo_init": "stack"}}, "growth.ligo_init", "no fit"),
+    ({"strategy": "net2net", "growth": {"spread": 1.0}}, "growth.spread", "exact copies"),
+    ({"strategy": "net2net", "growth": {"noise": 0.5}}, "growth.noise", "exact copies"),
 ])
 def test_invalid_jobs_are_refused_naming_the_field(svc, alice, ckpt, body, field, match):
     before = counts(svc)
@@ -206,6 +219,8 @@ def test_the_same_idempotency_key_gives_the_same_job(svc, alice, bob, ckpt):
         assert s.scalar(select(func.count()).select_from(Job).where(Job.idempotency_key == "run-42")) == 1
     other = alice.submit(ckpt["id"], fit={"steps": 9}, headers={"Idempotency-Key": "run-42"})
     assert_problem(other, 422, field="Idempotency-Key")
+    exact = alice.submit(ckpt["id"], growth={"spread": 0}, headers={"Idempotency-Key": "run-42"})
+    assert_problem(exact, 422, field="Idempotency-Key")
     # Keys are per tenant.
     bob_ckpt = bob.checkpoint(svc["services"].storage.path_of(f"checkpoints/{ckpt['id']}/tiny.tar.gz").read_bytes())
     assert bob.submit(bob_ckpt["id"], headers={"Idempotency-Key": "run-42"}).status_code == 202

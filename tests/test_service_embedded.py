@@ -24,7 +24,8 @@ pytestmark = pytest.mark.slow
 def test_grow_a_checkpoint_end_to_end(embedded_service, checkpoint_tar, webhook_receiver, tmp_path):
     api = Api(embedded_service["client"], embedded_service["keys"]["alice"])
     ckpt = api.checkpoint(checkpoint_tar)
-    r = api.submit(ckpt["id"], callback_url=webhook_receiver.url, headers={"Idempotency-Key": "e2e"})
+    r = api.submit(ckpt["id"], callback_url=webhook_receiver.url, growth={"spread": 0.5, "ligo_init": "stack"},
+                   headers={"Idempotency-Key": "e2e"})
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
     job = api.wait(job_id, timeout=180)
@@ -46,6 +47,7 @@ def test_grow_a_checkpoint_end_to_end(embedded_service, checkpoint_tar, webhook_
         (out / f["path"]).write_bytes(data)
     assert json.loads((out / "growth_report.json").read_text())["strategy"] == result["report"]["strategy"] == "ligo"
     assert result["report"]["target"]["sizes"]["layers"] == 4
+    assert (result["report"]["spread"], result["report"]["ligo_init"]) == (0.5, "stack")  # the job's growth options
     assert 0 < result["estimate"]["savings"]["fraction"] < 1
     assert result["estimate"]["fit"]["steps"] == FIT["steps"] and result["estimate"]["fit"]["batch"] == 2
 

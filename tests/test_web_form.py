@@ -309,6 +309,12 @@ def test_upload_estimate_grow_watch_and_download(page, service, archives):
     page.get_by_label("Sequence length").fill("32")
     expect(page.locator("#fit-seq-error")).to_be_empty()
     expect(fit_row).to_have_text(sci(est["fit"]["flops"]))
+    spread = page.get_by_label("Move copied units apart (spread)")
+    spread.fill("9")
+    page.get_by_role("button", name="Grow checkpoint").click()
+    expect(page.locator("#growth-spread-error")).to_contain_text("less than or equal to 4")
+    expect(page.locator("#job-created")).to_be_empty()
+    spread.fill("0")  # exact growth
 
     # Submit; the job shows up in the list and runs to success.
     page.get_by_role("button", name="Grow checkpoint").click()
@@ -325,7 +331,7 @@ def test_upload_estimate_grow_watch_and_download(page, service, archives):
         shutil.copyfile(listing, README_SHOT)
 
     job = api(service, "GET", f"/v1/jobs/{job_id}").json()
-    assert job["checkpoint_id"] == ckpt_id and job["state"] == "succeeded"
+    assert job["checkpoint_id"] == ckpt_id and job["state"] == "succeeded" and job["growth"] == {"spread": 0.0}
 
     # The job page: chart of every logged loss, downloads, estimate and report.
     created.click()

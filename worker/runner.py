@@ -184,6 +184,7 @@ class JobRunner:
                 src, job.target, out, strategy=job.strategy, fit_steps=job.fit["steps"], data=data, seed=job.seed,
                 device=s.worker_device, lr=job.fit.get("lr"), batch_size=job.fit.get("batch_size"),
                 seq_len=job.fit.get("seq_len"), progress=progress, should_cancel=should_cancel,
+                **(job.growth or {}),  # GrowthOptions set on the job; the rest are the engine defaults
             )
             files = self._upload(out, prefix + "output/", progress, should_cancel)
             manifest = {

@@ -58,6 +58,19 @@ def job_estimate(source_config: dict, target_config, job_fit: dict, plan: dict, 
     )
 
 
+def _check_growth(body: JobCreate) -> None:
+    growth = body.growth
+    if growth.ligo_init is not None and body.strategy != "ligo":
+        raise field_problem("growth.ligo_init", f"ligo_init sets where LiGO's fit starts; strategy "
+                                                f"{body.strategy!r} has no fit")
+    if body.strategy == "net2net":
+        for name in ("spread", "noise"):
+            if getattr(growth, name):
+                raise field_problem(f"growth.{name}", f"net2net keeps exact copies of units (bert2BERT as "
+                                                      f"published), so {name} does not apply; 'preserve' grows "
+                                                      f"function-preservingly and moves copies apart")
+
+
 def _validate(svc: Services, tenant: str, body: JobCreate) -> tuple[Checkpoint, dict]:
     with svc.db.read() as s:
         ckpt = s.get(Checkpoint, body.checkpoint_id)
@@ -72,6 +85,7 @@ def _validate(svc: Services, tenant: str, body: JobCreate) -> tuple[Checkpoint, 
     if body.strategy == "ligo" and body.fit.steps > 0 and not ckpt.has_tokenizer:
         raise field_problem("checkpoint_id", "the checkpoint has no tokenizer files, which fitting 'ligo' needs; "
                                              "upload it with its tokenizer, set fit.steps to 0, or pick another strategy")
+    _check_growth(body)
     if body.fit.data_uri is not None:
         _bucket, key = check_external_uri(svc, body.fit.data_uri, "fit.data_uri")
         if not key.lower().endswith(DATA_SUFFIXES):
@@ -91,7 +105,9 @@ def _validate(svc: Services, tenant: str, body: JobCreate) -> tuple[Checkpoint, 
 
 
 def _request_hash(body: JobCreate) -> str:
-    return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    # Default growth options are left out, so a request keeps the hash it had before they existed.
+    fields = body.model_dump(mode="json", exclude=None if body.growth.model_dump(exclude_none=True) else {"growth"})
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def _existing(svc: Services, tenant: str, key: str) -> Job | None:
@@ -121,7 +137,8 @@ def create_job(body: JobCreate, tenant: CurrentTenant, svc: Svc,
     ckpt, target_config = _validate(svc, tenant, body)
     job = Job(
         tenant=tenant, checkpoint_id=ckpt.id, state="queued", target=body.target, target_config=target_config,
-        strategy=body.strategy, fit=body.fit.model_dump(), plan=body.plan.model_dump(), seed=body.seed,
+        strategy=body.strategy, fit=body.fit.model_dump(),
+        growth=body.growth.model_dump(exclude_none=True), plan=body.plan.model_dump(), seed=body.seed,
         callback_url=str(body.callback_url) if body.callback_url else None, idempotency_key=idempotency_key,
         request_hash=request_hash, loss_history=[], attempts=0, cancel_requested=False,
         progress_step=0, progress_total=0, created_at=utcnow(),

@@ -219,7 +219,7 @@
   const FIELD_INPUTS = {
     target: "target-preset", strategy: "strategy",
     steps: "fit-steps", fit_steps: "fit-steps", batch_size: "fit-batch", fit_batch: "fit-batch",
-    seq_len: "fit-seq", lr: "fit-lr", data_uri: "fit-data", data: "fit-data", seed: "seed",
+    seq_len: "fit-seq", lr: "fit-lr", data_uri: "fit-data", data: "fit-data", seed: "seed", spread: "growth-spread",
     tokens: "plan-tokens", gpu: "plan-gpu", price_per_gpu_hour: "plan-price",
     utilisation: "plan-util", utilization: "plan-util",
     checkpoint_id: "upload-file", source: "upload-file", filename: "upload-file", file: "upload-file",
@@ -592,6 +592,7 @@
       seq_len: take(numberField("fit-seq", { integer: true })),
       lr: take(numberField("fit-lr")),
       seed: take(numberField("seed", { integer: true })),
+      spread: take(numberField("growth-spread")),
       data_uri: $("fit-data").value.trim() || undefined,
       tokens: take(numberField("plan-tokens", { integer: true })),
       gpu: $("plan-gpu").value || undefined,
@@ -744,6 +745,7 @@
       target: v.target,
       strategy: v.strategy,
       fit: drop({ steps: v.steps, lr: v.lr, batch_size: v.batch_size, seq_len: v.seq_len, data_uri: v.data_uri }),
+      growth: drop({ spread: v.spread }),
       plan: drop({ tokens: v.tokens, gpu: v.gpu, price_per_gpu_hour: v.price_per_gpu_hour, utilisation: v.utilisation }),
       seed: v.seed,
     });
