@@ -31,12 +31,23 @@ import ligo_core  # noqa: E402
 from ligo_core.data import batches  # noqa: E402
 from ligo_core.training import default_device, train  # noqa: E402
 
-# What to look at: tensor, and whether units are its columns (GPT-2's Conv1D stores (in, out)).
+# What to look at: a tensor whose columns are the units (GPT-2's Conv1D stores (in, out)), and
+# for the fused attention projection which part (0 queries, 1 keys, 2 values), else None.
 PROBES = {
-    "FFN units, first layer": "transformer.h.0.mlp.c_fc.weight",
-    "FFN units, last layer": "transformer.h.{last}.mlp.c_fc.weight",
-    "residual units (embedding)": "transformer.wte.weight",
+    "FFN units, first layer": ("transformer.h.0.mlp.c_fc.weight", None),
+    "FFN units, last layer": ("transformer.h.{last}.mlp.c_fc.weight", None),
+    "residual units (embedding)": ("transformer.wte.weight", None),
+    "attention values, first layer": ("transformer.h.0.attn.c_attn.weight", 2),
+    "attention queries, first layer": ("transformer.h.0.attn.c_attn.weight", 0),
 }
+
+
+def probe_units(state: dict, tensor: str, part: int | None) -> torch.Tensor:
+    weight = state[tensor]
+    if part is None:
+        return weight
+    width = weight.shape[1] // 3
+    return weight[:, part * width:(part + 1) * width]
 
 
 def copy_groups(weight: torch.Tensor) -> list[list[int]]:
@@ -74,7 +85,7 @@ def measure(strategy: str, noises: list[float], spreads: list[float], steps: int
     score = savings.loss_scorer(data, device)
     small, _ = savings.pretrain_small("gpt2", size, data, device, log)
     tconfig = savings.target_config(small.config, size.large)
-    probes = {name: t.format(last=size.large[0] - 1) for name, t in PROBES.items()}
+    probes = {name: (t.format(last=size.large[0] - 1), part) for name, (t, part) in PROBES.items()}
 
     def grow(noise: float, spread: float):
         large, _ = ligo_core.grow_model(copy.deepcopy(small), tconfig, strategy=strategy, fit_steps=0, seed=0,
@@ -85,7 +96,7 @@ def measure(strategy: str, noises: list[float], spreads: list[float], steps: int
     for noise in noises:
         # Which units are copies: read off the unseparated growth (same seed, same placement).
         exact = grow(noise, 0.0).state_dict()
-        groups = {name: copy_groups(exact[t]) for name, t in probes.items()}
+        groups = {name: copy_groups(probe_units(exact, *probe)) for name, probe in probes.items()}
         for spread in spreads:
             large = grow(noise, spread)
             for p in large.parameters():
@@ -97,10 +108,11 @@ def measure(strategy: str, noises: list[float], spreads: list[float], steps: int
                   tokenizer_info=data.info, seed=0, device=device)
             end = {k: v.detach().cpu() for k, v in large.state_dict().items()}
             row["loss"] = score(large)
-            for name, t in probes.items():
-                row["probes"][name] = {"groups": len(groups[name]), "start_cos": copy_cosine(start[t], groups[name]),
-                                       "copy_cos": copy_cosine(end[t], groups[name]),
-                                       "random_cos": random_cosine(end[t])}
+            for name, probe in probes.items():
+                before, after = probe_units(start, *probe), probe_units(end, *probe)
+                row["probes"][name] = {"groups": len(groups[name]), "start_cos": copy_cosine(before, groups[name]),
+                                       "copy_cos": copy_cosine(after, groups[name]),
+                                       "random_cos": random_cosine(after)}
             rows.append(row)
             log(f"noise {noise} spread {spread}: loss {row['start_loss']:.4f} -> {row['loss']:.4f}; " + ", ".join(
                 f"{n}: {p['start_cos']:.4f} -> {p['copy_cos']:.4f}" for n, p in row["probes"].items()))

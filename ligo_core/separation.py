@@ -12,7 +12,10 @@ is linear. ``d`` is a random direction as long as ``spread / 2`` times the unit'
 
 Only spaces whose units are read through their own input-side shares take it: the residual stream
 and the FFN units. Attention heads are left alone (their copies are read through the attention
-scores, not a share-weighted sum); so are vectors (biases, norm gains).
+scores, not a share-weighted sum); so are vectors (biases, norm gains). Copied heads part in
+training without help: their shares differ unit by unit, so their gradients differ in direction,
+not only in scale (measured on the savings GPT-2: value copies at cosine 0.58 and query copies at
+0.72 after 600 steps; moving the values apart as well, exactly, changed the loss by 0.0003).
 """
 
 from __future__ import annotations

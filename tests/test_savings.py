@@ -204,3 +204,7 @@ def test_symmetry_bench_finds_copies_and_their_separation():
     assert moved["start_cos"] < 0.5 and stuck["start_cos"] == pytest.approx(1.0, abs=1e-6)
     assert rows[1]["start_loss"] > rows[0]["start_loss"]  # separating copies is exact to first order only
     assert rows[0]["probes"]["residual units (embedding)"]["groups"] == 32  # 32 -> 64 wide: each unit twice
+    # Heads 2 -> 4: copied heads are found, and growth leaves them copies (they part in training).
+    values, queries = (rows[3]["probes"][f"attention {p}, first layer"] for p in ("values", "queries"))
+    assert values["groups"] == queries["groups"] == 32
+    assert values["start_cos"] == queries["start_cos"] == pytest.approx(1.0, abs=1e-6)
