@@ -35,9 +35,8 @@ STRATEGY_NOTES = {
     "interpolate": "Interpolation: each layer is repeated in place (1, 1, 2, 2, ...); "
                    "widths expanded function-preservingly.",
     "net2net": "Net2Net / bert2BERT: widths grown by copying units, depth by stacking.",
-    "preserve": "Function-preserving: width expanded by copying units, new layers start with zero "
-                "output; copies are moved apart (spread), so the start is within second order of the "
-                "small model's outputs (exact with spread 0).",
+    "preserve": "Function-preserving: copied units, zero-output new layers; copies moved apart "
+                "(spread) keep outputs to second order (exact at spread 0).",
 }
 
 # What the form starts with: the paper's 100 fitting steps, the engine's batch and sequence
