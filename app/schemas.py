@@ -89,9 +89,9 @@ class GrowthOptions(Strict):
         "and train better. Not for net2net, which keeps exact copies."))
     noise: float | None = Field(None, ge=0, le=1, description=(
         "Symmetry breaking between copies that keeps the function exact (default 1). Not for net2net."))
-    ligo_init: Literal["preserve", "stack"] | None = Field(None, description=(
-        "Where LiGO's fit starts (ligo only): the exact function-preserving operator (default) or "
-        "the stacked depth of the reference code."))
+    ligo_init: Literal["preserve", "stack", "interpolate"] | None = Field(None, description=(
+        "Where LiGO's fit starts (ligo only): the exact function-preserving operator (default), "
+        "the stacked depth of the reference code, or each layer repeated in place."))
 
 
 class PlanOptions(Strict):

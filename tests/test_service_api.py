@@ -185,6 +185,22 @@ def test_growth_options_are_kept_as_given(alice, ckpt):
     assert job["growth"] == {"spread": 0.0, "ligo_init": "stack"} and alice.job(job["id"])["growth"] == job["growth"]
 
 
+def test_growth_options_accept_what_the_engine_accepts():
+    """The API cannot import the engine (torch) to build its schema, so the two are checked here."""
+    from typing import get_args
+
+    from app.schemas import GrowthOptions
+    from ligo_core.strategies import LIGO_INITS, MAX_SPREAD
+
+    fields = GrowthOptions.model_fields
+    assert set(get_args(get_args(fields["ligo_init"].annotation)[0])) == set(LIGO_INITS)
+    def bounds(name):
+        meta = fields[name].metadata
+        return (next(m.ge for m in meta if hasattr(m, "ge")), next(m.le for m in meta if hasattr(m, "le")))
+
+    assert (bounds("spread"), bounds("noise")) == ((0, MAX_SPREAD), (0, 1.0))  # noise: growth.py checks [0, 1]
+
+
 @pytest.mark.parametrize("body, field, match", [
     ({"target": "layers=1,hidden=48,heads=6,ffn=192"}, "target", "n_layer"),
     ({"target": "layers=4,hidden=50,heads=6,ffn=192"}, "target", "divisible"),
