@@ -54,7 +54,7 @@ def sweep(model: str, size: savings.Size, inits: list[str], steps: list[int], lr
         for fit_batch in fit_batches or [size.batch]:
             for n in steps:
                 fit_flops = cost.fit_flops(small.config, tconfig, strategy="ligo", steps=n, batch=fit_batch,
-                                           seq_len=size.seq_len)["flops"]
+                                           seq_len=size.seq_len, convention=savings.FLOPS_CONVENTION)["flops"]
                 for lr in lrs:
                     started = time.perf_counter()
                     large, _ = ligo_core.grow_model(
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(f"unknown start {init!r}; choose from {', '.join(LIGO_INITS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = sweep(args.model, savings.SIZES[args.size], inits, [int(s) for s in args.steps.split(",")],
+    result = sweep(args.model, savings.SIZES[args.size].for_model(args.model), inits, [int(s) for s in args.steps.split(",")],
                    [float(x) for x in args.lrs.split(",")], args.seed, default_device(args.device),
                    fit_batches=[int(b) for b in args.fit_batches.split(",")] if args.fit_batches else None)
     text = markdown(result, "python bench/fit_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),

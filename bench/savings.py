@@ -6,7 +6,7 @@ For each model family (GPT-2, causal LM; BERT, masked LM):
 2. pretrain a small model for a fixed budget (not counted in any saving);
 3. for every seed and strategy, build the large model (``scratch`` = random init, or
    ``ligo_core.grow_model`` with ``stack``, ``interpolate``, ``net2net``, ``preserve``,
-   ``ligo``) and train it with the identical recipe (optimizer, schedule, batch, sequence
+   ``ligo``, and on request ``ligo-stack``) and train it with the identical recipe (optimizer, schedule, batch, sequence
    length, steps, data order, seed), logging held-out loss at regular intervals;
 4. savings = 1 - (FLOPs to reach the scratch run's final held-out loss, growth/fitting
    included) / (FLOPs of the scratch run), crossing points interpolated linearly between
@@ -27,7 +27,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -42,10 +42,12 @@ from ligo_core.tokenizer import tokenizer_info, train_tokenizer  # noqa: E402
 from ligo_core.training import default_device, evaluate_loss, train  # noqa: E402
 
 MODELS = ("gpt2", "bert")
-STRATEGIES = ("scratch", "stack", "interpolate", "net2net", "preserve", "ligo", "ligo-preserve")
-# ligo's depth mixing starts from stacked layers (the engine's default, --ligo-init stack);
-# ligo-preserve starts from the exact function-preserving operator instead.
-LIGO_VARIANTS = {"ligo": "stack", "ligo-preserve": "preserve"}
+STRATEGIES = ("scratch", "stack", "interpolate", "net2net", "preserve", "ligo", "ligo-stack")
+DEFAULT_STRATEGIES = STRATEGIES[:-1]
+# The fitted operator's start (ligo_init): ``ligo`` is the engine's default, the exact
+# function-preserving operator; ``ligo-stack`` starts its depth mixing from stacked layers.
+# (Runs recorded before 2026-11-29 called these ``ligo-preserve`` and ``ligo``.)
+LIGO_VARIANTS = {"ligo": "preserve", "ligo-stack": "stack"}
 
 
 @dataclass(frozen=True)
@@ -67,11 +69,11 @@ class Size:
     warmup_frac: float = 0.05
     weight_decay: float = 0.01
     corpus_docs: int | None = None  # use only the first documents of the corpus (CI)
-    mlm_lr: float | None = None  # the large runs' peak learning rate for BERT (post-LN), if not ``lr``
     fit_batch: int | None = None  # sequences per LiGO fitting step, if not ``batch``
     noise: float | None = None  # growth's symmetry breaking, if not the engine's default
     fit_lr: float | None = None  # LiGO fitting's peak learning rate, if not the engine's default
     spread: float | None = None  # how far growth moves copied units apart, if not the engine's default
+    bert: dict = field(default_factory=dict)  # BERT's own values of the fields above, where they differ
 
     def fit_batch_size(self) -> int:
         return self.fit_batch or self.batch
@@ -79,8 +81,9 @@ class Size:
     def warmup(self, steps: int) -> int:
         return max(1, int(self.warmup_frac * steps))
 
-    def large_lr(self, model: str) -> float:
-        return self.mlm_lr if model == "bert" and self.mlm_lr else self.lr
+    def for_model(self, model: str) -> Size:
+        """The recipe of one model family: the shared fields with that family's own on top."""
+        return replace(self, **(self.bert if model == "bert" else {}), bert={})
 
 
 SIZES = {
@@ -88,13 +91,15 @@ SIZES = {
     "tiny": Size(small=(1, 32, 2, 64), large=(2, 64, 4, 128), vocab=512, seq_len=32, batch=8,
                  small_steps=20, steps=8, fit_steps=2, eval_every=4, eval_seqs=16, lr=3e-3, small_lr=3e-3,
                  corpus_docs=800),
-    # 2 CPU cores, about 50 minutes for both models and two seeds. The small model gets as many
+    # 2 CPU cores, under an hour for both models and two seeds. GPT-2's small model gets as many
     # steps as every large run: well trained for its size, yet the large scratch run still ends
-    # clearly below it (measured: GPT-2 small 5.6-5.8 vs scratch ~5.1 nats). BERT's post-LN stack
-    # learns faster at a lower peak rate (400-step probe: 6.71 at 5e-4, 6.84 at 4e-3).
+    # clearly below it (measured: small 5.55 vs scratch 5.23 nats). BERT's masked loss falls
+    # slowly: its scratch run needs 1,000 steps, and its small model 200, to end 0.3 nats apart
+    # (measured: 6.78 vs 6.42; at 600 and 600, 6.53 vs 6.55). Its post-LN stack learns faster at a
+    # lower peak rate (400-step probe: 6.71 at 5e-4, 6.84 at 4e-3).
     "default": Size(small=(2, 64, 2, 256), large=(4, 128, 4, 512), vocab=4096, seq_len=64, batch=32,
                     small_steps=600, steps=600, fit_steps=24, eval_every=25, eval_seqs=128,
-                    lr=2e-3, small_lr=3e-3, mlm_lr=7e-4),
+                    lr=2e-3, small_lr=3e-3, bert={"lr": 7e-4, "small_steps": 200, "steps": 1000}),
     # One GPU: BERT-Small -> BERT-Base shapes at half width.
     "gpu": Size(small=(6, 256, 4, 1024), large=(12, 512, 8, 2048), vocab=8192, seq_len=128, batch=128,
                 small_steps=8000, steps=4000, fit_steps=100, eval_every=100, eval_seqs=512,
@@ -105,9 +110,13 @@ SIZES = {
 # ----------------------------------------------------------------------------- FLOPs
 
 
+FLOPS_CONVENTION = "engine"  # what ligo_core computes: a masked LM's head on the masked tokens only
+
+
 def forward_flops_per_token(config, seq_len: int) -> float:
-    """Forward FLOPs per token (matmuls and attention scores, LM head on every position)."""
-    return cost.forward_flops_per_token(config, seq_len, convention="standard")
+    """Forward FLOPs per token (matmuls and attention scores; the LM head on every position of a
+    causal LM, on the masked 15% of a masked LM's)."""
+    return cost.forward_flops_per_token(config, seq_len, convention=FLOPS_CONVENTION)
 
 
 def train_flops_per_token(config, seq_len: int) -> float:
@@ -135,6 +144,16 @@ def saving(costs: list[float], losses: list[float], target: float, reference_tot
 
 
 BUDGETS = (0.25, 0.5, 0.75, 1.0)  # fractions of the scratch run's FLOPs
+
+
+def labels_in(recs: list[dict]) -> list[str]:
+    """The strategies present, in table order (labels of older runs, e.g. ``ligo-preserve``, last)."""
+    present = {r["strategy"] for r in recs}
+    return [s for s in STRATEGIES if s in present] + sorted(present - set(STRATEGIES))
+
+
+def is_fitted(label: str) -> bool:
+    return label == "ligo" or label.startswith("ligo-")
 
 
 def loss_at(costs: list[float], losses: list[float], cost_point: float) -> float:
@@ -230,7 +249,7 @@ def build_large(strategy: str, small, tconfig, data: Prepared, size: Size, seed:
     large, info = ligo_core.grow_model(
         copy.deepcopy(small), tconfig, strategy="ligo" if ligo_init else strategy,
         fit_steps=size.fit_steps if ligo_init else 0, train_batches=fit_batches, seed=seed, device=device,
-        tokenizer=data.tokenizer, ligo_init=ligo_init or "stack",
+        tokenizer=data.tokenizer, **({"ligo_init": ligo_init} if ligo_init else {}),
         **{k: v for k, v in {"noise": size.noise, "lr": size.fit_lr, "spread": size.spread}.items() if v is not None},
     )
     for param in large.parameters():  # grow_model returns weights that may not require grad
@@ -244,7 +263,8 @@ def build_large(strategy: str, small, tconfig, data: Prepared, size: Size, seed:
         # operator's own work per step (or one materialisation for the fixed strategies).
         fit_flops = cost.fit_flops(small.config, tconfig, strategy="ligo" if ligo_init else strategy,
                                    steps=fit_batches.batches,
-                                   batch=size.fit_batch_size(), seq_len=size.seq_len)["flops"]
+                                   batch=size.fit_batch_size(), seq_len=size.seq_len,
+                                   convention=FLOPS_CONVENTION)["flops"]
     return large, float(fit_flops), seconds, info
 
 
@@ -275,6 +295,7 @@ def pretrain_small(model: str, size: Size, data: Prepared, device, log=print):
 def run_model(model: str, size: Size, seeds: list[int], strategies: list[str], device, log,
               on_run=None) -> dict:
     """Pretrain the small model, then grow and train every (seed, strategy); ``on_run(result)`` after each."""
+    size = size.for_model(model)
     data = prepare(model, size)
     eval_fn = loss_scorer(data, device)
     seen_fn = loss_scorer(data, device, data.train_tokens[: size.eval_seqs])
@@ -290,7 +311,7 @@ def run_model(model: str, size: Size, seeds: list[int], strategies: list[str], d
         "model": model, "small_loss": small_loss, "small_params": n_params(small),
         "small_train_loss_end": statistics.fmean(small_hist["train_loss"][-20:]),
         "large_params": n_params(model_class(model)(tconfig)), "step_flops": step_flops, "runs": runs,
-        "source": _setting(small.config), "target": _setting(tconfig),
+        "source": _setting(small.config), "target": _setting(tconfig), "recipe": asdict(size),
     }
     for seed in seeds:
         for strategy in strategies:
@@ -303,7 +324,7 @@ def run_model(model: str, size: Size, seeds: list[int], strategies: list[str], d
                 seen_losses.append(seen_fn(m))
                 return eval_fn(m)
 
-            hist = train(large, batches(data.train_tokens, size.batch, seed=seed), size.steps, lr=size.large_lr(model),
+            hist = train(large, batches(data.train_tokens, size.batch, seed=seed), size.steps, lr=size.lr,
                          warmup=size.warmup(size.steps), weight_decay=size.weight_decay, objective=data.objective,
                          tokenizer_info=data.info, eval_every=size.eval_every, eval_fn=eval_both, seed=seed,
                          device=device)
@@ -316,6 +337,7 @@ def run_model(model: str, size: Size, seeds: list[int], strategies: list[str], d
                 "flops": [fit_flops + e["step"] * step_flops for e in evals],
                 "wall": [grow_seconds + e["train_time"] for e in evals],
                 "fit_flops": fit_flops, "grow_seconds": grow_seconds, "init_loss": init_loss,
+                "ligo_init": info.get("ligo_init"),
                 "fit_history": info.get("fit_history", []),
                 "large_params": n_params(large),
             })
@@ -414,7 +436,7 @@ def _budget_table(recs: list[dict]) -> list[str]:
         "| strategy | " + " | ".join(f"{int(100 * f)}% budget" for f in BUDGETS) + " |",
         "|---|" + "---|" * len(BUDGETS),
     ]
-    for strategy in STRATEGIES[1:]:
+    for strategy in [s for s in labels_in(recs) if s != "scratch"]:
         sr = [r for r in recs if r["strategy"] == strategy and r.get("flops_saved_by_budget")]
         if sr:
             lines.append(f"| {strategy} | " + " | ".join(
@@ -431,7 +453,7 @@ def _comparison(recs: list[dict]) -> list[str]:
                            ("flops_saved_fit_free", "growth free (points)", lambda g: f"{100 * g:+.1f}"),
                            ("final_loss", "final loss (nats)", lambda g: f"{g:+.3f}")):
         parts = []
-        for variant in LIGO_VARIANTS:
+        for variant in filter(is_fitted, labels_in(recs)):
             gaps = paired_gaps(recs, variant, best, key)
             if gaps and any(g is not None for g in gaps.values()):
                 parts.append(f"{variant} minus {best}: "
@@ -451,6 +473,12 @@ def _regime(margin: float) -> str:
     return (f"**Regime: NOT valid** (the scratch run ends {where} the small model; {REGIME_MARGIN} below "
             "needed): a grown model starts at about the scratch run's final loss, so these savings do not "
             "measure growth, and the cost estimate ignores them.")
+
+
+def _recipe(r: dict) -> str:
+    fit = f"LiGO fit {r['fit_steps']} steps x {r.get('fit_batch') or r['batch']} sequences"
+    return (f"Recipe: small model pretrained {r['small_steps']} steps at peak rate {r['small_lr']:g}; every "
+            f"large run {r['steps']} steps x {r['batch']} x {r['seq_len']} tokens at peak rate {r['lr']:g}; {fit}.")
 
 
 def markdown(results: list[dict], recs: list[dict], meta: dict) -> str:
@@ -485,14 +513,14 @@ def markdown(results: list[dict], recs: list[dict], meta: dict) -> str:
             f"({res['large_params'] / res['small_params']:.1f}x); scratch final loss "
             f"{_mean_spread(scratch_final, pct=False)} "
             f"({res['small_loss'] - statistics.fmean(scratch_final):+.2f} nats: small minus scratch).",
-            "",
+            *([_recipe(res["recipe"]), ""] if res.get("recipe") else [""]),
             _regime(res["small_loss"] - statistics.fmean(scratch_final)),
             "",
             "| strategy | FLOPs saved | wall time saved | loss at step 0 | final loss | final loss, seen sequences "
             "| FLOPs saved, growth free |",
             "|---|---|---|---|---|---|---|",
         ]
-        for strategy in STRATEGIES:
+        for strategy in labels_in(rs):
             sr = [r for r in rs if r["strategy"] == strategy]
             if not sr:
                 continue
@@ -567,11 +595,17 @@ def write_tables(out: Path, results: list[dict], meta: dict) -> list[dict]:
     return recs
 
 
+def with_overrides(size: Size, overrides: dict) -> Size:
+    """``size`` with the command line's values, which win over a family's own values too."""
+    return replace(size, **overrides, bert={k: v for k, v in size.bert.items() if k not in overrides})
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="gpt2,bert")
     p.add_argument("--seeds", default="0,1")
-    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
+                   help=f"comma-separated, from {', '.join(STRATEGIES)} (default: all but ligo-stack)")
     p.add_argument("--size", choices=sorted(SIZES), default="default")
     p.add_argument("--steps", type=int, help="training steps of every large run (overrides the size)")
     p.add_argument("--small-steps", type=int, help="pretraining steps of the small model")
@@ -598,7 +632,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                    "fit_steps": args.fit_steps, "fit_batch": args.fit_batch, "fit_lr": args.fit_lr,
                                    "eval_every": args.eval_every, "noise": args.noise,
                                    "spread": args.spread}.items() if v is not None}
-    size = replace(size, **overrides)
+    size = with_overrides(size, overrides)
     models = [m for m in args.models.split(",") if m]
     strategies = [s for s in args.strategies.split(",") if s]
     for m in models:

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = measure(args.strategy, [float(n) for n in args.noises.split(",")],
-                   [float(s) for s in args.spreads.split(",")], args.steps, savings.SIZES[args.size],
+                   [float(s) for s in args.spreads.split(",")], args.steps, savings.SIZES[args.size].for_model("gpt2"),
                    default_device(args.device))
     print(markdown(rows, args.strategy, args.steps))
     return rows

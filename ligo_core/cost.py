@@ -27,6 +27,7 @@ from ligo_core.calibration import (
     log_distance,
 )
 from ligo_core.errors import LigoError
+from ligo_core.families import MASK_PROBABILITY
 from ligo_core.targets import check_growth, family_of, sizes_of
 
 
@@ -99,6 +100,11 @@ CONVENTIONS = {
         "the LiGO paper's count (ELECTRA's flop counter in the reference repo's flop_computation.py): "
         "backward = forward; embedding lookups as dense products; masked-LM head on 15.6% of tokens; "
         "operator work counted per sequence as the reference code does",
+    ),
+    "engine": Convention(
+        2.0, False, MASK_PROBABILITY, "step",
+        "what ligo_core itself computes when it trains, fits or scores: as standard, but a masked LM's "
+        "head (transform and decoder) on the masked 15% of tokens only",
     ),
 }
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ligo_core.errors import DataError
+from ligo_core.families import MASK_PROBABILITY
 
 DEFAULT_CORPUS = Path(__file__).parent / "corpus" / "wikipedia_en_leads.txt.gz"
 DEFAULT_CORPUS_NAME = "wikipedia-en-leads (CC BY-SA 4.0, see ligo_core/corpus/README.md)"
@@ -132,7 +133,7 @@ def batches(tokens: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.
 
 
 def mask_tokens(input_ids: torch.Tensor, tokenizer_info: dict, generator: torch.Generator,
-                probability: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+                probability: float = MASK_PROBABILITY) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking: 15% of tokens are targets; of those 80% [MASK], 10% random, 10% kept."""
     labels = input_ids.clone()
     special = torch.zeros_like(input_ids, dtype=torch.bool)

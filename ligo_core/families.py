@@ -38,6 +38,9 @@ class TensorSpec:
         return "{i}" in self.name
 
 
+MASK_PROBABILITY = 0.15  # the "mlm" objective's share of tokens masked and scored (BERT's)
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -55,6 +58,7 @@ class Family:
     embedding: str = ""  # base tensor of the input embedding
     aliases: tuple[str, ...] = ()  # head tensors that HF ties to another one and saves twice
     lm_classes: tuple[str, ...] = ()
+    mlm_head: str = ""  # module from final hidden states to logits, run on the masked positions only
 
 
 def _lin(name, out, inp, *, transposed=False, bias=True, fused=(), optional_bias=False, block_output=False):
@@ -107,7 +111,7 @@ GPT2 = Family(
 )
 
 
-def _bert_like(name, model_types, head_prefix, head_norm, decoder, head_bias, lm_class):
+def _bert_like(name, model_types, head_prefix, head_norm, decoder, head_bias, lm_class, mlm_head):
     layer = "encoder.layer.{i}"
     return Family(
         name=name,
@@ -152,6 +156,7 @@ def _bert_like(name, model_types, head_prefix, head_norm, decoder, head_bias, lm
         tied_head=f"{decoder}.weight",
         aliases=(f"{decoder}.bias",),  # always the same tensor as the head bias
         lm_classes=(lm_class,),
+        mlm_head=mlm_head,
     )
 
 
@@ -163,6 +168,7 @@ BERT = _bert_like(
     decoder="cls.predictions.decoder",
     head_bias="cls.predictions.bias",
     lm_class="BertForMaskedLM",
+    mlm_head="cls",
 )
 
 ROBERTA = _bert_like(
@@ -173,6 +179,7 @@ ROBERTA = _bert_like(
     decoder="lm_head.decoder",
     head_bias="lm_head.bias",
     lm_class="RobertaForMaskedLM",
+    mlm_head="lm_head",
 )
 
 LLAMA = Family(

@@ -7,11 +7,14 @@ A bare model (no LM head) is scored through its input embedding used as the outp
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
 from ligo_core.data import mask_tokens
+from ligo_core.families import family_for_model_type
 
 
 def tokenizer_info(tokenizer, config) -> dict:
@@ -44,15 +47,19 @@ def loss_terms(
     """(sum of token losses, number of target tokens) of ``model`` on one batch of packed ids.
 
     The loss is computed here from the logits, not by the model, so that causal (next-token)
-    and masked (BERT 15%, 80/10/10) objectives are counted the same way.
+    and masked (BERT 15%, 80/10/10) objectives are counted the same way. A masked LM's output
+    layer sees only the masked positions: the same loss as scoring every position and
+    ignoring the rest, at a fraction of the cost (the vocabulary-wide product and softmax
+    are about 40% of a small BERT's CPU training step).
     """
     if objective == "mlm":
         if info is None or info.get("mask_id") is None:
             raise ValueError("MLM needs tokenizer_info with a mask_id (see ligo_core.tokenizer.tokenizer_info)")
         inputs, labels = mask_tokens(input_ids.cpu(), info, generator or torch.Generator().manual_seed(0))
         inputs, labels = inputs.to(input_ids.device), labels.to(input_ids.device)
+        scored = labels != -100
     elif objective == "clm":
-        inputs, labels = input_ids, input_ids
+        inputs, labels, scored = input_ids, input_ids, None
     else:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
 
@@ -61,18 +68,43 @@ def loss_terms(
             return model(**kwargs)
         return functional_call(model, params, args=(), kwargs=kwargs, tie_weights=True, strict=False)
 
-    has_head = model.get_output_embeddings() is not None
-    if has_head:
-        logits = run(input_ids=inputs).logits
+    if model.get_output_embeddings() is not None:
+        with _only_positions(_output_head(model), scored):
+            logits = run(input_ids=inputs).logits
     else:
         hidden = run(input_ids=inputs).last_hidden_state
+        if scored is not None:
+            hidden = hidden[scored]
         weight = params[embedding_name] if params is not None else model.get_input_embeddings().weight
         logits = hidden @ weight.t()
     if objective == "clm":
         logits, labels = logits[:, :-1], labels[:, 1:]
+    else:
+        labels = labels[scored]  # logits are (masked positions, vocabulary) already
     total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
                             reduction="sum")
     return total, int((labels != -100).sum())
+
+
+def _output_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The module from final hidden states to logits: the family's whole MLM head (its dense
+    transform too) where the family table names one, else the output embedding."""
+    family = family_for_model_type(getattr(model.config, "model_type", ""))
+    return model.get_submodule(family.mlm_head) if family and family.mlm_head else model.get_output_embeddings()
+
+
+@contextmanager
+def _only_positions(output_layer: torch.nn.Module, positions: torch.Tensor | None):
+    """While active, ``output_layer`` receives only the hidden states at ``positions`` (a boolean
+    (batch, seq) mask), so the model's logits come out as (selected positions, vocabulary)."""
+    if positions is None:
+        yield
+        return
+    handle = output_layer.register_forward_pre_hook(lambda _module, args: (args[0][positions], *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def lm_loss(

@@ -164,9 +164,10 @@ def grow(
 
 
 def _fit_flops(source_config, target_config, report: dict) -> dict:
-    """Fitting FLOPs from the cost model: the large model's training steps plus the operator's work."""
+    """Fitting FLOPs from the cost model: the large model's training steps plus the operator's work,
+    counted as this engine computes them (a masked LM's head on the masked tokens only)."""
     from ligo_core.cost import fit_flops
 
     fit = report["fit"]
     return fit_flops(source_config, target_config, strategy=report["strategy"] if fit["steps"] else "preserve",
-                     steps=fit["steps"], batch=fit["batch_size"], seq_len=fit["seq_len"])
+                     steps=fit["steps"], batch=fit["batch_size"], seq_len=fit["seq_len"], convention="engine")

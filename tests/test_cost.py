@@ -77,6 +77,35 @@ def test_standard_flops_match_torch_flop_counter(name):
     assert predicted == pytest.approx(3 * cost.forward_flops_per_token(config, seq) * batch * seq)
 
 
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_engine_flops_match_torch_flop_counter_on_the_engines_own_loss(name):
+    """The engine convention counts what ligo_core.objective runs: for masked LMs the head on the
+    masked tokens only. Checked on the engine's loss, so the masking is the real one."""
+    from ligo_core.objective import loss_terms
+
+    make, cls = TINY[name]
+    config = make()
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    batch, seq = 8, 64
+    ids = torch.randint(5, 100, (batch, seq))
+    objective = "mlm" if config.model_type in ("bert", "roberta") else "clm"
+    info = {"mask_id": 4, "vocab_size": 101, "special_ids": []}
+    with FlopCounterMode(display=False) as counter:
+        total, count = loss_terms(model, ids, objective, info, torch.Generator().manual_seed(0))
+        total.backward()
+    predicted = cost.train_flops_per_token(config, seq, "engine") * batch * seq
+    if objective == "mlm":  # the convention assumes the expected 15%; correct for this batch's draw
+        s = cost.sizes_of(config)
+        head = 2 * 3 * (s["hidden"] * config.vocab_size + s["hidden"] ** 2)
+        predicted += head * (count - cost.MASK_PROBABILITY * batch * seq)
+        assert predicted < cost.train_flops_per_token(config, seq) * batch * seq
+    else:
+        assert predicted == cost.train_flops_per_token(config, seq) * batch * seq
+    assert predicted == pytest.approx(counter.get_total_flops(), rel=0.05)
+
+
 @pytest.mark.parametrize("preset,cls", [
     ("gpt2", T.GPT2LMHeadModel), ("bert-base", T.BertForMaskedLM), ("tinyllama-1.1b", T.LlamaForCausalLM),
 ])

@@ -324,3 +324,43 @@ def test_accumulated_fitting_step_equals_one_step_on_the_joined_batch():
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("name", ["bert", "bert-bare", "roberta"])
+@pytest.mark.parametrize("through_params", [False, True])
+def test_masked_lm_scores_only_masked_positions_with_the_full_loss_and_gradient(name, through_params, tokens, tokenizer):
+    """The output layer runs on the masked positions only; loss and gradients equal scoring every
+    position and ignoring the unmasked ones (the model's own, or through ``params`` as LiGO fits)."""
+    from ligo_core.data import mask_tokens
+    from ligo_core.objective import loss_terms
+
+    model = make_model(name)  # eval mode: no dropout, so the two passes compare
+    info = tokenizer_info(tokenizer, model.config)
+    batch = tokens[0][:8]
+    params = dict(model.named_parameters()) if through_params else None
+    embedding = "embeddings.word_embeddings.weight" if name == "bert-bare" else None
+    seen = []
+    head = {"bert": "cls", "roberta": "lm_head"}.get(name)
+    if head:
+        model.get_submodule(head).register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape))
+    total, count = loss_terms(model, batch, "mlm", info, torch.Generator().manual_seed(5), params, embedding)
+    if head:  # the whole head, transform included, ran on the masked positions only
+        assert seen == [torch.Size([count, model.config.hidden_size])]
+    got = torch.autograd.grad(total, list(model.parameters()), allow_unused=True)
+
+    inputs, labels = mask_tokens(batch, info, torch.Generator().manual_seed(5))
+    if name == "bert-bare":
+        logits = model(input_ids=inputs).last_hidden_state @ model.get_input_embeddings().weight.t()
+    else:
+        logits = model(input_ids=inputs).logits
+    assert logits.shape[:2] == batch.shape  # the reference scores every position
+    want_total = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                   ignore_index=-100, reduction="sum")
+    want = torch.autograd.grad(want_total, list(model.parameters()), allow_unused=True)
+    assert count == int((labels != -100).sum()) > 0
+    torch.testing.assert_close(total, want_total, rtol=1e-5, atol=1e-4)
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)

@@ -7,29 +7,44 @@ from pathlib import Path
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+from transformers import BertConfig, GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import savings  # noqa: E402
 
 
-@pytest.mark.parametrize("family", ["gpt2", "bert"])
-def test_flops_per_token_matches_counted_matmuls(family):
+def test_flops_per_token_matches_counted_matmuls():
     seq = 16
-    if family == "gpt2":
-        config = GPT2Config(vocab_size=300, n_positions=seq, n_layer=2, n_embd=32, n_head=4, n_inner=96)
-        model = GPT2LMHeadModel(config)
-    else:
-        config = BertConfig(vocab_size=300, max_position_embeddings=seq, num_hidden_layers=2, hidden_size=32,
-                            num_attention_heads=4, intermediate_size=96)
-        model = BertForMaskedLM(config)
+    config = GPT2Config(vocab_size=300, n_positions=seq, n_layer=2, n_embd=32, n_head=4, n_inner=96)
+    model = GPT2LMHeadModel(config)
     ids = torch.randint(5, 300, (3, seq))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(input_ids=ids)
     per_token = counter.get_total_flops() / ids.numel()
     assert savings.forward_flops_per_token(config, seq) == pytest.approx(per_token, rel=0.01)
     assert savings.train_flops_per_token(config, seq) == pytest.approx(3 * per_token, rel=0.01)
+
+
+def test_bert_flops_count_the_head_on_masked_tokens_only():
+    """The engine scores a masked LM's head on its masked 15% only (checked against torch's
+    counter in test_cost); the benchmark counts the same."""
+    config = BertConfig(vocab_size=4096, max_position_embeddings=64, num_hidden_layers=4, hidden_size=128,
+                        num_attention_heads=4, intermediate_size=512)
+    every_position = savings.cost.forward_flops_per_token(config, 64, convention="standard")
+    head = 2 * 128 * 4096 + 2 * 128 * 128
+    assert savings.forward_flops_per_token(config, 64) == pytest.approx(every_position - 0.85 * head)
+
+
+def test_each_family_runs_its_own_recipe_and_the_command_line_wins():
+    default = savings.SIZES["default"]
+    gpt2, bert = default.for_model("gpt2"), default.for_model("bert")
+    assert (gpt2.small_steps, gpt2.steps, gpt2.lr) == (600, 600, 2e-3)
+    assert (bert.small_steps, bert.steps, bert.lr) == (200, 1000, 7e-4)
+    assert bert.bert == {} and (bert.batch, bert.seq_len, bert.fit_steps) == (gpt2.batch, gpt2.seq_len, gpt2.fit_steps)
+    told = savings.with_overrides(default, {"steps": 300})
+    assert told.for_model("bert").steps == told.for_model("gpt2").steps == 300
+    assert told.for_model("bert").small_steps == 200  # what was not told keeps the family's value
 
 
 def test_flops_by_hand_for_gpt2():
@@ -122,7 +137,7 @@ def test_tiny_pipeline_produces_a_curve_for_every_strategy(tmp_path):
     threads = torch.get_num_threads()
     try:
         recs = savings.main(["--size", "tiny", "--models", "gpt2,bert", "--seeds", "0", "--threads", "1",
-                              "--out", str(tmp_path)])
+                              "--strategies", ",".join(savings.STRATEGIES), "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
     assert {(r["model"], r["strategy"]) for r in recs} == {(m, s) for m in savings.MODELS for s in savings.STRATEGIES}
@@ -138,6 +153,7 @@ def test_tiny_pipeline_produces_a_curve_for_every_strategy(tmp_path):
             assert len(run["train_sample_losses"]) == n_evals and all(l > 0 for l in run["train_sample_losses"])
             # FLOPs: growth/fitting first, then one large-model step per step.
             assert run["flops"] == pytest.approx([run["fit_flops"] + s * step_flops for s in run["steps"]])
+            assert run["ligo_init"] == savings.LIGO_VARIANTS.get(run["strategy"])  # ligo: the exact start
             if run["strategy"].startswith("ligo"):
                 # Fitting: a large-model training step per fitting step, plus the operator's work.
                 assert size.fit_steps * step_flops < run["fit_flops"] < 2 * size.fit_steps * step_flops
@@ -149,8 +165,10 @@ def test_tiny_pipeline_produces_a_curve_for_every_strategy(tmp_path):
             if run["strategy"] == "preserve":
                 # Function-preserving growth of the pretrained small model starts at its loss.
                 assert run["init_loss"] == pytest.approx(res["small_loss"], abs=0.02)
+        assert res["recipe"]["steps"] == size.steps and res["recipe"]["bert"] == {}
     table = (tmp_path / "savings.md").read_text()
-    assert "| ligo |" in table and "## bert" in table
+    assert "| ligo |" in table and "| ligo-stack |" in table and "## bert" in table
+    assert f"every large run {size.steps} steps x {size.batch} x {size.seq_len} tokens" in table
     assert (tmp_path / "savings_loss_curves.png").stat().st_size > 10_000
     # --report rebuilds the same records and tables from the recorded curves, training nothing.
     (tmp_path / "savings.json").unlink()
