@@ -385,13 +385,15 @@ def records(result: dict) -> list[dict]:
     return out
 
 
-def _mean_spread(values: list[float | None], pct: bool = True, missing: str = "never reached") -> str:
+def _mean_spread(values: list[float | None], pct: bool = True, missing: str = "never reached",
+                 signed: bool = False) -> str:
     got = [v for v in values if v is not None]
     if not got:
         return missing
     scale, unit = (100.0, "%") if pct else (1.0, "")
     mean = statistics.fmean(got) * scale
-    text = f"{mean:.1f}{unit}" if pct else f"{mean:.3f}"
+    sign = "+" if signed else ""
+    text = f"{mean:{sign}.1f}{unit}" if pct else f"{mean:{sign}.3f}"
     if len(got) > 1:
         text += f" ± {statistics.stdev(got) * scale:.1f}" if pct else f" ± {statistics.stdev(got):.3f}"
     if len(got) < len(values):
@@ -423,6 +425,45 @@ def best_baseline(recs: list[dict]) -> str | None:
     if any(v is not None for b in ran for v in of(b, "flops_saved")):
         return max(ran, key=lambda b: statistics.fmean(v or 0.0 for v in of(b, "flops_saved")))
     return min(ran, key=lambda b: statistics.fmean(of(b, "final_loss")))
+
+
+EQUAL_FLOPS_POINTS = (0.05, 0.1, 0.25, 0.5, 1.0)  # fractions of the scratch run's FLOPs
+
+
+def equal_flops_gaps(runs: list[dict], strategy: str, baseline: str) -> dict[str, list[float]]:
+    """Per point, over seeds: ``strategy``'s held-out loss minus ``baseline``'s at the same FLOPs
+    (negative: ``strategy`` is ahead). "fit" is where the fitted run starts training."""
+    by = {(r["strategy"], r["seed"]): r for r in runs}
+    gaps: dict[str, list[float]] = {}
+    for (label, seed), run in sorted(by.items()):
+        base, scratch = by.get((baseline, seed)), by.get(("scratch", seed))
+        if label != strategy or base is None or scratch is None:
+            continue
+        points = {"fit": run["flops"][0], **{str(f): f * scratch["flops"][-1] for f in EQUAL_FLOPS_POINTS}}
+        for name, flops in points.items():
+            gap = loss_at(run["flops"], run["losses"], flops) - loss_at(base["flops"], base["losses"], flops)
+            gaps.setdefault(name, []).append(gap)
+    return gaps
+
+
+def _equal_flops_table(runs: list[dict], best: str | None) -> list[str]:
+    rows = []
+    for variant in filter(is_fitted, labels_in(runs)):
+        gaps = equal_flops_gaps(runs, variant, best) if best else {}
+        if gaps:
+            rows.append(f"| {variant} minus {best} | "
+                        + " | ".join(_mean_spread(gaps[k], pct=False, signed=True) for k in gaps) + " |")
+    if not rows:
+        return []
+    return [
+        "Held-out loss at equal FLOPs (fitting counted; negative: the fitted operator is ahead), at the end",
+        "of its fit and at fractions of the scratch run's FLOPs; curves interpolated between evals:",
+        "",
+        "| | end of fit | " + " | ".join(f"{int(100 * f)}%" for f in EQUAL_FLOPS_POINTS) + " |",
+        "|---|---|" + "---|" * len(EQUAL_FLOPS_POINTS),
+        *rows,
+        "",
+    ]
 
 
 def _budget_table(recs: list[dict]) -> list[str]:
@@ -534,6 +575,7 @@ def markdown(results: list[dict], recs: list[dict], meta: dict) -> str:
             )
         lines.append("")
         lines += _comparison(rs)
+        lines += _equal_flops_table(res["runs"], best_baseline(rs))
         lines += _budget_table(rs)
     return "\n".join(lines) + "\n"
 
@@ -609,6 +651,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--size", choices=sorted(SIZES), default="default")
     p.add_argument("--steps", type=int, help="training steps of every large run (overrides the size)")
     p.add_argument("--small-steps", type=int, help="pretraining steps of the small model")
+    p.add_argument("--lr", type=float, help="peak learning rate of every large run (overrides the size and family)")
     p.add_argument("--fit-steps", type=int, help="LiGO operator fitting steps")
     p.add_argument("--fit-batch", type=int, help="sequences per LiGO fitting step (default: the training batch)")
     p.add_argument("--fit-lr", type=float, help="LiGO fitting's peak learning rate (default: the engine's)")
@@ -628,7 +671,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return rewrite_report(Path(args.report))
 
     size = SIZES[args.size]
-    overrides = {k: v for k, v in {"steps": args.steps, "small_steps": args.small_steps,
+    overrides = {k: v for k, v in {"steps": args.steps, "small_steps": args.small_steps, "lr": args.lr,
                                    "fit_steps": args.fit_steps, "fit_batch": args.fit_batch, "fit_lr": args.fit_lr,
                                    "eval_every": args.eval_every, "noise": args.noise,
                                    "spread": args.spread}.items() if v is not None}

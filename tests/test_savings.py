@@ -131,6 +131,22 @@ def test_ligo_is_compared_with_the_best_baseline_seed_by_seed():
     assert savings.best_baseline([r for r in never if r["strategy"] != "preserve"]) == "stack"
     assert savings.best_baseline(never) == "preserve"
 
+def test_equal_flops_gaps_compare_losses_at_the_same_compute():
+    def run(strategy, flops, losses):
+        return {"strategy": strategy, "seed": 0, "flops": flops, "losses": losses}
+
+    runs = [run("scratch", [0.0, 50.0, 100.0], [8.0, 5.0, 4.0]),
+            run("preserve", [0.0, 50.0, 100.0], [5.0, 4.0, 3.5]),
+            # Fitting costs 10 FLOPs and lowers the start from 5.0 to 4.9; then it trails.
+            run("ligo", [10.0, 60.0, 110.0], [4.9, 4.05, 3.5])]
+    gaps = savings.equal_flops_gaps(runs, "ligo", "preserve")
+    assert gaps["fit"] == [pytest.approx(4.9 - 4.8)]  # preserve trained 10 FLOPs by then: 5.0 -> 4.8
+    assert gaps["0.5"] == [pytest.approx((4.9 - 0.85 * 0.8) - 4.0)]  # ligo at 50: 40/50 of the way to 4.05
+    assert gaps["1.0"] == [pytest.approx((4.05 - 0.55 * 0.8) - 3.5)]
+    table = "\n".join(savings._equal_flops_table(runs, "preserve"))
+    assert "| ligo minus preserve | +0.100 |" in table
+
+
 def test_tiny_pipeline_produces_a_curve_for_every_strategy(tmp_path):
     pytest.importorskip("matplotlib")
     size = savings.SIZES["tiny"]
