@@ -72,6 +72,11 @@ class Record:
         return self.large[1] / self.small[1]
 
     @property
+    def scale(self) -> int:
+        """The large model's width: the scale the saving was measured at."""
+        return self.large[1]
+
+    @property
     def setting(self) -> str:
         (l1, d1), (l2, d2) = self.small, self.large
         return f"{self.family} {l1}L/{d1} -> {l2}L/{d2}"
@@ -177,6 +182,16 @@ def calibration_records(measured_path: str | Path | None = None) -> list[Record]
     return [*PUBLISHED, *load_measured(measured_path)]
 
 
-def log_distance(a: tuple[float, float], b: tuple[float, float]) -> float:
-    """Distance between two (depth ratio, width ratio) settings on log scales."""
-    return math.hypot(math.log(a[0] / b[0]), math.log(a[1] / b[1]))
+# How much a difference in scale (the large model's width) counts against one in growth ratio,
+# per unit of ln. Savings measured on a 128-wide toy model are evidence about growing such a
+# model; for a 1024-wide target they count ln(1024/128) x 0.5 = 1.04 away, as far as a setting
+# that grows depth 2.8x instead of 1x, so published settings at a nearby scale outweigh them.
+SCALE_WEIGHT = 0.5
+
+
+def log_distance(a: tuple[float, float], b: tuple[float, float],
+                 scales: tuple[float, float] | None = None) -> float:
+    """Distance between two (depth ratio, width ratio) settings on log scales; with ``scales``
+    (the two large models' widths) their difference in scale counts too (``SCALE_WEIGHT``)."""
+    scale = SCALE_WEIGHT * math.log(scales[0] / scales[1]) if scales else 0.0
+    return math.hypot(math.log(a[0] / b[0]), math.log(a[1] / b[1]), scale)

@@ -192,13 +192,15 @@ def fit_flops(
 
 # --- expected savings from the calibration table -------------------------------------------------
 
-def _interpolate(records: list[Record], query: tuple[float, float]) -> dict:
-    """Inverse-squared-distance mean of the records' savings in (ln depth ratio, ln width ratio).
+def _interpolate(records: list[Record], query: tuple[float, float], scale: float | None = None) -> dict:
+    """Inverse-squared-distance mean of the records' savings in (ln depth ratio, ln width ratio),
+    and ln scale (the large model's width, weighted by ``SCALE_WEIGHT``) when ``scale`` is given.
 
     An exact setting gives its own value (the mean, when several results share it); the range's
     half-width is the records' own spread plus ``per_log_ratio`` x the distance to the nearest.
     """
-    dists = [log_distance(query, (r.depth_ratio, r.width_ratio)) for r in records]
+    dists = [log_distance(query, (r.depth_ratio, r.width_ratio), (scale, r.scale) if scale else None)
+             for r in records]
     nearest = min(dists)
     weights = [float(d < 1e-9) for d in dists] if nearest < 1e-9 else [1.0 / d**2 for d in dists]
     weights = [w / sum(weights) for w in weights]
@@ -212,7 +214,7 @@ def _interpolate(records: list[Record], query: tuple[float, float]) -> dict:
     else:
         r = used[0][1]
         basis = (f"interpolated from {len(used)} {r.strategy} setting{'s' * (len(used) > 1)}, nearest "
-                 f"{r.setting} ({r.kind} {r.saved:.1%}, {r.source}) at ln-ratio distance {nearest:.2f}")
+                 f"{r.setting} ({r.kind} {r.saved:.1%}, {r.source}) at distance {nearest:.2f}")
     evidence = [
         {"setting": r.setting, "strategy": r.strategy, "saved": r.saved, "kind": r.kind, "source": r.source,
          "note": r.note, "weight": round(w, 4), "distance": round(d, 4)}
@@ -223,13 +225,15 @@ def _interpolate(records: list[Record], query: tuple[float, float]) -> dict:
 
 def expected_savings(
     family: str, strategy: str, depth_ratio: float, width_ratio: float, records: list[Record] | None = None,
+    scale: float | None = None,
 ) -> dict:
     """Calibrated fraction of the scratch training FLOPs that growth saves, with its range and basis.
 
     In order of preference: settings of this family and strategy; this family's ``ligo`` estimate
     times the strategy's ratio to ``ligo`` measured in other families; other families' settings of
     the strategy. A strategy with no settings at all borrows a similar one's (``STRATEGY_PROXY``).
-    Each fallback widens the range (``UNCERTAINTY``).
+    Each fallback widens the range (``UNCERTAINTY``). ``scale``, the large model's width, makes
+    settings measured at a distant scale count less (``calibration.SCALE_WEIGHT``).
     """
     records = calibration_records() if records is None else records
     query = (depth_ratio, width_ratio)
@@ -245,14 +249,14 @@ def expected_savings(
         raise EstimateError(f"no calibration data for strategy {strategy!r}")
     anchors = sorted({r.family for r in pool if r.family != family and of(r.family, "ligo")})
     if of(family, used):
-        est = _interpolate(of(family, used), query)
+        est = _interpolate(of(family, used), query, scale)
     elif used != "ligo" and of(family, "ligo") and anchors:
         # This family's ligo estimate, scaled by how the strategy compares with ligo elsewhere.
-        pairs = [(r, _interpolate(of(r.family, "ligo"), (r.depth_ratio, r.width_ratio))["fraction"])
+        pairs = [(r, _interpolate(of(r.family, "ligo"), (r.depth_ratio, r.width_ratio), r.scale)["fraction"])
                  for f in anchors for r in of(f, used)]
         pairs = [(r, lig) for r, lig in pairs if lig > 0.05]
         ratio = sum(r.saved / lig for r, lig in pairs) / len(pairs)
-        base = _interpolate(of(family, "ligo"), query)
+        base = _interpolate(of(family, "ligo"), query, scale)
         est = {
             "fraction": base["fraction"] * ratio,
             "half": base["half"] * abs(ratio) + UNCERTAINTY["other_family"],
@@ -266,7 +270,7 @@ def expected_savings(
             ],
         }
     else:
-        est = _interpolate(pool, query)
+        est = _interpolate(pool, query, scale)
         est["half"] += UNCERTAINTY["other_family"]
         est["basis"] = f"no {used} setting of {family}; other families': {est['basis']}"
     if used != strategy:
@@ -383,7 +387,7 @@ def estimate(
     fit = fit_flops(source_config, target_config, strategy=strategy, steps=fit_steps, batch=fit_batch,
                     seq_len=seq_len, convention=convention)
     cal = expected_savings(family, strategy, large["layers"] / small["layers"], large["hidden"] / small["hidden"],
-                           calibration_records(measured_path))
+                           calibration_records(measured_path), scale=large["hidden"])
 
     def grown_flops(saved):
         return fit["flops"] + (1 - saved) * scratch

@@ -278,6 +278,30 @@ def test_measured_results_are_used_with_their_seeds(tmp_path):
     assert "measured" in r["basis"] and "paper" in r["basis"]
 
 
+def test_measurements_at_a_distant_scale_count_less(tmp_path):
+    """Our CPU benchmark's toy BERT (2L/64 -> 4L/128) saved 75%; that is evidence for growing such a
+    model, not for a 1024-wide one, where the paper's settings at a nearby scale must dominate."""
+    runs = [{"model": "bert", "strategy": "ligo", "seed": s, "flops_saved": 0.75, "small_loss": 6.78,
+             "scratch_final_loss": 6.42, "source": {"layers": 2, "hidden": 64}, "target": {"layers": 4, "hidden": 128}}
+            for s in (0, 1)]
+    path = tmp_path / "savings.json"
+    path.write_text(json.dumps(runs))
+    records = cost.calibration_records(path)
+    big = cost.expected_savings("bert", "ligo", 2.0, 2.0, records, scale=1024)
+    weights = {e["setting"]: e["weight"] for e in big["evidence"]}
+    assert weights["bert 2L/64 -> 4L/128"] < 0.1
+    assert 0.43 < big["fraction"] < 0.49  # the paper's 41.6-51.7% neighbourhood, not 75%
+    toy = cost.expected_savings("bert", "ligo", 2.0, 2.0, records, scale=128)
+    assert toy["fraction"] == pytest.approx(0.75)  # its own setting and scale: exact
+    # Without a scale the lookup is by growth ratios alone, as before.
+    assert cost.expected_savings("bert", "ligo", 2.0, 2.0, records)["fraction"] == pytest.approx(0.75)
+    # The estimate passes the target's width.
+    source, target = preset_pair("bert-small", "bert-base")
+    wider = ligo_core.resolve_target("layers=12,hidden=1024,heads=16,ffn=4096", source)
+    r = cost.estimate(source, wider, tokens=10**12, measured_path=path)["savings"]["calibrated"]
+    assert r["fraction"] == pytest.approx(big["fraction"])
+
+
 def test_missing_or_bad_measured_file(tmp_path):
     assert load_measured(tmp_path / "absent.json") == []
     bad = tmp_path / "bad.json"
