@@ -36,7 +36,7 @@ REGIME_MARGIN = 0.3
 UNCERTAINTY = {
     "single_run": 0.05,  # around one published number (the papers report one run, no seeds)
     "min_spread": 0.02,  # smallest half-width around a mean of measured seeds
-    "per_log_ratio": 0.10,  # added per unit of ln-ratio distance to the nearest calibrated setting
+    "per_log_ratio": 0.10,  # added per unit of log distance (ratios and scale) to the nearest calibrated setting
     "other_family": 0.10,  # no setting of this family: evidence borrowed from other families
     "proxy_strategy": 0.05,  # no setting of this strategy: evidence of a similar one
 }
