@@ -242,3 +242,16 @@ def test_symmetry_bench_finds_copies_and_their_separation():
     values, queries = (rows[3]["probes"][f"attention {p}, first layer"] for p in ("values", "queries"))
     assert values["groups"] == queries["groups"] == 32
     assert values["start_cos"] == queries["start_cos"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_mlm_head_bench_times_both_losses_on_the_same_masks():
+    import mlm_head
+
+    threads = torch.get_num_threads()
+    try:
+        medians = mlm_head.main(["--layers", "1", "--hidden", "32", "--vocab", "101", "--batch", "2",
+                                 "--seq-len", "8", "--rounds", "1", "--steps", "1", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert set(medians) == {"head at every position", "head at masked positions (engine)"}
+    assert all(ms > 0 for ms in medians.values())
