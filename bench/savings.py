@@ -46,7 +46,7 @@ STRATEGIES = ("scratch", "stack", "interpolate", "net2net", "preserve", "ligo", 
 DEFAULT_STRATEGIES = STRATEGIES[:-1]
 # The fitted operator's start (ligo_init): ``ligo`` is the engine's default, the exact
 # function-preserving operator; ``ligo-stack`` starts its depth mixing from stacked layers.
-# (Runs recorded before 2026-11-29 called these ``ligo-preserve`` and ``ligo``.)
+# (Runs recorded before 2026-11-29 02:49 UTC called these ``ligo-preserve`` and ``ligo``.)
 LIGO_VARIANTS = {"ligo": "preserve", "ligo-stack": "stack"}
 
 
