@@ -34,7 +34,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--price", type=float, default=None, help="USD per GPU-hour (default: the table's)")
     p.add_argument("--utilisation", type=float, default=None, help="model FLOPs utilisation (default: 0.4)")
     p.add_argument("--convention", choices=sorted(CONVENTIONS), default="standard",
-                   help="FLOPs counting: standard, the LiGO paper's, or engine (a masked LM's head on masked tokens only; default: standard)")
+                   help="FLOPs counting: standard, the LiGO paper's, or engine (a masked LM's head on masked "
+                        "tokens only; default: standard)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     p.set_defaults(func=run_estimate)
     return p
