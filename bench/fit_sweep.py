@@ -32,6 +32,7 @@ import savings  # noqa: E402
 
 import ligo_core  # noqa: E402
 from ligo_core import cost  # noqa: E402
+from ligo_core.allocator import keep_freed_memory  # noqa: E402
 from ligo_core.data import batches  # noqa: E402
 from ligo_core.strategies import LIGO_INITS  # noqa: E402
 from ligo_core.training import default_device  # noqa: E402
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(f"unknown start {init!r}; choose from {', '.join(LIGO_INITS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()
     result = sweep(args.model, savings.SIZES[args.size].for_model(args.model), inits, [int(s) for s in args.steps.split(",")],
                    [float(x) for x in args.lrs.split(",")], args.seed, default_device(args.device),
                    fit_batches=[int(b) for b in args.fit_batches.split(",")] if args.fit_batches else None)

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import savings  # noqa: E402
 
 import ligo_core  # noqa: E402
+from ligo_core.allocator import keep_freed_memory  # noqa: E402
 from ligo_core.data import batches  # noqa: E402
 from ligo_core.training import default_device, train  # noqa: E402
 
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()
     rows = measure(args.strategy, [float(n) for n in args.noises.split(",")],
                    [float(s) for s in args.spreads.split(",")], args.steps, savings.SIZES[args.size].for_model("gpt2"),
                    default_device(args.device))

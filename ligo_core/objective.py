@@ -59,7 +59,10 @@ def loss_terms(
         inputs, labels = inputs.to(input_ids.device), labels.to(input_ids.device)
         scored = labels != -100
     elif objective == "clm":
-        inputs, labels, scored = input_ids, input_ids, None
+        # Next-token targets, the last position's ignored: the logits stay one contiguous block
+        # (slicing them instead costs a copy the size of the vocabulary-wide output).
+        inputs, scored = input_ids, None
+        labels = F.pad(input_ids[:, 1:], (0, 1), value=-100)
     else:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
 
@@ -77,9 +80,7 @@ def loss_terms(
             hidden = hidden[scored]
         weight = params[embedding_name] if params is not None else model.get_input_embeddings().weight
         logits = hidden @ weight.t()
-    if objective == "clm":
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    else:
+    if objective == "mlm":
         labels = labels[scored]  # logits are (masked positions, vocabulary) already
     total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
                             reduction="sum")

@@ -166,7 +166,7 @@ def test_tiny_pipeline_produces_a_curve_for_every_strategy(tmp_path):
         for run in res["runs"]:
             assert run["steps"] == [i * size.eval_every for i in range(n_evals)]
             assert len(run["losses"]) == n_evals and all(l > 0 for l in run["losses"])
-            assert len(run["train_sample_losses"]) == n_evals and all(l > 0 for l in run["train_sample_losses"])
+            assert run["final_seen_loss"] > 0  # training sequences: scored once, at the end
             # FLOPs: growth/fitting first, then one large-model step per step.
             assert run["flops"] == pytest.approx([run["fit_flops"] + s * step_flops for s in run["steps"]])
             assert run["ligo_init"] == savings.LIGO_VARIANTS.get(run["strategy"])  # ligo: the exact start
@@ -182,6 +182,10 @@ def test_tiny_pipeline_produces_a_curve_for_every_strategy(tmp_path):
                 # Function-preserving growth of the pretrained small model starts at its loss.
                 assert run["init_loss"] == pytest.approx(res["small_loss"], abs=0.02)
         assert res["recipe"]["steps"] == size.steps and res["recipe"]["bert"] == {}
+    seen = {(res["model"], run["strategy"]): run["final_seen_loss"] for res in curves for run in res["runs"]}
+    assert {(r["model"], r["strategy"]): r["final_seen_loss"] for r in recs} == seen
+    # Curves recorded before the seen loss was scored once still give their last value.
+    assert savings._final_seen_loss({"train_sample_losses": [5.0, 4.5]}) == 4.5
     table = (tmp_path / "savings.md").read_text()
     assert "| ligo |" in table and "| ligo-stack |" in table and "## bert" in table
     assert f"every large run {size.steps} steps x {size.batch} x {size.seq_len} tokens" in table
@@ -254,4 +258,12 @@ def test_mlm_head_bench_times_both_losses_on_the_same_masks():
     finally:
         torch.set_num_threads(threads)
     assert set(medians) == {"head at every position", "head at masked positions (engine)"}
+    assert all(ms > 0 for ms in medians.values())
+
+
+def test_allocator_bench_measures_each_arm_in_its_own_process():
+    import allocator
+
+    medians = allocator.main(["--models", "gpt2", "--rounds", "1", "--steps", "1", "--threads", "1"])
+    assert set(medians) == {("gpt2", arm) for arm in allocator.ARMS}
     assert all(ms > 0 for ms in medians.values())

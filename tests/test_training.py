@@ -1,11 +1,14 @@
 """The plain training loop lowers loss; held-out evaluation is deterministic; the tokenizer."""
 
+import ctypes
+import ctypes.util
 import math
 
 import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
+from ligo_core.allocator import keep_freed_memory
 from ligo_core.data import batches, default_corpus_texts, pack_tokens
 from ligo_core.tokenizer import tokenizer_info, train_tokenizer
 from ligo_core.training import evaluate_loss, lr_at, train
@@ -120,3 +123,36 @@ def test_mlm_without_mask_token_is_refused(gpt_tok, texts):
     tokens = pack_tokens(texts[:50], gpt_tok, SEQ)
     with pytest.raises(ValueError, match="mask_id"):
         evaluate_loss(_gpt(gpt_tok), tokens, "mlm", tokenizer_info=tokenizer_info(gpt_tok))
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def test_large_tensors_reuse_freed_memory_instead_of_fresh_pages():
+    """After keep_freed_memory, a 64 MiB tensor comes from malloc's heap (not its own mmap) and its
+    memory stays there when freed, so the next step's tensors reuse pages already touched."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("needs glibc 2.33+ to inspect malloc")
+    libc.mallinfo2.restype = _MallInfo2
+    assert keep_freed_memory()
+    mmapped_before = libc.mallinfo2().hblks
+    block = torch.ones(64 * 2**20, dtype=torch.uint8)
+    assert libc.mallinfo2().hblks == mmapped_before
+    del block
+    assert libc.mallinfo2().fordblks >= 64 * 2**20  # freed, kept by malloc for reuse
+
+
+def test_next_token_loss_matches_the_models_own():
+    """The engine's causal loss (targets shifted, the last position ignored) is Hugging Face's."""
+    from ligo_core.objective import loss_terms
+
+    config = GPT2Config(vocab_size=97, n_positions=16, n_layer=1, n_embd=32, n_head=2)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).eval()  # no dropout: both losses see the same function
+    ids = torch.randint(0, 97, (3, 16))
+    total, count = loss_terms(model, ids, "clm")
+    assert count == 3 * 15
+    torch.testing.assert_close(total / count, model(input_ids=ids, labels=ids).loss)

@@ -1,0 +1,109 @@
+"""What keeping freed memory in malloc's heap saves per CPU training step.
+
+Interleaved A/B, one fresh process per measurement (glibc's malloc settings hold for a whole
+process): the savings benchmark's large GPT-2 and BERT (``bench/savings.py``'s default size), one
+AdamW step on random tokens with the engine's loss, with glibc's defaults against
+``ligo_core.allocator.keep_freed_memory``. Prints milliseconds per step.
+
+    python bench/allocator.py [--rounds 3] [--steps 30] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ligo_core.allocator import keep_freed_memory  # noqa: E402
+from ligo_core.objective import loss_terms  # noqa: E402
+from ligo_core.training import _param_groups  # noqa: E402
+
+ARMS = {"glibc defaults": False, "freed memory kept (engine)": True}
+
+
+def time_steps(model_name: str, steps: int) -> float:
+    """Milliseconds per training step of the savings benchmark's large ``model_name``."""
+    import savings  # bench/savings.py, beside this file
+
+    size = savings.SIZES["default"].for_model(model_name)
+    config = savings.make_config(model_name, size.large, size.vocab, size.seq_len, _NoTokenizer())
+    torch.manual_seed(0)
+    model = savings.model_class(model_name)(config)
+    opt = torch.optim.AdamW(_param_groups(model, size.weight_decay), lr=1e-4)
+    objective = "clm" if model_name == "gpt2" else "mlm"
+    info = {"mask_id": 4, "vocab_size": size.vocab, "special_ids": []}
+    masks = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, size.vocab, (size.batch, size.seq_len), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        total, count = loss_terms(model, ids, objective, info, masks)
+        opt.zero_grad(set_to_none=True)
+        (total / count).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    for _ in range(3):  # warm
+        step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - started) / steps * 1000
+
+
+class _NoTokenizer:
+    eos_token_id = 0
+    pad_token_id = 0
+
+
+def measure_in_child(model_name: str, keep: bool, steps: int, threads: int | None) -> float:
+    cmd = [sys.executable, __file__, "--child", model_name, "--steps", str(steps)]
+    cmd += ["--keep-freed"] if keep else []
+    cmd += ["--threads", str(threads)] if threads else []
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> dict[tuple[str, str], float]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="gpt2,bert")
+    p.add_argument("--rounds", type=int, default=3, help="A/B rounds (default 3)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per process (default 30)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--keep-freed", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if args.child:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.keep_freed and not keep_freed_memory():
+            raise SystemExit("this C library has no glibc mallopt: nothing to compare")
+        print(f"{time_steps(args.child, args.steps):.3f}")
+        return {}
+
+    models = [m for m in args.models.split(",") if m]
+    times: dict[tuple[str, str], list[float]] = {(m, arm): [] for m in models for arm in ARMS}
+    for _ in range(args.rounds):
+        for m in models:
+            for arm, keep in ARMS.items():
+                times[(m, arm)].append(measure_in_child(m, keep, args.steps, args.threads))
+    medians = {key: statistics.median(t) for key, t in times.items()}
+    print(f"bench/savings.py's large models, {args.threads or torch.get_num_threads()} threads, "
+          f"{args.rounds} interleaved rounds of {args.steps} steps, one process each")
+    print("| model | " + " | ".join(f"{arm}: ms per step" for arm in ARMS) + " | time saved |")
+    print("|---|" + "---:|" * (len(ARMS) + 1))
+    for m in models:
+        base, kept = (medians[(m, arm)] for arm in ARMS)
+        print(f"| {m} | {base:.0f} | {kept:.0f} | {1 - kept / base:.0%} |")
+    return medians
+
+
+if __name__ == "__main__":
+    main()
