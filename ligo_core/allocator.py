@@ -3,8 +3,8 @@
 glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh mmap and
 returns it to the kernel when freed, so each training step's logits, their gradient and the
 loss's buffers come back as new pages the kernel must zero on first touch. On the 2-core
-benchmark machine that was a fifth of a small GPT-2's CPU training step (207 -> 165 ms,
-docs/BENCHMARKS.md). Serving large blocks from the heap and never trimming it makes them
+benchmark machine that was 18% of a small GPT-2's CPU training step (213 -> 175 ms,
+``bench/allocator.py``, docs/BENCHMARKS.md). Serving large blocks from the heap and never trimming it makes them
 reusable; the process keeps its peak memory until it exits, which suits a training process.
 """
 
