@@ -98,7 +98,7 @@ SIZES = {
     # slowly: its scratch run needs 1,000 steps, and its small model 200, to end 0.3 nats apart
     # (measured: 6.78 vs 6.42; at 600 and 600, 6.53 vs 6.55). Its post-LN stack learns faster at a
     # lower peak rate (400-step probe: 6.71 at 5e-4, 6.84 at 4e-3). GPT-2's operator is fitted on
-    # 8 sequences a step (a quarter of the fit's cost; the same start, measured: 3 points of savings
+    # 8 sequences a step (a quarter of the fit's cost, nearly the same start; measured: 3 points of savings
     # more); BERT's on the full batch (8 sequences hold ~75 masked tokens: the fit got worse).
     "default": Size(small=(2, 64, 2, 256), large=(4, 128, 4, 512), vocab=4096, seq_len=64, batch=32,
                     small_steps=600, steps=600, fit_steps=24, eval_every=25, eval_seqs=128,

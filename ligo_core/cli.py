@@ -74,6 +74,7 @@ def cmd_grow(args) -> int:
 
     import ligo_core
 
+    keep_freed_memory()  # a one-off process: fewer page faults in CPU fitting (ligo_core/allocator.py)
     console = Console(stderr=True)
     report = ligo_core.grow(
         args.src, args.target, args.out, strategy=args.strategy, fit_steps=args.fit_steps, data=args.data,
@@ -179,7 +180,6 @@ def _positive(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    keep_freed_memory()  # fewer page faults in CPU fitting (ligo_core/allocator.py)
     try:
         _positive(args)
         return args.func(args) or 0
