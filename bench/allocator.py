@@ -1,8 +1,8 @@
 """What keeping freed memory in malloc's heap saves per CPU training step.
 
 Interleaved A/B, one fresh process per measurement (glibc's malloc settings hold for a whole
-process): the savings benchmark's large GPT-2 and BERT (``bench/savings.py``'s default size), one
-AdamW step on random tokens with the engine's loss, with glibc's defaults against
+process): the savings benchmark's large GPT-2 and BERT (``bench/savings.py``'s default size), the
+engine's training loop on random tokens, with glibc's defaults against
 ``ligo_core.allocator.keep_freed_memory``. Prints milliseconds per step.
 
     python bench/allocator.py [--rounds 3] [--steps 30] [--threads 2]
@@ -11,55 +11,38 @@ AdamW step on random tokens with the engine's loss, with glibc's defaults agains
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ligo_core.allocator import keep_freed_memory  # noqa: E402
-from ligo_core.objective import loss_terms  # noqa: E402
-from ligo_core.training import _param_groups  # noqa: E402
+from ligo_core.training import train  # noqa: E402
 
 ARMS = {"glibc defaults": False, "freed memory kept (engine)": True}
 
 
 def time_steps(model_name: str, steps: int) -> float:
-    """Milliseconds per training step of the savings benchmark's large ``model_name``."""
+    """Milliseconds per step of ``ligo_core.training.train`` (the loop every benchmark run uses) on
+    the savings benchmark's large ``model_name``, one batch of random tokens repeated."""
     import savings  # bench/savings.py, beside this file
 
     size = savings.SIZES["default"].for_model(model_name)
-    config = savings.make_config(model_name, size.large, size.vocab, size.seq_len, _NoTokenizer())
+    config = savings.make_config(model_name, size.large, size.vocab, size.seq_len,
+                                 SimpleNamespace(eos_token_id=0, pad_token_id=0))
     torch.manual_seed(0)
     model = savings.model_class(model_name)(config)
-    opt = torch.optim.AdamW(_param_groups(model, size.weight_decay), lr=1e-4)
-    objective = "clm" if model_name == "gpt2" else "mlm"
-    info = {"mask_id": 4, "vocab_size": size.vocab, "special_ids": []}
-    masks = torch.Generator().manual_seed(0)
     ids = torch.randint(5, size.vocab, (size.batch, size.seq_len), generator=torch.Generator().manual_seed(0))
-
-    def step():
-        total, count = loss_terms(model, ids, objective, info, masks)
-        opt.zero_grad(set_to_none=True)
-        (total / count).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-
-    for _ in range(3):  # warm
-        step()
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - started) / steps * 1000
-
-
-class _NoTokenizer:
-    eos_token_id = 0
-    pad_token_id = 0
+    recipe = dict(lr=1e-4, weight_decay=size.weight_decay, objective="clm" if model_name == "gpt2" else "mlm",
+                  tokenizer_info={"mask_id": 4, "vocab_size": size.vocab, "special_ids": []}, device="cpu")
+    train(model, itertools.repeat(ids), 3, **recipe)  # warm
+    return train(model, itertools.repeat(ids), steps, **recipe)["train_time"] / steps * 1000
 
 
 def measure_in_child(model_name: str, keep: bool, steps: int, threads: int | None) -> float:

@@ -693,7 +693,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     if args.threads:
         torch.set_num_threads(args.threads)
-    keep_freed_memory()  # 18% of a GPT-2 CPU step was page faults (ligo_core/allocator.py)
+    keep_freed_memory()  # 19% of a GPT-2 CPU step was page faults (ligo_core/allocator.py)
     device = default_device(args.device)
     started = time.perf_counter()
 

@@ -3,9 +3,10 @@
 glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh mmap and
 returns it to the kernel when freed, so each training step's logits, their gradient and the
 loss's buffers come back as new pages the kernel must zero on first touch. On the 2-core
-benchmark machine that was 18% of a small GPT-2's CPU training step (213 -> 175 ms,
-``bench/allocator.py``, docs/BENCHMARKS.md). Serving large blocks from the heap and never trimming it makes them
-reusable; the process keeps its peak memory until it exits, which suits a training process.
+benchmark machine that was 19% of a small GPT-2's CPU training step (196 -> 159 ms,
+``bench/allocator.py``, docs/BENCHMARKS.md). Serving large blocks from the heap and never
+trimming it makes them reusable; the process keeps its peak memory until it exits, which suits a
+one-off training process, not a long-running service.
 """
 
 from __future__ import annotations
