@@ -9,26 +9,21 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import stat
-import tarfile
 import tempfile
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
+from ligo_core.archive import DEFAULT_MAX_EXTRACT_BYTES, extract, is_archive, unsafe_name
 from ligo_core.errors import CheckpointError, LigoError
 from ligo_core.families import family_for_model_type, supported_model_types
 from ligo_core.growth import Layout, load_grown_weights, plan_layout
 
-ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
-MAX_ARCHIVE_MEMBERS = 10_000
-DEFAULT_MAX_EXTRACT_BYTES = 200 * 2**30
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "vocab.txt", "tokenizer.model", "added_tokens.json",
@@ -36,58 +31,20 @@ TOKENIZER_FILES = (
 FOREIGN_WEIGHTS = ("tf_model.h5", "flax_model.msgpack", "model.ckpt.index", "pytorch_model.pt", "model.pt")
 
 
-def is_archive(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
+def confined(directory: Path, name, what: str, follow_links: bool = False) -> Path:
+    """``directory / name`` for a file that a checkpoint names (a shard in its index, a tokenizer
+    file), refused unless it stays inside the checkpoint.
 
-
-def _check_member_path(name: str) -> None:
-    p = PurePosixPath(name.replace("\\", "/"))
-    if p.is_absolute() or ".." in p.parts or (p.parts and ":" in p.parts[0]):
-        raise CheckpointError(f"archive member {name!r} points outside the archive")
-
-
-def _check_members(members: list[tuple[str, int, str]], max_bytes: int) -> None:
-    """Refuse an archive before extracting anything: (name, size, kind) per member."""
-    if len(members) > MAX_ARCHIVE_MEMBERS:
-        raise CheckpointError(f"archive has {len(members)} members, more than {MAX_ARCHIVE_MEMBERS}")
-    total = 0
-    for name, size, kind in members:
-        _check_member_path(name)
-        if kind == "link":
-            raise CheckpointError(f"archive member {name!r} is a link; links are not accepted")
-        if kind == "other":
-            raise CheckpointError(f"archive member {name!r} is not a regular file or directory")
-        total += size
-        if total > max_bytes:
-            raise CheckpointError(f"archive expands to more than {max_bytes} bytes")
-
-
-def _tar_kind(m: tarfile.TarInfo) -> str:
-    return "link" if m.issym() or m.islnk() else "file" if m.isfile() or m.isdir() else "other"
-
-
-def _extract_tar(path: Path, dest: Path, max_bytes: int) -> None:
-    try:
-        with tarfile.open(path) as tar:
-            _check_members([(m.name, m.size, _tar_kind(m)) for m in tar.getmembers()], max_bytes)
-            tar.extractall(dest, filter="data")
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise CheckpointError(f"{path.name}: not a readable tar archive ({exc})") from None
-
-
-def _extract_zip(path: Path, dest: Path, max_bytes: int) -> None:
-    try:
-        with zipfile.ZipFile(path) as zf:
-            _check_members([
-                (i.filename, i.file_size, "link" if stat.S_ISLNK(i.external_attr >> 16) else "file")
-                for i in zf.infolist()
-            ], max_bytes)
-            bad = zf.testzip()
-            if bad is not None:
-                raise CheckpointError(f"archive member {bad!r} is corrupt")
-            zf.extractall(dest)
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise CheckpointError(f"{path.name}: not a readable zip archive ({exc})") from None
+    A name that could leave the folder (absolute, ``..``) is refused always. Unless
+    ``follow_links`` (a user's own directory on the command line, such as a Hugging Face cache
+    snapshot whose files link to its blob store), the file must also resolve inside the folder
+    once links are followed: an upload can never read another tenant's files or the server's."""
+    if not isinstance(name, str) or unsafe_name(name):
+        raise CheckpointError(f"{what} names {name!r}, which points outside the checkpoint")
+    path = directory / name
+    if not follow_links and not path.resolve().is_relative_to(directory.resolve()):
+        raise CheckpointError(f"{what} names {name!r}, which resolves outside the checkpoint")
+    return path
 
 
 def _model_root(directory: Path) -> Path:
@@ -115,18 +72,15 @@ def opened_source(src: str | Path, max_bytes: int = DEFAULT_MAX_EXTRACT_BYTES) -
         )
     tmp = Path(tempfile.mkdtemp(prefix="ligo-src-"))
     try:
-        if path.name.lower().endswith(".zip"):
-            _extract_zip(path, tmp, max_bytes)
-        else:
-            _extract_tar(path, tmp, max_bytes)
+        extract(path, tmp, max_bytes)
         yield _model_root(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_config(directory: Path) -> PretrainedConfig:
+def read_config(directory: Path, follow_links: bool = False) -> PretrainedConfig:
     try:
-        data = json.loads((directory / "config.json").read_text())
+        data = json.loads(confined(directory, "config.json", "the checkpoint", follow_links).read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"config.json is not valid JSON ({exc})") from None
     model_type = data.get("model_type") if isinstance(data, dict) else None
@@ -142,24 +96,25 @@ def read_config(directory: Path) -> PretrainedConfig:
         raise CheckpointError(f"config.json is not a valid {model_type} config ({exc})") from None
 
 
-def _weight_files(directory: Path) -> tuple[list[Path], str]:
+def _weight_files(directory: Path, follow_links: bool = False) -> tuple[list[Path], str]:
     for index_name, fmt in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "pytorch_bin")):
         index = directory / index_name
         if index.is_file():
             try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (OSError, ValueError, KeyError, AttributeError) as exc:
+                weight_map = json.loads(confined(directory, index_name, "the checkpoint", follow_links).read_text())["weight_map"]
+                entries = list(weight_map.values())
+            except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
                 raise CheckpointError(f"{index_name} is not a valid shard index ({exc})") from None
-            files = [directory / s for s in shards]
-            for f in files:
-                _check_member_path(f.name)
+            files = []
+            for entry in dict.fromkeys(entries):  # each shard once, in the index's order
+                f = confined(directory, entry, index_name, follow_links)
                 if not f.is_file():
-                    raise CheckpointError(f"shard {f.name!r} named in {index_name} is missing")
-            return files, fmt
-    if (directory / "model.safetensors").is_file():
-        return [directory / "model.safetensors"], "safetensors"
-    if (directory / "pytorch_model.bin").is_file():
-        return [directory / "pytorch_model.bin"], "pytorch_bin"
+                    raise CheckpointError(f"shard {entry!r} named in {index_name} is missing")
+                files.append(f)
+            return sorted(files), fmt
+    for name, fmt in (("model.safetensors", "safetensors"), ("pytorch_model.bin", "pytorch_bin")):
+        if (directory / name).is_file():
+            return [confined(directory, name, "the checkpoint", follow_links)], fmt
     foreign = [n for n in FOREIGN_WEIGHTS if (directory / n).exists()]
     if foreign:
         raise CheckpointError(f"{foreign[0]}: unsupported weight format; convert to model.safetensors")
@@ -181,8 +136,8 @@ def _load_file(path: Path, fmt: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
-    files, fmt = _weight_files(directory)
+def read_weights(directory: Path, follow_links: bool = False) -> tuple[dict[str, torch.Tensor], str]:
+    files, fmt = _weight_files(directory, follow_links)
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(_load_file(f, fmt))
@@ -224,8 +179,29 @@ def _dtype_of(state: dict[str, torch.Tensor]) -> torch.dtype:
     return max(set(floats), key=floats.count) if floats else torch.float32
 
 
-def load_tokenizer(directory: Path):
-    if not any((directory / n).is_file() for n in TOKENIZER_FILES):
+def check_tokenizer_files(directory: Path, follow_links: bool = False) -> list[str]:
+    """The tokenizer files present, each confined to the checkpoint, and every file name that
+    tokenizer_config.json gives (``*_file`` keys, ``fast_tokenizer_files``) likewise."""
+    present = [n for n in TOKENIZER_FILES if (directory / n).is_file() or (directory / n).is_symlink()]
+    for name in present:
+        confined(directory, name, "the checkpoint", follow_links)
+    if "tokenizer_config.json" in present:
+        try:
+            config = json.loads((directory / "tokenizer_config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"tokenizer_config.json is not valid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError("tokenizer_config.json is not a JSON object")
+        named = [(k, v) for k, v in config.items() if k.endswith("_file") and v is not None]
+        fast = config.get("fast_tokenizer_files") or []
+        named += [("fast_tokenizer_files", v) for v in (fast if isinstance(fast, list) else [fast])]
+        for key, value in named:
+            confined(directory, value, f"tokenizer_config.json's {key}", follow_links)
+    return present
+
+
+def load_tokenizer(directory: Path, follow_links: bool = False):
+    if not check_tokenizer_files(directory, follow_links):
         return None
     from transformers import AutoTokenizer
 
@@ -235,10 +211,12 @@ def load_tokenizer(directory: Path):
         raise CheckpointError(f"tokenizer files are present but do not load ({type(exc).__name__}: {exc})") from None
 
 
-def load_checkpoint(directory: Path) -> LoadedCheckpoint:
-    """Config, validated weights, fp32 model and tokenizer from an opened checkpoint directory."""
-    config = read_config(directory)
-    state, fmt = read_weights(directory)
+def load_checkpoint(directory: Path, follow_links: bool = False) -> LoadedCheckpoint:
+    """Config, validated weights, fp32 model and tokenizer from an opened checkpoint directory.
+
+    ``follow_links``: files may link outside the directory (see ``confined``); never for uploads."""
+    config = read_config(directory, follow_links)
+    state, fmt = read_weights(directory, follow_links)
     try:
         layout = plan_layout(config, {k: tuple(v.shape) for k, v in state.items()})
     except LigoError as exc:
@@ -252,7 +230,7 @@ def load_checkpoint(directory: Path) -> LoadedCheckpoint:
     _materialise_buffers(model, cls, config)
     model = load_grown_weights(model, keep)
     model.eval()
-    return LoadedCheckpoint(model, config, layout, load_tokenizer(directory), directory, fmt, dtype)
+    return LoadedCheckpoint(model, config, layout, load_tokenizer(directory, follow_links), directory, fmt, dtype)
 
 
 def _materialise_buffers(model: PreTrainedModel, cls, config: PretrainedConfig) -> None:
@@ -280,10 +258,10 @@ def _first_layer(name: str) -> str:
     return re.sub(r"\.(\d+)\.", ".0.", name, count=1)
 
 
-def inspect_checkpoint(src: str | Path) -> dict:
+def inspect_checkpoint(src: str | Path, *, follow_links: bool = False) -> dict:
     """Family, config, parameter count and format of a checkpoint (directory or archive)."""
     with opened_source(src) as directory:
-        loaded = load_checkpoint(directory)
+        loaded = load_checkpoint(directory, follow_links)
         params = sum(p.numel() for p in loaded.model.parameters())
         return {
             "family": loaded.layout.family.name,

@@ -69,6 +69,14 @@ def print_report(report: dict, console) -> None:
     )
 
 
+def _own_directory(src: str) -> bool:
+    """A directory named on the command line is the user's own: its files may link elsewhere
+    (Hugging Face cache snapshots link to a blob store). Archives are always confined."""
+    from pathlib import Path
+
+    return Path(src).is_dir()
+
+
 def cmd_grow(args) -> int:
     from rich.console import Console
 
@@ -80,7 +88,7 @@ def cmd_grow(args) -> int:
         args.src, args.target, args.out, strategy=args.strategy, fit_steps=args.fit_steps, data=args.data,
         seed=args.seed, device=args.device, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
         progress=_progress_printer(console), max_shard_size=args.max_shard_size, ligo_init=args.ligo_init,
-        accumulate=args.accumulate,
+        accumulate=args.accumulate, follow_links=_own_directory(args.src),
         **{k: v for k, v in {"noise": args.noise, "spread": args.spread}.items() if v is not None},
     )
     if args.json:
@@ -94,7 +102,7 @@ def cmd_grow(args) -> int:
 def cmd_inspect(args) -> int:
     import ligo_core
 
-    info = ligo_core.inspect_checkpoint(args.src)
+    info = ligo_core.inspect_checkpoint(args.src, follow_links=_own_directory(args.src))
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0

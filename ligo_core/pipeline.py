@@ -71,15 +71,19 @@ def grow(
     accumulate: int = 1,
     noise: float = DEFAULT_NOISE,
     spread: float = DEFAULT_SPREAD,
+    follow_links: bool = False,
 ) -> dict:
-    """Grow the checkpoint at ``src`` to ``target`` and write it to ``out_dir``; returns the report."""
+    """Grow the checkpoint at ``src`` to ``target`` and write it to ``out_dir``; returns the report.
+
+    ``follow_links``: the checkpoint's files may link outside its directory (a user's own
+    Hugging Face cache snapshot); never for uploaded checkpoints (``checkpoint.confined``)."""
     started = time.perf_counter()
     check_output_dir(out_dir)
     dev = pick_device(device)
     emit = progress or (lambda event: None)
     emit({"stage": "loading", "step": 0, "total": 1, "loss": None})
     with opened_source(src) as directory:
-        loaded = load_checkpoint(directory)
+        loaded = load_checkpoint(directory, follow_links)
         target_config = resolve_target(target, loaded.config)
         batch_size = batch_size or DEFAULT_BATCH_SIZE
         seq_len = min(seq_len or DEFAULT_SEQ_LEN, _max_positions(loaded.config))

@@ -175,6 +175,43 @@ def test_bad_inputs_are_refused_with_a_reason(checkpoint_dir, tmp_path):
     assert not (tmp_path.parent / "evil.txt").exists()
 
 
+def test_named_files_stay_inside_the_checkpoint(checkpoint_dir, tmp_path):
+    """Shard index entries and tokenizer files may not leave the checkpoint; links out of it are
+    refused for archives and uploads, and followed only for a user's own directory."""
+    from safetensors.torch import load_file as load
+
+    src = checkpoint_dir("gpt2")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(src / "model.safetensors", outside / "model.safetensors")
+    state = load(str(src / "model.safetensors"))
+
+    def indexed(entry: str) -> Path:
+        d = _copy(src, tmp_path, f"idx-{len(list(tmp_path.iterdir()))}")
+        (d / "model.safetensors").rename(d / "shard.safetensors")
+        index = {"metadata": {}, "weight_map": {k: entry for k in state}}
+        (d / "model.safetensors.index.json").write_text(json.dumps(index))
+        return d
+
+    for entry in (str(outside / "model.safetensors"), "../elsewhere/model.safetensors", "/etc/passwd"):
+        with pytest.raises(CheckpointError, match="model.safetensors.index.json names .* outside the checkpoint"):
+            ligo_core.inspect_checkpoint(indexed(entry))
+    assert ligo_core.inspect_checkpoint(indexed("shard.safetensors"))["num_parameters"] > 0
+    # A link out of the directory: refused by default (archives, the service), followed on request
+    # (the CLI, for a Hugging Face cache snapshot).
+    linked = indexed("shard.safetensors")
+    (linked / "shard.safetensors").unlink()
+    (linked / "shard.safetensors").symlink_to(outside / "model.safetensors")
+    with pytest.raises(CheckpointError, match="resolves outside the checkpoint"):
+        ligo_core.inspect_checkpoint(linked)
+    assert ligo_core.inspect_checkpoint(linked, follow_links=True)["num_parameters"] > 0
+    tok = _copy(src, tmp_path, "tok")
+    config = json.loads((tok / "tokenizer_config.json").read_text())
+    (tok / "tokenizer_config.json").write_text(json.dumps({**config, "vocab_file": "/etc/passwd"}))
+    with pytest.raises(CheckpointError, match="tokenizer_config.json's vocab_file names '/etc/passwd'"):
+        ligo_core.inspect_checkpoint(tok)
+
+
 def test_targets_that_shrink_or_do_not_fit_are_refused(checkpoint_dir, tmp_path):
     src = checkpoint_dir("gpt2")
     for target, message in [

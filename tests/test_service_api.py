@@ -145,6 +145,52 @@ def test_bad_archives_and_unsupported_families_are_422_and_leave_nothing(svc, al
     assert counts(svc) == before
 
 
+def _sharded_tar(service_checkpoint, shard_name: str, tokenizer_config: dict | None = None) -> bytes:
+    """The tiny checkpoint with an index whose weight_map names ``shard_name`` for one tensor."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(service_checkpoint / "model.safetensors"))
+    first = sorted(state)[0]
+    weight_map = {name: ("model-00001-of-00001.safetensors" if name != first else shard_name) for name in state}
+    extra = {"model.safetensors.index.json": json.dumps({"metadata": {}, "weight_map": weight_map}).encode()}
+    if tokenizer_config is not None:
+        extra["tokenizer_config.json"] = json.dumps(tokenizer_config).encode()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for f in sorted(service_checkpoint.iterdir()):
+            if f.name in ("model.safetensors", *extra):
+                continue
+            tar.add(f, arcname=f"model/{f.name}")
+        shard = (service_checkpoint / "model.safetensors").read_bytes()
+        for name, data in {"model-00001-of-00001.safetensors": shard, **extra}.items():
+            info = tarfile.TarInfo(f"model/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_a_checkpoint_cannot_name_files_outside_itself(svc, alice, bob, ckpt, service_checkpoint):
+    """Issue 16, finding 1: a shard index (or tokenizer config) naming another tenant's stored
+    checkpoint, a parent folder or a server file is refused, naming the entry, and the answer is
+    the same whether that file exists or not (no oracle)."""
+    storage = svc["services"].storage
+    alices = storage.path_of(f"checkpoints/{ckpt['id']}/tiny.tar.gz")
+    assert alices.is_file()
+    before = counts(svc)
+    for entry in (str(alices), "/etc/passwd", "/no/such/file.safetensors", "../model.safetensors",
+                  "sub/../../model.safetensors"):
+        body = assert_problem(bob.upload(_sharded_tar(service_checkpoint, entry)), 422,
+                              match="model.safetensors.index.json names")
+        assert entry in body["detail"] and "outside the checkpoint" in body["detail"]
+    for key in ("vocab_file", "tokenizer_file", "merges_file"):
+        body = assert_problem(bob.upload(_sharded_tar(service_checkpoint, "model-00001-of-00001.safetensors",
+                                                      {key: "/etc/passwd"})), 422, match=f"tokenizer_config.json's {key}")
+    assert counts(svc) == before
+    # The same layout with a name inside the checkpoint is a valid upload.
+    ok = bob.upload(_sharded_tar(service_checkpoint, "model-00001-of-00001.safetensors"))
+    assert ok.status_code == 201, ok.text
+
+
 def test_a_bare_safetensors_file_with_its_config(svc, alice, service_checkpoint):
     config = json.loads((service_checkpoint / "config.json").read_text())
     header = base64.b64encode(json.dumps(config).encode()).decode()

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -85,7 +86,10 @@ def _checkpoint_dir(tmp: Path, weights: Path, config: dict) -> Path:
     """A model directory (config.json + model.safetensors) around a bare weights file."""
     d = Path(tempfile.mkdtemp(dir=tmp, prefix="ckpt-"))
     (d / "config.json").write_text(json.dumps(config))
-    (d / "model.safetensors").symlink_to(weights)
+    try:  # a hard link, not a symlink: the reader refuses any file that resolves outside the folder
+        os.link(weights, d / "model.safetensors")
+    except OSError:  # another file system: a copy
+        shutil.copyfile(weights, d / "model.safetensors")
     return d
 
 
