@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from app.db import ApiKey, Database, Tenant, utcnow
 from app.problems import Problem
+from app.sealing import seal, unseal
 
 KEY_PREFIX = "ligo_"
 TENANT_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
@@ -42,9 +43,14 @@ def ensure_tenant(db: Database, tenant: str) -> Tenant:
     with db.write() as s:
         row = s.get(Tenant, tenant)
         if row is None:
-            row = Tenant(name=tenant, webhook_secret=new_webhook_secret())
+            row = Tenant(name=tenant, webhook_secret=seal(db.fernet, new_webhook_secret()))
             s.add(row)
         return row
+
+
+def webhook_secret(db: Database, tenant: str) -> str:
+    """The tenant's ``whsec_...`` secret in clear (the database holds it sealed)."""
+    return unseal(db.fernet, ensure_tenant(db, tenant).webhook_secret)
 
 
 def create_key(db: Database, tenant: str, name: str | None = None) -> str:

@@ -56,7 +56,7 @@ def _settings(args):
     from app.settings import Settings
 
     settings = Settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.make_data_dir()
     return settings
 
 
@@ -64,8 +64,9 @@ def _database(settings):
     from app.db import Database
     from app.migrate import upgrade
 
-    upgrade(settings.resolved_database_url)
-    return Database(settings.resolved_database_url)
+    key = settings.signing_key()
+    upgrade(settings.resolved_database_url, secret_key=key)
+    return Database(settings.resolved_database_url, key)
 
 
 def cmd_keys_create(args) -> int:
@@ -105,9 +106,9 @@ def cmd_keys_revoke(args) -> int:
 
 
 def cmd_keys_secret(args) -> int:
-    from app.auth import ensure_tenant
+    from app.auth import webhook_secret
 
-    print(ensure_tenant(_database(_settings(args)), args.tenant).webhook_secret)
+    print(webhook_secret(_database(_settings(args)), args.tenant))
     return 0
 
 
@@ -184,7 +185,7 @@ def cmd_serve(args) -> int:
     from app.main import create_app
     from app.migrate import upgrade
 
-    upgrade(settings.resolved_database_url)  # once, before any API process starts
+    upgrade(settings.resolved_database_url, secret_key=settings.signing_key())  # once, before any API process starts
     if not _has_keys(settings):
         print("ligo serve: no API keys yet; make one with `ligo keys create --tenant NAME"
               + (f" --data-dir {args.data_dir}`" if args.data_dir else "`"), file=sys.stderr)

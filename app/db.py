@@ -7,11 +7,13 @@ must match them (``tests/test_service_store.py`` checks that they do).
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 
 from sqlalchemy import (
     JSON,
@@ -29,7 +31,7 @@ from sqlalchemy import (
     create_engine,
     event,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 UTC = timezone.utc
@@ -76,7 +78,7 @@ class Tenant(Base):
     __tablename__ = "tenants"
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    webhook_secret: Mapped[str] = mapped_column(String(128))
+    webhook_secret: Mapped[str] = mapped_column(String(512))  # Fernet-sealed (app.sealing)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -201,9 +203,22 @@ def normalise_url(url: str) -> str:
     return url
 
 
+def _create_private(sqlite_url: str) -> None:
+    """Create the SQLite file readable by its owner only (it holds tenants' webhook secrets and
+    jobs); SQLite gives its -wal and -shm files the same mode."""
+    path = make_url(sqlite_url).database
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    p = Path(path)
+    if not p.exists() and p.parent.is_dir():
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 def make_engine(url: str) -> Engine:
     url = normalise_url(url)
     if url.startswith("sqlite"):
+        _create_private(url)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
@@ -227,6 +242,18 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
+def _json_loads(text: str):
+    """orjson, fast; the json module for what orjson refuses (NaN, written by json.dumps)."""
+    import json
+
+    import orjson
+
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
 class RowReader:
     """Whole-row reads by primary key straight through the DB-API: the status-poll hot path.
 
@@ -246,12 +273,10 @@ class RowReader:
 
     @staticmethod
     def _decoder(type_, sqlite: bool):
-        import orjson
-
         if isinstance(type_, JSON):
             # SQLite hands back the JSON text; psycopg has already decoded it (a JSON string
             # arrives as a str, so there is no telling the two apart by value).
-            return (lambda v: None if v is None else orjson.loads(v)) if sqlite else None
+            return (lambda v: None if v is None else _json_loads(v)) if sqlite else None
         if isinstance(type_, UTCDateTime):
             def dt(v):
                 if v is None:
@@ -298,8 +323,12 @@ class RowReader:
 class Database:
     """An engine with read and write session factories."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, secret_key: bytes | None = None):
+        """``secret_key``: the service's (Settings.signing_key), to seal and open webhook secrets."""
+        from app.sealing import box
+
         self.url = url
+        self.fernet = box(secret_key) if secret_key else None
         self.engine = make_engine(url)
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         writer = self.engine.execution_options(sqlite_begin="IMMEDIATE") if url.startswith("sqlite") else self.engine

@@ -62,6 +62,13 @@ def estimate(source_config, target_config, **kwargs) -> dict:
     return _estimate(source_config, target_config, **kwargs)
 
 
+def num_parameters(config) -> int:
+    """Weight parameters of a model, counted from its config (nothing is built)."""
+    from ligo_core.cost import num_parameters as count
+
+    return count(config)
+
+
 def estimate_field(message: str) -> str | None:
     lower = message.lower()
     for word, field in ESTIMATE_FIELDS:

@@ -13,6 +13,7 @@ from app.responses import JSONResponse
 from app.routers import checkpoints, estimate, files, health, jobs
 from app.services import Services
 from app.settings import Settings, get_settings
+from app.storage import S3Storage
 
 DESCRIPTION = """Grow a small pretrained transformer checkpoint into a larger one with a learned
 linear growth operator (LiGO) or a baseline, on GPU workers, and download the result.
@@ -55,6 +56,10 @@ def _openapi(app: FastAPI) -> dict:
         from fastapi.openapi.utils import get_openapi
 
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        if not isinstance(app.state.services.storage, S3Storage):  # they answer 404 here
+            for route in checkpoints.router.routes:
+                if getattr(route, "endpoint", None) in checkpoints.S3_ONLY:
+                    schema["paths"].pop(route.path, None)
         schema.setdefault("components", {})["securitySchemes"] = {
             "apiKey": {"type": "http", "scheme": "bearer", "description": "An API key from `ligo keys create`."}}
         for path, ops in schema["paths"].items():

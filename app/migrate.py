@@ -17,9 +17,14 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    command.upgrade(alembic_config(url), revision)
+def upgrade(url: str, revision: str = "head", secret_key: bytes | None = None) -> None:
+    """``secret_key`` (the service's) lets migration 0003 seal existing webhook secrets."""
+    cfg = alembic_config(url)
+    cfg.attributes["secret_key"] = secret_key
+    command.upgrade(cfg, revision)
 
 
-def downgrade(url: str, revision: str = "base") -> None:
-    command.downgrade(alembic_config(url), revision)
+def downgrade(url: str, revision: str = "base", secret_key: bytes | None = None) -> None:
+    cfg = alembic_config(url)
+    cfg.attributes["secret_key"] = secret_key
+    command.downgrade(cfg, revision)

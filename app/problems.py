@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.limits import OutOfBounds
 from app.responses import JSONResponse
 
 MEDIA_TYPE = "application/problem+json"
@@ -50,8 +51,14 @@ def problem_response(problem: Problem, request: Request | None = None) -> JSONRe
                         media_type=MEDIA_TYPE, headers=problem.headers)
 
 
+def _union_member(part) -> bool:
+    """A pydantic label for the member of a union that failed (``constrained-str``,
+    ``function-after[renderable(), dict[str,any]]``): not a field of the request."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "constrained-str", "url"))
+
+
 def _field_of(loc) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header") and not _union_member(p)]
     return ".".join(parts) or "body"
 
 
@@ -59,6 +66,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem):
         return problem_response(exc, request)
+
+    @app.exception_handler(OutOfBounds)
+    async def _out_of_bounds(request: Request, exc: OutOfBounds):
+        return problem_response(field_problem(exc.field, exc.message), request)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

@@ -3,14 +3,44 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl
+
+from app.db import TERMINAL_STATES
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JobStage = Literal["downloading", "loading", "evaluating", "fitting", "materialising", "saving", "uploading"]
 Strategy = Literal["ligo", "stack", "interpolate", "net2net", "preserve"]
-TargetSpec = str | dict[str, Any]
+MAX_TOKENS = 10**15  # planned training tokens: 70x the largest public runs (15T)
+MAX_PRICE = 10**6  # USD per GPU-hour
+INT64 = 2**63 - 1
+
+
+def renderable(value: Any, depth: int = 0) -> Any:
+    """A JSON value the service can store and answer with again: integers within 64 bits, at
+    most 8 levels deep and 10,000 entries (orjson refuses larger integers at answer time)."""
+    if depth > 8:
+        raise ValueError("nested more than 8 levels deep")
+    if isinstance(value, bool) or value is None or isinstance(value, (float, str)):
+        return value
+    if isinstance(value, int):
+        if abs(value) > INT64:
+            raise ValueError(f"integer {value} does not fit in 64 bits")
+        return value
+    items = value.values() if isinstance(value, dict) else value
+    if len(items) > 10_000:
+        raise ValueError("more than 10,000 entries")
+    for item in items:
+        renderable(item, depth + 1)
+    return value
+
+
+Json = Annotated[dict[str, Any], AfterValidator(renderable)]
+SpecText = Annotated[str, Field(min_length=1, max_length=1000)]
+TargetSpec = SpecText | Json
+Id = Annotated[str, Field(min_length=1, max_length=64)]
+Uri = Annotated[str, Field(min_length=1, max_length=2048)]
 
 
 def iso(dt: datetime | None) -> str | None:
@@ -18,7 +48,9 @@ def iso(dt: datetime | None) -> str | None:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Request bodies: unknown fields are refused, and so are NaN and infinite numbers."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # --- checkpoints -------------------------------------------------------------------------------
@@ -37,9 +69,10 @@ class CheckpointOut(BaseModel):
 
 
 class UploadCreate(Strict):
-    filename: str = Field(description="Name of the archive (.tar, .tar.gz, .tgz, .zip) or .safetensors file.")
-    size_bytes: int = Field(gt=0, description="Exact size of the file to upload.")
-    config: dict[str, Any] | None = Field(None, description="config.json contents, for a bare .safetensors file.")
+    filename: str = Field(min_length=1, max_length=255,
+                          description="Name of the archive (.tar, .tar.gz, .tgz, .zip) or .safetensors file.")
+    size_bytes: int = Field(gt=0, le=2**50, description="Exact size of the file to upload.")
+    config: Json | None = Field(None, description="config.json contents, for a bare .safetensors file.")
 
 
 class UploadPart(BaseModel):
@@ -58,16 +91,16 @@ class UploadOut(BaseModel):
 
 class CompletedPart(Strict):
     part_number: int = Field(ge=1, le=10_000)
-    etag: str
+    etag: str = Field(min_length=1, max_length=256)
 
 
 class UploadComplete(Strict):
-    parts: list[CompletedPart] = Field(min_length=1)
+    parts: list[CompletedPart] = Field(min_length=1, max_length=10_000)
 
 
 class RegisterIn(Strict):
-    uri: str = Field(description="s3://bucket/key of an existing archive the service can read.")
-    config: dict[str, Any] | None = Field(None, description="config.json contents, for a bare .safetensors object.")
+    uri: Uri = Field(description="s3://bucket/key of an existing archive the service can read.")
+    config: Json | None = Field(None, description="config.json contents, for a bare .safetensors object.")
 
 
 # --- jobs --------------------------------------------------------------------------------------
@@ -77,7 +110,7 @@ class FitOptions(Strict):
     lr: float | None = Field(None, gt=0, le=1.0)
     batch_size: int | None = Field(None, ge=1, le=65_536)
     seq_len: int | None = Field(None, ge=8, le=1_048_576)
-    data_uri: str | None = Field(None, description="s3://bucket/key of a text corpus; default: the shipped corpus.")
+    data_uri: Uri | None = Field(None, description="s3://bucket/key of a text corpus; default: the shipped corpus.")
 
 
 class GrowthOptions(Strict):
@@ -95,21 +128,21 @@ class GrowthOptions(Strict):
 
 
 class PlanOptions(Strict):
-    tokens: int | None = Field(None, ge=1, description="Tokens the grown model will be trained on.")
-    gpu: str = "H100"
-    price_per_gpu_hour: float | None = Field(None, ge=0)
+    tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="Tokens the grown model will be trained on.")
+    gpu: str = Field("H100", min_length=1, max_length=64)
+    price_per_gpu_hour: float | None = Field(None, ge=0, le=MAX_PRICE)
     utilisation: float | None = Field(None, gt=0, le=1)
 
 
 class JobCreate(Strict):
-    checkpoint_id: str
+    checkpoint_id: Id
     target: TargetSpec = Field(description="A preset name, 'layers=..,hidden=..' fields, or a dict of fields.")
     strategy: Strategy = "ligo"
     fit: FitOptions = Field(default_factory=FitOptions)
     growth: GrowthOptions = Field(default_factory=GrowthOptions)
     plan: PlanOptions = Field(default_factory=PlanOptions)
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    callback_url: HttpUrl | None = None
+    callback_url: HttpUrl | None = Field(None, max_length=2048)
 
 
 class Progress(BaseModel):
@@ -121,6 +154,15 @@ class Progress(BaseModel):
 class JobError(BaseModel):
     type: str
     detail: str
+
+
+class WebhookState(BaseModel):
+    state: Literal["waiting", "pending", "delivered", "failed"] = Field(description=(
+        "waiting: the job has not finished; pending: being delivered or retried; delivered; "
+        "failed: refused for good (a non-public address, a 4xx other than 408/429) or out of attempts"))
+    attempts: int
+    last_status: int | None = Field(description="HTTP status of the last attempt")
+    last_error: str | None
 
 
 class JobOut(BaseModel):
@@ -143,6 +185,7 @@ class JobOut(BaseModel):
     error: JobError | None
     attempts: int
     cancel_requested: bool
+    webhook: WebhookState | None = Field(description="Delivery of the callback_url webhook; null without one")
 
 
 class JobList(BaseModel):
@@ -168,20 +211,33 @@ class JobResult(BaseModel):
 
 class EstimateIn(Strict):
     source: TargetSpec | None = Field(None, description="The small model: preset, fields or a config dict.")
-    checkpoint_id: str | None = Field(None, description="Or an uploaded checkpoint as the source.")
+    checkpoint_id: Id | None = Field(None, description="Or an uploaded checkpoint as the source.")
     target: TargetSpec
     strategy: Strategy = "ligo"
     fit_steps: int = Field(100, ge=0, le=1_000_000)
     fit_batch: int = Field(256, ge=1, le=65_536)
     seq_len: int = Field(128, ge=1, le=1_048_576)
-    tokens: int | None = Field(None, ge=1)
-    gpu: str = "H100"
-    price_per_gpu_hour: float | None = Field(None, ge=0)
+    tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    gpu: str = Field("H100", min_length=1, max_length=64)
+    price_per_gpu_hour: float | None = Field(None, ge=0, le=MAX_PRICE)
     utilisation: float | None = Field(None, gt=0, le=1)
 
 
-def job_json(job) -> dict:
-    """The public JSON of a job row (also the ``data`` of its webhooks)."""
+def webhook_json(job, delivery=None) -> dict | None:
+    """The webhook's delivery state: from its outbox row (``delivery``) once the job has finished."""
+    if not job.callback_url:
+        return None
+    if delivery is None:
+        return {"state": "pending" if job.state in TERMINAL_STATES else "waiting",
+                "attempts": 0, "last_status": None, "last_error": None}
+    state = "delivered" if delivery.delivered_at else "failed" if delivery.failed_at else "pending"
+    return {"state": state, "attempts": delivery.attempts, "last_status": delivery.last_status,
+            "last_error": delivery.last_error}
+
+
+def job_json(job, delivery=None) -> dict:
+    """The public JSON of a job row (also the ``data`` of its webhooks); ``delivery``: its webhook's
+    outbox row, if any."""
     return {
         "id": job.id,
         "state": job.state,
@@ -202,6 +258,7 @@ def job_json(job) -> dict:
         "error": {"type": job.error_type, "detail": job.error_detail or ""} if job.error_type else None,
         "attempts": job.attempts,
         "cancel_requested": bool(job.cancel_requested),
+        "webhook": webhook_json(job, delivery),
     }
 
 

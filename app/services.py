@@ -12,6 +12,7 @@ from fastapi import Depends, Request
 from app import store
 from app.auth import Authenticator
 from app.db import Database
+from app.sealing import seal_plaintext
 from app.settings import Settings
 from app.storage import Storage, make_storage
 from app.validator import Validator
@@ -74,16 +75,20 @@ class Services:
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        db = Database(settings.resolved_database_url)
+        settings.make_data_dir()
+        key = settings.signing_key()
+        db = Database(settings.resolved_database_url, key)
         if settings.auto_migrate:
             from app.migrate import upgrade
 
-            upgrade(settings.resolved_database_url)
+            upgrade(settings.resolved_database_url, secret_key=key)
+        with db.engine.begin() as conn:  # secrets written since by a tool without the key
+            seal_plaintext(conn, db.fernet)
         return cls(
             settings=settings, db=db, storage=make_storage(settings), dispatcher=Dispatcher(settings, db),
             validator=Validator(settings.validator_processes, settings.validate_timeout_seconds,
-                                settings.resolved_tmp_dir / "validate"),
+                                settings.resolved_tmp_dir / "validate", settings.resolved_max_extract_bytes,
+                                [settings.data_dir.resolve(), settings.resolved_storage_dir]),
             auth=Authenticator(db, settings.auth_cache_seconds), webhooks=WebhookSender(db, settings),
         )
 

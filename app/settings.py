@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     public_url: str | None = None
     url_ttl_seconds: int = 3600
     max_upload_bytes: int = 20 * GiB
+    max_extract_bytes: int | None = None  # default: the largest upload the storage backend takes
+    max_target_parameters: int = 100_000_000_000
     presigned_max_bytes: int = 1024 * GiB
     upload_ttl_seconds: int = 24 * 3600
     validate_timeout_seconds: float = 900.0
@@ -104,6 +106,18 @@ class Settings(BaseSettings):
         return (self.worker_tmp_dir or self.data_dir / "tmp").resolve()
 
     @property
+    def resolved_max_extract_bytes(self) -> int:
+        """What an archive may expand to: at most what an upload may be, unless set."""
+        if self.max_extract_bytes:
+            return self.max_extract_bytes
+        return self.presigned_max_bytes if self.storage_backend == "s3" else self.max_upload_bytes
+
+    def make_data_dir(self) -> Path:
+        """The data directory, created private (0700): it holds the database, the keys and uploads."""
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return self.data_dir
+
+    @property
     def visibility_timeout_seconds(self) -> int:
         """Redis redelivers an unacknowledged task after this long: above the longest job."""
         return self.job_time_limit_seconds + 3600
@@ -114,10 +128,10 @@ class Settings(BaseSettings):
             return self.secret_key.encode()
         path = self.data_dir / "secret.key"
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            self.make_data_dir()
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(secrets.token_urlsafe(32))
-            tmp.chmod(0o600)
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+                f.write(secrets.token_urlsafe(32))  # private from its first byte
             try:
                 os.link(tmp, path)  # first writer wins; others read its key
             except FileExistsError:

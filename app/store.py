@@ -21,7 +21,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db import Database, Job, WebhookDelivery, utcnow
+from app.db import TERMINAL_STATES, Database, Job, WebhookDelivery, utcnow
 from app.schemas import iso, job_json
 
 
@@ -71,6 +71,17 @@ def create_job(db: Database, job: Job) -> tuple[Job, bool]:
         if existing is None:
             raise
         return existing, False
+
+
+def webhook_deliveries(db: Database, jobs) -> dict[str, WebhookDelivery]:
+    """The webhook outbox row of each finished job that has a callback (one per job: its terminal event)."""
+    ids = [j.id for j in jobs if j.callback_url and j.state in TERMINAL_STATES]
+    if not ids:
+        return {}
+    with db.read() as s:
+        rows = s.scalars(select(WebhookDelivery).where(WebhookDelivery.job_id.in_(ids))
+                         .order_by(WebhookDelivery.created_at)).all()
+    return {row.job_id: row for row in rows}  # the latest per job
 
 
 def mark_dispatched(db: Database, job_id: str) -> None:

@@ -1,10 +1,11 @@
 """Checkpoint validation in a separate process, so the API process never loads weights.
 
-``ligo_core.inspect_checkpoint`` reads the whole model (to count parameters and check that
-the weights match the config), which takes memory the size of the checkpoint and loads
-torch. A small pool of long-lived child processes (``python -m app.validator``) does it
-instead: one JSON request per line on stdin, one JSON answer per line on stdout. A child
-that crashes or runs past the time limit is killed and replaced.
+A small pool of long-lived child processes (``python -m app.validator``) extracts each
+archive into the data directory's temp space (``ligo_core.archive``: model files only, size
+and expansion caps), bounds ``config.json`` before anything is built from it (``precheck``),
+then runs ``ligo_core.inspect_checkpoint``: one JSON request per line on stdin, one JSON
+answer per line on stdout. A child that crashes or runs past the time limit is killed and
+replaced. Answers carry the checkpoint's own message, never an allocator's or a server path.
 """
 
 from __future__ import annotations
@@ -12,14 +13,30 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
-from pathlib import Path
+import tempfile
+from pathlib import Path, PurePath
+
+from app import scratch
 
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)  # so `python -m app.validator` finds us
 
 
 class ValidationFailed(Exception):
-    """The checkpoint is not acceptable; the message is one line for the user."""
+    """The checkpoint is not acceptable; the message is one line for the user, ``field`` the
+    config value at fault when there is one."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+def scrub(message: str, roots: list[Path]) -> str:
+    """The message with every path under the server's own folders cut to its file name."""
+    for root in sorted({str(r) for r in roots}, key=len, reverse=True):
+        message = re.sub(re.escape(root) + r"[^\s'\"(),:;]*", lambda m: PurePath(m.group()).name, message)
+    return message
 
 
 class ValidatorUnavailable(Exception):
@@ -36,7 +53,7 @@ class _Child:
                    OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                    PYTHONPATH=os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")])))
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "app.validator", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            sys.executable, "-m", "app.validator", str(tmp_dir), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             env=env, limit=64 * 2**20,
         )
         return cls(proc)
@@ -60,13 +77,18 @@ class _Child:
 
 
 class Validator:
-    def __init__(self, size: int, timeout: float, tmp_dir: Path):
-        self.size, self.timeout, self.tmp_dir = size, timeout, tmp_dir
+    """``max_bytes``: what an archive may expand to; ``private_roots``: the server's folders, never
+    named in an answer."""
+
+    def __init__(self, size: int, timeout: float, tmp_dir: Path, max_bytes: int, private_roots: list[Path]):
+        self.size, self.timeout, self.tmp_dir, self.max_bytes = size, timeout, tmp_dir, max_bytes
+        self.private_roots = [tmp_dir, *private_roots, Path(tempfile.gettempdir())]
         self._idle: asyncio.Queue[_Child | None] | None = None
 
     async def _queue(self) -> asyncio.Queue:
         if self._idle is None:
             self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            scratch.sweep(self.tmp_dir, ("validate-", "ligo-src-"))  # what killed children left
             self._idle = asyncio.Queue()
             for _ in range(self.size):
                 self._idle.put_nowait(None)  # started on first use
@@ -79,7 +101,7 @@ class Validator:
             if child is None or not child.alive:
                 child = await _Child.start(self.tmp_dir)
             try:
-                answer = await child.ask({"path": str(path)}, self.timeout)
+                answer = await child.ask({"path": str(path), "max_bytes": self.max_bytes}, self.timeout)
             except (asyncio.TimeoutError, ValidatorUnavailable, BrokenPipeError, ConnectionResetError) as exc:
                 await child.kill()
                 child = None
@@ -91,8 +113,8 @@ class Validator:
         if answer.get("ok"):
             return answer["info"]
         if answer.get("kind") == "invalid":
-            raise ValidationFailed(answer["error"])
-        raise ValidatorUnavailable(answer.get("error", "validator error"))
+            raise ValidationFailed(scrub(answer["error"], self.private_roots), answer.get("field"))
+        raise ValidatorUnavailable("validator error")
 
     async def close(self) -> None:
         if self._idle is None:
@@ -103,22 +125,71 @@ class Validator:
                 await child.kill()
 
 
-def main() -> None:
-    import ligo_core
+ALLOCATOR_WORDS = ("allocate", "out of memory")
 
+
+def _weight_bytes(directory: Path) -> int:
+    from ligo_core.archive import role
+
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file() and role(f.name) == "weights")
+
+
+def precheck(directory: Path) -> None:
+    """Bound config.json before anything is built from it: each size in range, and no more
+    parameters than the weights files could hold (a byte each at the very least)."""
+    from app import engine, limits
+
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return  # inspect_checkpoint names the problem
+    if not isinstance(config, dict):
+        return
+    limits.check_sizes(config, "config.json")
+    try:
+        params = engine.num_parameters(engine.config_from_dict(config))
+    except Exception:  # noqa: BLE001 - an incomplete config: inspect_checkpoint names the problem
+        return
+    weights = _weight_bytes(directory)
+    if params > weights:
+        raise limits.OutOfBounds("config.json", f"config.json describes a model of {params:,} parameters; "
+                                                f"its weights files hold only {weights:,} bytes")
+
+
+def check(request: dict, tmp_dir: Path) -> dict:
+    """The checkpoint's description (ligo_core.inspect_checkpoint), an archive extracted into ``tmp_dir``."""
+    import ligo_core
+    from ligo_core.checkpoint import opened_source
+
+    with opened_source(request["path"], max_bytes=request["max_bytes"], tmp_dir=tmp_dir) as directory:
+        precheck(directory)
+        return ligo_core.inspect_checkpoint(directory)
+
+
+def main() -> None:
+    import traceback
+
+    import ligo_core
+    from app.limits import OutOfBounds
+
+    # This process's scratch folder, locked while it lives (app.scratch): a killed child's is swept.
+    work, _lock = scratch.claim(Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.gettempdir()), "validate-")
+    tempfile.tempdir = str(work)
     out = sys.stdout
     sys.stdout = sys.stderr  # library prints must not corrupt the protocol
     for line in sys.stdin:
         try:
             request = json.loads(line)
-            info = ligo_core.inspect_checkpoint(request["path"])
-            answer = {"ok": True, "info": json.loads(json.dumps(info, default=str))}
-        except ligo_core.LigoError as exc:
+            answer = {"ok": True, "info": json.loads(json.dumps(check(request, work), default=str))}
+        except OutOfBounds as exc:
+            answer = {"ok": False, "kind": "invalid", "error": exc.message, "field": exc.field}
+        except ligo_core.LigoError as exc:  # the checkpoint's own message: what is wrong with it
             answer = {"ok": False, "kind": "invalid", "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
-        except MemoryError:
-            answer = {"ok": False, "kind": "invalid", "error": "the checkpoint is too large to check in memory"}
-        except Exception as exc:  # a bug or an unforeseen file: report it, keep serving
-            answer = {"ok": False, "kind": "invalid", "error": f"could not read the checkpoint ({type(exc).__name__}: {exc})"}
+        except Exception as exc:  # an allocator failure, a bug, an unforeseen file: keep serving, say little
+            traceback.print_exc()  # the operator's log has the whole story
+            too_big = isinstance(exc, MemoryError) or any(w in str(exc).lower() for w in ALLOCATOR_WORDS)
+            answer = {"ok": False, "kind": "invalid", "error": "the checkpoint is too large to check in memory"
+                      if too_big else f"could not read the checkpoint ({type(exc).__name__})"}
         out.write(json.dumps(answer) + "\n")
         out.flush()
 

@@ -22,8 +22,10 @@ import httpx
 from sqlalchemy import select, update
 
 from app.db import Database, Tenant, WebhookDelivery, utcnow
+from app.sealing import unseal
 
 log = logging.getLogger("ligo.webhooks")
+RETRIED_4XX = (408, 429)  # other 4xx answers are the receiver's final word: not retried
 
 
 def secret_bytes(secret: str) -> bytes:
@@ -44,17 +46,18 @@ def verify(secret: str, headers: dict, body: str, tolerance: int = 300) -> bool:
     return any(hmac.compare_digest(expected, sig) for sig in headers["webhook-signature"].split())
 
 
-def _blocked_address(url: str) -> str | None:
-    """Refuse callbacks to loopback, private and link-local addresses (SSRF), unless allowed."""
+def _blocked_address(url: str) -> tuple[str, bool] | None:
+    """Refuse callbacks to loopback, private and link-local addresses (SSRF), unless allowed:
+    (why, final) where final means no retry can succeed; None for a public address."""
     host = urlsplit(url).hostname or ""
     try:
         infos = socket.getaddrinfo(host, None)
-    except OSError as exc:
-        return f"cannot resolve {host!r}: {exc}"
+    except OSError:
+        return f"cannot resolve {host!r}", False  # DNS may come back
     for info in infos:
         ip = ipaddress.ip_address(info[4][0])
         if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast:
-            return f"{host} resolves to a non-public address ({ip})"
+            return f"{host} resolves to a non-public address ({ip})", True
     return None
 
 
@@ -94,28 +97,33 @@ class WebhookSender:
         return sent
 
     def _attempt(self, row: WebhookDelivery, secret: str, attempt: int) -> bool:
-        status, error = None, None
+        status, error, final = None, None, False
+        host = urlsplit(row.url).hostname or "?"  # logs and errors name the host, never the full URL
         blocked = None if self.settings.webhook_allow_private else _blocked_address(row.url)
         if blocked:
-            error = blocked
+            error, final = blocked
         else:
             ts = int(time.time())
-            headers = {"content-type": "application/json", "webhook-id": row.id, "webhook-timestamp": str(ts),
-                       "webhook-signature": sign(secret, row.id, ts, row.payload), "user-agent": "ligo-webhooks/1"}
             try:
+                headers = {"content-type": "application/json", "webhook-id": row.id, "webhook-timestamp": str(ts),
+                           "webhook-signature": sign(unseal(self.db.fernet, secret), row.id, ts, row.payload),
+                           "user-agent": "ligo-webhooks/1"}
                 resp = self.client.post(row.url, content=row.payload.encode(), headers=headers)
                 status = resp.status_code
                 if not 200 <= status < 300:
                     error = f"HTTP {status}"
+                    final = 400 <= status < 500 and status not in RETRIED_4XX
             except httpx.HTTPError as exc:
-                error = f"{type(exc).__name__}: {exc}"
+                error = f"{type(exc).__name__} from {host}"
+            except ValueError as exc:  # the secret cannot be opened: no retry will help
+                error, final = str(exc), True
         now = utcnow()
         values = dict(last_status=status, last_error=error)
         if error is None:
             values["delivered_at"] = now
-        elif attempt >= self.settings.webhook_max_attempts:
+        elif final or attempt >= self.settings.webhook_max_attempts:
             values["failed_at"] = now
-            log.warning("webhook %s to %s failed for good: %s", row.id, row.url, error)
+            log.warning("webhook %s to %s failed for good after %d attempt(s): %s", row.id, host, attempt, error)
         else:
             delay = backoff(attempt, self.settings.webhook_backoff_seconds, self.settings.webhook_backoff_max_seconds)
             values["next_attempt_at"] = now + timedelta(seconds=delay)

@@ -1,17 +1,41 @@
-"""Opening a checkpoint archive safely: member names, links and sizes checked before extraction."""
+"""Opening a checkpoint archive safely: member names, links and sizes checked, only model files written.
+
+Every member is checked (no absolute or parent paths, no links, no devices), the members'
+sizes may add up to at most ``max_bytes`` and to at most ``max_ratio`` times the archive's own
+size (a decompression bomb stops at the first header past the limit, before its data is
+inflated), and only the files a checkpoint reader uses are written: ``config.json``, weights
+and their index, tokenizer files (these small files at most 64 MiB each). The rest (READMEs,
+optimizer states, training arguments) is skipped. Bytes are counted while writing too, so a member cannot write more than it declared.
+"""
 
 from __future__ import annotations
 
+import fnmatch
+import lzma
 import stat
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from ligo_core.errors import CheckpointError
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 MAX_ARCHIVE_MEMBERS = 10_000
 DEFAULT_MAX_EXTRACT_BYTES = 200 * 2**30
+# Weights hardly compress (random-looking floats), so a real checkpoint expands by a small
+# factor; a bomb expands by hundreds. Small archives may expand freely up to FREE_EXPANSION.
+MAX_EXPANSION_RATIO = 20.0
+FREE_EXPANSION_BYTES = 64 * 2**20
+# What a checkpoint reader opens: weights (other formats too, so that the reader can name them:
+# "unsupported weight format"), and small files, parsed whole: configs, indexes, tokenizer files
+# (ligo_core.checkpoint.TOKENIZER_FILES). The largest real tokenizer.json is about 35 MB.
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "tf_model.h5", "flax_model.msgpack", "model.ckpt.index",
+                "pytorch_model.pt", "model.pt")
+SMALL_FILES = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+MAX_SMALL_FILE_BYTES = 64 * 2**20
+COPY_CHUNK = 2**20
 
 
 def is_archive(path: Path) -> bool:
@@ -27,53 +51,139 @@ def unsafe_name(name: str) -> bool:
     return p.is_absolute() or ".." in p.parts or (bool(p.parts) and ":" in p.parts[0])
 
 
-def _check_members(members: list[tuple[str, int, str]], max_bytes: int) -> None:
-    """Refuse an archive before extracting anything: (name, size, kind) per member."""
-    if len(members) > MAX_ARCHIVE_MEMBERS:
-        raise CheckpointError(f"archive has {len(members)} members, more than {MAX_ARCHIVE_MEMBERS}")
-    total = 0
-    for name, size, kind in members:
+def role(name: str) -> str | None:
+    """'weights' or 'small' for a member (by its file name) that a checkpoint reader opens; None to skip."""
+    from ligo_core.checkpoint import TOKENIZER_FILES  # imported here: that module imports this one
+
+    base = PurePosixPath(name).name
+    if any(fnmatch.fnmatchcase(base, pattern) for pattern in WEIGHT_FILES):
+        return "weights"
+    return "small" if base in SMALL_FILES or base in TOKENIZER_FILES else None
+
+
+def _wanted(name: str, size: int, skipped: list[str]) -> bool:
+    kind = role(name)
+    if kind is None:
+        skipped.append(name)
+        return False
+    if kind == "small" and size > MAX_SMALL_FILE_BYTES:
+        raise CheckpointError(f"archive member {name!r} is {size} bytes; config and tokenizer files may be "
+                              f"at most {MAX_SMALL_FILE_BYTES} bytes")
+    return True
+
+
+class _Budget:
+    """The bytes an archive may expand to: declared sizes are counted before any data is read,
+    written bytes while copying."""
+
+    def __init__(self, archive_size: int, max_bytes: int, max_ratio: float):
+        self.archive_size, self.max_bytes, self.max_ratio = archive_size, max_bytes, max_ratio
+        self.limit = min(max_bytes, max(int(max_ratio * archive_size), FREE_EXPANSION_BYTES))
+        self.declared = 0
+        self.members = 0
+
+    def add(self, name: str, size: int, kind: str) -> None:
+        """Count one member (name, declared size, 'file' | 'dir' | 'link' | 'other'); refuse a bad one."""
+        self.members += 1
+        if self.members > MAX_ARCHIVE_MEMBERS:
+            raise CheckpointError(f"archive has more than {MAX_ARCHIVE_MEMBERS} members")
         if unsafe_name(name.replace("\\", "/")):
             raise CheckpointError(f"archive member {name!r} points outside the archive")
         if kind == "link":
             raise CheckpointError(f"archive member {name!r} is a link; links are not accepted")
         if kind == "other":
             raise CheckpointError(f"archive member {name!r} is not a regular file or directory")
-        total += size
-        if total > max_bytes:
-            raise CheckpointError(f"archive expands to more than {max_bytes} bytes")
+        self.declared += max(size, 0)
+        self.check(self.declared)
+
+    def check(self, total: int) -> None:
+        if total <= self.limit:
+            return
+        if self.limit == self.max_bytes:
+            raise CheckpointError(f"archive expands to more than {self.max_bytes} bytes, the extraction limit")
+        raise CheckpointError(
+            f"archive expands to more than {self.max_ratio:g} times its size of {self.archive_size} bytes "
+            "(a decompression bomb?); model weights hardly compress")
+
+
+def _copy(src: BinaryIO, dest: Path, name: str, size: int) -> None:
+    """Write one member, at most ``size`` bytes (its declared size); an existing file is a duplicate."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        out = open(dest, "xb")  # noqa: SIM115 - closed below
+    except FileExistsError:
+        raise CheckpointError(f"archive member {name!r} appears more than once") from None
+    except OSError as exc:  # a member under a name that is a file, a full disk: never show our paths
+        raise CheckpointError(f"archive member {name!r} cannot be written ({exc.strerror})") from None
+    written = 0
+    with out:
+        while chunk := src.read(COPY_CHUNK):
+            written += len(chunk)
+            if written > size:
+                raise CheckpointError(f"archive member {name!r} holds more than the {size} bytes it declares")
+            out.write(chunk)
+    if written != size:
+        raise CheckpointError(f"archive member {name!r} is truncated ({written} of {size} bytes)")
 
 
 def _tar_kind(m: tarfile.TarInfo) -> str:
-    return "link" if m.issym() or m.islnk() else "file" if m.isfile() or m.isdir() else "other"
+    if m.issym() or m.islnk():
+        return "link"
+    if m.isdir():
+        return "dir"
+    return "file" if m.isreg() and not m.issparse() else "other"
 
 
-def extract_tar(path: Path, dest: Path, max_bytes: int) -> None:
+def extract_tar(path: Path, dest: Path, budget: _Budget) -> list[str]:
+    skipped = []
     try:
         with tarfile.open(path) as tar:
-            _check_members([(m.name, m.size, _tar_kind(m)) for m in tar.getmembers()], max_bytes)
-            tar.extractall(dest, filter="data")
-    except (tarfile.TarError, EOFError, OSError) as exc:
+            for m in tar:  # headers one by one: a bomb is refused before its data is inflated
+                kind = _tar_kind(m)
+                budget.add(m.name, m.size if kind == "file" else 0, kind)
+                if kind != "file" or not _wanted(m.name, m.size, skipped):
+                    continue
+                with tar.extractfile(m) as src:
+                    _copy(src, dest / m.name, m.name, m.size)
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
         raise CheckpointError(f"{path.name}: not a readable tar archive ({exc})") from None
+    return skipped
 
 
-def extract_zip(path: Path, dest: Path, max_bytes: int) -> None:
+def _zip_kind(info: zipfile.ZipInfo) -> str:
+    mode = info.external_attr >> 16
+    if stat.S_ISLNK(mode):
+        return "link"
+    if info.is_dir():
+        return "dir"
+    return "other" if mode and not stat.S_ISREG(mode) else "file"
+
+
+def extract_zip(path: Path, dest: Path, budget: _Budget) -> list[str]:
+    skipped = []
     try:
         with zipfile.ZipFile(path) as zf:
-            _check_members([
-                (i.filename, i.file_size, "link" if stat.S_ISLNK(i.external_attr >> 16) else "file")
-                for i in zf.infolist()
-            ], max_bytes)
-            bad = zf.testzip()
-            if bad is not None:
-                raise CheckpointError(f"archive member {bad!r} is corrupt")
-            zf.extractall(dest)
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            infos = zf.infolist()
+            for info in infos:  # the central directory: every size is known before inflating anything
+                kind = _zip_kind(info)
+                budget.add(info.filename, info.file_size if kind == "file" else 0, kind)
+            for info in infos:
+                if _zip_kind(info) != "file" or not _wanted(info.filename, info.file_size, skipped):
+                    continue
+                with zf.open(info) as src:  # checks the CRC at the end
+                    _copy(src, dest / info.filename, info.filename, info.file_size)
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, lzma.LZMAError, NotImplementedError,
+            RuntimeError) as exc:  # RuntimeError: an encrypted member
         raise CheckpointError(f"{path.name}: not a readable zip archive ({exc})") from None
+    return skipped
 
 
-def extract(path: Path, dest: Path, max_bytes: int = DEFAULT_MAX_EXTRACT_BYTES) -> None:
+def extract(path: Path, dest: Path, max_bytes: int = DEFAULT_MAX_EXTRACT_BYTES,
+            max_ratio: float = MAX_EXPANSION_RATIO) -> list[str]:
+    """Extract the model files of the archive at ``path`` into ``dest``; returns the members skipped.
+
+    On any refusal ``dest`` may hold part of the archive: the caller removes it."""
+    budget = _Budget(path.stat().st_size, max_bytes, max_ratio)
     if path.name.lower().endswith(".zip"):
-        extract_zip(path, dest, max_bytes)
-    else:
-        extract_tar(path, dest, max_bytes)
+        return extract_zip(path, dest, budget)
+    return extract_tar(path, dest, budget)

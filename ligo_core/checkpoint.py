@@ -58,8 +58,10 @@ def _model_root(directory: Path) -> Path:
 
 
 @contextlib.contextmanager
-def opened_source(src: str | Path, max_bytes: int = DEFAULT_MAX_EXTRACT_BYTES) -> Iterator[Path]:
-    """A directory holding the checkpoint: ``src`` itself, or a temporary extraction of it."""
+def opened_source(src: str | Path, max_bytes: int = DEFAULT_MAX_EXTRACT_BYTES,
+                  tmp_dir: str | Path | None = None) -> Iterator[Path]:
+    """A directory holding the checkpoint: ``src`` itself, or a temporary extraction of it
+    (in ``tmp_dir``, default the system's temp folder)."""
     path = Path(src)
     if path.is_dir():
         yield _model_root(path)
@@ -70,7 +72,7 @@ def opened_source(src: str | Path, max_bytes: int = DEFAULT_MAX_EXTRACT_BYTES) -
         raise CheckpointError(
             f"{path.name}: unsupported checkpoint file; give a directory or a .tar, .tar.gz or .zip of one"
         )
-    tmp = Path(tempfile.mkdtemp(prefix="ligo-src-"))
+    tmp = Path(tempfile.mkdtemp(prefix="ligo-src-", dir=tmp_dir))
     try:
         extract(path, tmp, max_bytes)
         yield _model_root(tmp)

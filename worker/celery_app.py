@@ -54,6 +54,7 @@ def make_celery(settings: Settings) -> Celery:
 def ensure_broker_folders(settings: Settings) -> None:
     """The filesystem broker's folders must exist before anyone publishes or consumes."""
     if settings.resolved_broker_url.startswith("filesystem://"):
+        settings.make_data_dir()  # private, even when the worker starts before the API
         for sub in ("queue", "processed", "control"):
             (settings.broker_dir / sub).mkdir(parents=True, exist_ok=True)
 

@@ -26,6 +26,7 @@ import anyio
 from fastapi import APIRouter, Header, Query, Request
 from sqlalchemy import delete, select
 
+from app import limits
 from app.auth import CurrentTenant
 from app.db import Checkpoint, Upload, new_id, utcnow
 from app.problems import Problem, field_problem, not_found
@@ -79,6 +80,7 @@ def decode_config_header(value: str | None) -> dict:
 def check_config(config, field: str) -> dict:
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise field_problem(field, "the config must be a JSON object with a model_type")
+    limits.check_sizes(config, field)
     return config
 
 
@@ -100,7 +102,8 @@ async def inspect(svc: Services, path: Path, kind: str, config: dict | None) -> 
     try:
         return await svc.validator.inspect(target)
     except ValidationFailed as exc:
-        raise Problem(422, "checkpoint-invalid", str(exc), title="Checkpoint not accepted") from None
+        errors = [{"field": exc.field, "message": str(exc)}] if exc.field else None
+        raise Problem(422, "checkpoint-invalid", str(exc), title="Checkpoint not accepted", errors=errors) from None
     except ValidatorUnavailable as exc:
         raise Problem(503, "validator-unavailable", str(exc)) from None
     finally:
@@ -136,10 +139,10 @@ def _created(row: Checkpoint) -> JSONResponse:
                  "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
 async def upload_checkpoint(
     request: Request,
-    filename: Annotated[str, Query(description="model.tar.gz, model.zip, ... or model.safetensors")],
+    filename: Annotated[str, Query(min_length=1, max_length=255, description="model.tar.gz, model.zip, ... or model.safetensors")],
     tenant: CurrentTenant,
     svc: Svc,
-    x_ligo_config: Annotated[str | None, Header(description="base64 config.json, for a .safetensors upload")] = None,
+    x_ligo_config: Annotated[str | None, Header(max_length=65_536, description="base64 config.json, for a .safetensors upload")] = None,
 ):
     """Stream the raw request body to storage (sha256 and size cap on the way), then check it."""
     name, kind = clean_filename(filename)
@@ -198,8 +201,9 @@ async def upload_checkpoint(
 # --- presigned multipart upload (S3) -----------------------------------------------------------
 
 def _s3(svc: Services, what: str) -> S3Storage:
+    """The S3 store; on local storage these endpoints do not exist (404, and not in the OpenAPI)."""
     if not isinstance(svc.storage, S3Storage):
-        raise Problem(501, "needs-s3", f"{what} needs the S3 storage backend (LIGO_STORAGE_BACKEND=s3); "
+        raise Problem(404, "needs-s3", f"{what} needs the S3 storage backend (LIGO_STORAGE_BACKEND=s3); "
                                        "use POST /v1/checkpoints with the file as the body")
     return svc.storage
 
@@ -392,3 +396,6 @@ async def get_checkpoint(checkpoint_id: str, tenant: CurrentTenant, svc: Svc):
     if row is None or row.tenant != tenant:
         raise not_found("checkpoint", checkpoint_id)
     return JSONResponse(checkpoint_json(row))
+
+
+S3_ONLY = (create_upload, complete_upload, abort_upload, register_checkpoint)  # left out of local storage's OpenAPI

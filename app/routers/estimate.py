@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app import engine
+from app import engine, limits
 from app.auth import CurrentTenant
 from app.db import Checkpoint
 from app.problems import Problem, field_problem
@@ -29,8 +29,11 @@ def estimate(body: EstimateIn, tenant: CurrentTenant, svc: Svc):
                 raise field_problem("checkpoint_id", f"no checkpoint {body.checkpoint_id!r}")
             source = engine.config_from_dict(ckpt.config)
         else:
+            limits.check_spec(body.source, "source")
             source = _field("source", engine.resolve_source, body.source)
+        limits.check_spec(body.target, "target")
         target = _field("target", engine.resolve_target, body.target, source.to_dict())
+        limits.check_parameters(target, svc.settings.max_target_parameters)
         result = engine.estimate(
             source, target, strategy=body.strategy, fit_steps=body.fit_steps, fit_batch=body.fit_batch,
             seq_len=min(body.seq_len, engine.max_positions(source)), tokens=body.tokens, gpu=body.gpu, price_per_gpu_hour=body.price_per_gpu_hour,

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
+import re
 from datetime import timedelta
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request
 from sqlalchemy import select
 
-from app import engine, store
+from app import engine, limits, store
 from app.auth import CurrentTenant
 from app.db import TERMINAL_STATES, Checkpoint, Job, utcnow
 from app.problems import Problem, field_problem, not_found
@@ -76,12 +76,14 @@ def _validate(svc: Services, tenant: str, body: JobCreate) -> tuple[Checkpoint, 
         ckpt = s.get(Checkpoint, body.checkpoint_id)
     if ckpt is None or ckpt.tenant != tenant:
         raise field_problem("checkpoint_id", f"no checkpoint {body.checkpoint_id!r}")
+    limits.check_spec(body.target, "target")
     try:
         target = engine.resolve_target(body.target, ckpt.config)
     except Exception as exc:
         if engine.is_ligo_error(exc):
             raise field_problem("target", str(exc)) from None
         raise
+    limits.check_parameters(target, svc.settings.max_target_parameters)
     if body.strategy == "ligo" and body.fit.steps > 0 and not ckpt.has_tokenizer:
         raise field_problem("checkpoint_id", "the checkpoint has no tokenizer files, which fitting 'ligo' needs; "
                                              "upload it with its tokenizer, set fit.steps to 0, or pick another strategy")
@@ -159,20 +161,26 @@ def _cursor(job_id: str) -> str:
     return base64.urlsafe_b64encode(job_id.encode()).decode().rstrip("=")
 
 
+JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
 def _uncursor(cursor: str) -> str:
+    """The job id in a cursor; anything else is the client's mistake (400), whatever its bytes."""
     try:
-        value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError):
+        value = base64.urlsafe_b64decode(cursor[:64] + "=" * (-len(cursor[:64]) % 4)).decode()
+    except ValueError:  # bad base64, non-ASCII text, bytes that are not UTF-8
         value = ""
-    if not value or len(value) > 32 or not value.isalnum():
-        raise field_problem("cursor", "not a cursor from a previous page")
+    if len(cursor) > 64 or not JOB_ID.fullmatch(value):
+        raise field_problem("cursor", "not a cursor from a previous page", status=400)
     return value
 
 
-@router.get("", response_model=JobList, responses={401: {"description": "No or wrong API key"}})
+@router.get("", response_model=JobList, responses={400: {"description": "The cursor is not one this API gave"},
+                                                    401: {"description": "No or wrong API key"}})
 async def list_jobs(tenant: CurrentTenant, svc: Svc,
               state: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
-              cursor: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20):
+              cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,
+              limit: Annotated[int, Query(ge=1, le=100)] = 20):
     """The tenant's jobs, newest first; pass `next_cursor` back as `cursor` for the next page."""
     query = select(Job).where(Job.tenant == tenant)
     if state:
@@ -182,14 +190,16 @@ async def list_jobs(tenant: CurrentTenant, svc: Svc,
     rows = await svc.db.call(_scalars, svc, query.order_by(Job.id.desc()).limit(limit + 1))
     more = len(rows) > limit
     rows = rows[:limit]
-    return JSONResponse({"items": [job_json(j) for j in rows],
+    hooks = await svc.db.call(store.webhook_deliveries, svc.db, rows)
+    return JSONResponse({"items": [job_json(j, hooks.get(j.id)) for j in rows],
                          "next_cursor": _cursor(rows[-1].id) if more else None})
 
 
 @router.get("/{job_id}", response_model=JobOut, responses={404: {"description": "No such job"}})
 async def get_job(job_id: str, tenant: CurrentTenant, svc: Svc):
-    job = await svc.db.call(_read_job, svc, job_id)
-    return JSONResponse(job_json(_job_of(svc, tenant, job_id, job)))
+    job = _job_of(svc, tenant, job_id, await svc.db.call(_read_job, svc, job_id))
+    hooks = await svc.db.call(store.webhook_deliveries, svc.db, [job])
+    return JSONResponse(job_json(job, hooks.get(job.id)))
 
 
 @router.delete("/{job_id}", status_code=202, response_model=JobOut, responses={
