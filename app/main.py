@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 
 from fastapi import FastAPI
 
@@ -22,9 +23,28 @@ Authenticate with `Authorization: Bearer <key>` (keys come from `ligo keys creat
 RFC 9457 `application/problem+json` documents; field errors list `errors[].field`."""
 
 
+FILE_LINK = re.compile(r"/v1/files/[^\s?\"]+")
+
+
+class RedactFileLinks(logging.Filter):
+    """Signed download links are credentials until they expire: the access log shows
+    ``/v1/files/[redacted]`` instead of the token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(FILE_LINK.sub("/v1/files/[redacted]", a) if isinstance(a, str) else a
+                                for a in record.args)
+        if isinstance(record.msg, str):
+            record.msg = FILE_LINK.sub("/v1/files/[redacted]", record.msg)
+        return True
+
+
 def create_app(settings: Settings | None = None, *, maintenance: bool = True) -> FastAPI:
     settings = settings or get_settings()
     logging.getLogger("ligo").setLevel(settings.log_level.upper())
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactFileLinks) for f in access.filters):
+        access.addFilter(RedactFileLinks())
     svc = Services.build(settings)
 
     @contextlib.asynccontextmanager

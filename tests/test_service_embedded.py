@@ -13,8 +13,9 @@ import time
 import httpx
 import pytest
 
-from app.auth import ensure_tenant
+from app.auth import webhook_secret
 from app.db import Database
+from app.settings import Settings
 from app.webhooks import verify
 from tests.service_fixtures import FIT, Api, wait_for
 
@@ -71,8 +72,9 @@ def test_grow_a_checkpoint_end_to_end(embedded_service, checkpoint_tar, webhook_
     # The webhook: refused once, retried, signed with the tenant's secret, same webhook-id.
     hooks = wait_for(lambda: len(webhook_receiver.received) >= 2 and webhook_receiver.received, 30,
                      what="the webhook retry")
-    db = Database(f"sqlite:///{embedded_service['data'] / 'ligo.db'}")
-    secret = ensure_tenant(db, "alice").webhook_secret
+    key = Settings(data_dir=embedded_service["data"]).signing_key()  # the database holds the secret sealed
+    db = Database(f"sqlite:///{embedded_service['data'] / 'ligo.db'}", key)
+    secret = webhook_secret(db, "alice")
     db.dispose()
     first, second = hooks[:2]
     assert first["headers"]["webhook-id"] == second["headers"]["webhook-id"]

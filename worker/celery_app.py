@@ -14,6 +14,7 @@ from __future__ import annotations
 from celery import Celery
 from celery.signals import celeryd_init
 
+from app import scratch
 from app.settings import Settings, get_settings
 
 GROW_TASK = "ligo.grow"
@@ -59,9 +60,18 @@ def ensure_broker_folders(settings: Settings) -> None:
             (settings.broker_dir / sub).mkdir(parents=True, exist_ok=True)
 
 
+def sweep_scratch(settings: Settings) -> list[str]:
+    """Remove the scratch folders (``job-*``, and extractions) of job attempts that died: their
+    locks are free (app.scratch); a live job's folder on the same disk is left alone."""
+    return scratch.sweep(settings.resolved_tmp_dir, ("job-", "ligo-src-"))
+
+
 @celeryd_init.connect
 def _worker_starting(**_kwargs) -> None:
-    ensure_broker_folders(get_settings())
+    settings = get_settings()
+    settings.make_data_dir()
+    ensure_broker_folders(settings)
+    sweep_scratch(settings)
 
 
 celery = make_celery(get_settings())

@@ -13,20 +13,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
-import shutil
 import socket
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from app import store
+from app import scratch, store
 from app.db import JOB_STAGES, Checkpoint, Database, Job, utcnow
 from app.schemas import iso
 from app.settings import Settings
 from app.storage import S3Storage, Storage, StorageError, make_storage, parse_s3_uri
+from app.validator import ALLOCATOR_WORDS, scrub
+from worker.celery_app import sweep_scratch
 
 log = logging.getLogger("ligo.worker")
 MAX_HISTORY = 1000  # points of the fitting loss kept on the job row
@@ -73,6 +75,8 @@ class Progress:
     def __call__(self, event: dict) -> None:
         stage = event.get("stage")
         step, total, loss = int(event.get("step") or 0), int(event.get("total") or 0), event.get("loss")
+        if loss is not None and not math.isfinite(loss):
+            loss = None  # a diverged fit: JSON (the row, the webhook) has no NaN
         if stage == "fitting":
             self.fitting = (step, total, None if loss is None else float(loss))
             if loss is not None and step % self.stride == 0:
@@ -111,6 +115,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def plain_json(value):
+    """``value`` as plain JSON: NaN and infinities (a diverged loss) become null, which every
+    reader of the job row accepts; anything else unusual becomes its string."""
+    import orjson
+
+    return orjson.loads(orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS))
+
+
 def _error_type(exc: BaseException) -> str:
     name = type(exc).__name__
     return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
@@ -131,16 +143,17 @@ class JobRunner:
             log.info("job %s is not queued; nothing to do", job_id)
             return "skipped"
         log.info("job %s: attempt %d on %s", job_id, job.attempts, owner)
+        # A later attempt took over an expired lease: whatever a killed one left goes first.
+        sweep_scratch(s)  # (also done when the worker starts: worker.celery_app)
         beat = Heartbeat(self.db, job_id, owner, s.lease_seconds)
         beat.start()
-        tmp_root = s.resolved_tmp_dir
-        tmp_root.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(dir=tmp_root, prefix=f"job-{job_id}-"))
-        try:
-            return self._run(job, owner, work, beat)
-        finally:
-            beat.stop()
-            shutil.rmtree(work, ignore_errors=True)
+        with scratch.folder(s.resolved_tmp_dir, f"job-{job_id}-") as work:
+            tempfile.tempdir = str(work)  # every temporary file of the job lives, and dies, with it
+            try:
+                return self._run(job, owner, work, beat)
+            finally:
+                tempfile.tempdir = None
+                beat.stop()
 
     def _run(self, job: Job, owner: str, work: Path, beat: Heartbeat) -> str:
         s = self.settings
@@ -169,6 +182,7 @@ class JobRunner:
         from celery.exceptions import SoftTimeLimitExceeded
 
         import ligo_core
+        from ligo_core.checkpoint import opened_source
 
         prefix = f"jobs/{job.id}/"
         try:
@@ -180,12 +194,13 @@ class JobRunner:
             if should_cancel():
                 raise ligo_core.GrowthCancelled()
             out = work / "out"
-            report = ligo_core.grow(
-                src, job.target, out, strategy=job.strategy, fit_steps=job.fit["steps"], data=data, seed=job.seed,
-                device=s.worker_device, lr=job.fit.get("lr"), batch_size=job.fit.get("batch_size"),
-                seq_len=job.fit.get("seq_len"), progress=progress, should_cancel=should_cancel,
-                **(job.growth or {}),  # GrowthOptions set on the job; the rest are the engine defaults
-            )
+            with opened_source(src, max_bytes=s.resolved_max_extract_bytes, tmp_dir=work) as directory:
+                report = ligo_core.grow(
+                    directory, job.target, out, strategy=job.strategy, fit_steps=job.fit["steps"], data=data,
+                    seed=job.seed, device=s.worker_device, lr=job.fit.get("lr"), batch_size=job.fit.get("batch_size"),
+                    seq_len=job.fit.get("seq_len"), progress=progress, should_cancel=should_cancel,
+                    **(job.growth or {}),  # GrowthOptions set on the job; the rest are the engine defaults
+                )
             files = self._upload(out, prefix + "output/", progress, should_cancel)
             manifest = {
                 "job_id": job.id, "attempt": job.attempts, "created_at": iso(utcnow()), "files": files,
@@ -196,8 +211,9 @@ class JobRunner:
             progress.show_fit()
             if not store.holds_lease(self.db, job.id, owner):
                 raise LeaseLost()
-            self.storage.put_bytes(prefix + "manifest.json", json.dumps(manifest, indent=1, default=str).encode())
-            return finish("succeeded", manifest=json.loads(json.dumps(manifest, default=str)))
+            manifest = plain_json(manifest)
+            self.storage.put_bytes(prefix + "manifest.json", json.dumps(manifest, indent=1).encode())
+            return finish("succeeded", manifest=manifest)
         except (ligo_core.GrowthCancelled, SoftTimeLimitExceeded, LeaseLost) as exc:
             if beat.lost.is_set() or isinstance(exc, LeaseLost):
                 log.warning("job %s: lease lost; stopping without touching its outputs", job.id)
@@ -209,16 +225,22 @@ class JobRunner:
             return finish("cancelled")
         except ligo_core.LigoError as exc:
             self._remove_outputs(prefix)
-            return finish("failed", error_type=_error_type(exc), error_detail=str(exc))
+            return finish("failed", error_type=_error_type(exc), error_detail=self._shown(str(exc)))
         except StorageError as exc:
             self._remove_outputs(prefix)
-            return finish("failed", error_type="storage_error", error_detail=str(exc))
+            return finish("failed", error_type="storage_error", error_detail=self._shown(str(exc)))
         except Exception as exc:
             log.exception("job %s failed", job.id)
             self._remove_outputs(prefix)
-            return finish("failed", error_type="internal_error", error_detail=f"{type(exc).__name__}: {exc}")
+            return finish("failed", error_type="internal_error", error_detail=self._shown(f"{type(exc).__name__}: {exc}"))
 
     # --- pieces ------------------------------------------------------------------------------
+
+    def _shown(self, message: str) -> str:
+        """An error as the tenant sees it: no server paths, no allocator's report."""
+        if any(word in message.lower() for word in ALLOCATOR_WORDS):
+            return "the worker ran out of memory (the target may be too large for its device)"
+        return scrub(message, [self.settings.resolved_tmp_dir, self.settings.data_dir.resolve()])
 
     def _remove_outputs(self, prefix: str) -> None:
         try:
