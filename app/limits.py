@@ -14,7 +14,7 @@ from typing import Any
 # Largest value of each size: far above every public model (vocabularies to 256k, widths to
 # 16k, 126 layers, contexts to 10M), far below what would exhaust a worker.
 LIMITS = {"layers": 1024, "hidden": 65_536, "heads": 1024, "kv_heads": 1024, "ffn": 262_144,
-          "head_dim": 4096, "vocab": 2**20, "positions": 2**24, "token_types": 1024}
+          "head_dim": 4096, "vocab": 2**20, "positions": 2**24, "type_vocab": 1024}
 # Config keys (each family's spelling) and target fields (ligo_core.targets.FIELD_ALIASES) -> size.
 KEYS = {
     "layers": "layers", "n_layer": "layers", "num_hidden_layers": "layers", "depth": "layers",
@@ -23,7 +23,7 @@ KEYS = {
     "kv_heads": "kv_heads", "num_key_value_heads": "kv_heads", "kv": "kv_heads",
     "ffn": "ffn", "intermediate_size": "ffn", "n_inner": "ffn", "intermediate": "ffn",
     "head_dim": "head_dim", "vocab_size": "vocab", "max_position_embeddings": "positions",
-    "n_positions": "positions", "n_ctx": "positions", "type_vocab_size": "token_types",
+    "n_positions": "positions", "n_ctx": "positions", "type_vocab_size": "type_vocab",
 }
 
 

@@ -39,10 +39,13 @@ def unseal(fernet: Fernet | None, stored: str) -> str:
         raise ValueError("this webhook secret was sealed with another secret key (LIGO_SECRET_KEY changed?)") from None
 
 
+SEALED = text("SELECT name, webhook_secret FROM tenants WHERE webhook_secret NOT LIKE 'whsec!_%' ESCAPE '!'")
+PLAINTEXT = text("SELECT name, webhook_secret FROM tenants WHERE webhook_secret LIKE 'whsec!_%' ESCAPE '!'")
+
+
 def _rewrite(connection, sealed: bool, change) -> int:
     """Apply ``change`` to every sealed (or plaintext) secret of the tenants table (Core, in a transaction)."""
-    rows = connection.execute(text("SELECT name, webhook_secret FROM tenants WHERE webhook_secret "
-                                   + ("NOT " if sealed else "") + "LIKE 'whsec!_%' ESCAPE '!'")).all()
+    rows = connection.execute(SEALED if sealed else PLAINTEXT).all()
     for name, secret in rows:
         connection.execute(text("UPDATE tenants SET webhook_secret = :new WHERE name = :name AND "
                                 "webhook_secret = :old"), {"new": change(secret), "name": name, "old": secret})

@@ -207,8 +207,8 @@ def load_tokenizer(directory: Path, follow_links: bool = False):
         return None
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(str(directory))
+    try:  # a local folder (checked above), never the Hub: no revision to pin (bandit B615)
+        return AutoTokenizer.from_pretrained(str(directory))  # nosec B615
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"tokenizer files are present but do not load ({type(exc).__name__}: {exc})") from None
 

@@ -76,7 +76,7 @@ def split_texts(texts: list[str], heldout_fraction: float = 0.05) -> tuple[list[
     train, heldout = [], []
     cut = int(heldout_fraction * 10_000)
     for t in texts:
-        bucket = int.from_bytes(hashlib.sha1(t.encode()).digest()[:4], "big") % 10_000
+        bucket = int.from_bytes(hashlib.sha1(t.encode(), usedforsecurity=False).digest()[:4], "big") % 10_000
         (heldout if bucket < cut else train).append(t)
     if not heldout and len(train) > 1:
         heldout.append(train.pop())

@@ -14,9 +14,10 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-GPT2_SPECIALS = {"eos_token": "<|endoftext|>"}
+# Special-token strings, not passwords (bandit B105/B106 below).
+GPT2_SPECIALS = {"eos_token": "<|endoftext|>"}  # nosec B105
 BERT_SPECIALS = {
-    "pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]",
+    "pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]",  # nosec B105
 }
 
 
@@ -37,7 +38,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, style: str = "
     if style == "gpt2":
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
         return PreTrainedTokenizerFast(
-            tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+            tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",  # nosec B106
             unk_token="<|endoftext|>", pad_token="<|endoftext|>",
         )
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")

@@ -163,3 +163,9 @@ def test_a_worker_killed_mid_fit_is_replaced_and_the_job_finishes_once(distribut
     assert manifest["attempt"] == 2
     assert job_objects(storage(distributed), job_id) == manifest_keys(job_id, manifest)
     assert hooks == ["job.succeeded"]  # one terminal transition
+
+
+def test_the_s3_only_endpoints_are_documented_with_s3(distributed):
+    paths = distributed["client"].get("/v1/openapi.json").json()["paths"]
+    assert {"/v1/checkpoints/uploads", "/v1/checkpoints/uploads/{upload_id}/complete",
+            "/v1/checkpoints/uploads/{upload_id}", "/v1/checkpoints/register"} <= set(paths)
