@@ -1,4 +1,5 @@
-"""Opening a checkpoint archive safely: member names, links and sizes checked before extraction."""
+"""Archives and the names inside a checkpoint: member names, links and sizes checked before
+extraction, and every file a checkpoint names kept inside it."""
 
 from __future__ import annotations
 
@@ -25,6 +26,22 @@ def unsafe_name(name: str) -> bool:
         return True
     p = PurePosixPath(name)
     return p.is_absolute() or ".." in p.parts or (bool(p.parts) and ":" in p.parts[0])
+
+
+def confined(directory: Path, name, what: str, follow_links: bool = False) -> Path:
+    """``directory / name`` for a file that a checkpoint names (a shard in its index, a tokenizer
+    file), refused unless it stays inside the checkpoint.
+
+    A name that could leave the folder (absolute, ``..``) is refused always. Unless
+    ``follow_links`` (a user's own directory on the command line, such as a Hugging Face cache
+    snapshot whose files link to its blob store), the file must also resolve inside the folder
+    once links are followed: an upload can never read another tenant's files or the server's."""
+    if not isinstance(name, str) or unsafe_name(name):
+        raise CheckpointError(f"{what} names {name!r}, which points outside the checkpoint")
+    path = directory / name
+    if not follow_links and not path.resolve().is_relative_to(directory.resolve()):
+        raise CheckpointError(f"{what} names {name!r}, which resolves outside the checkpoint")
+    return path
 
 
 def _check_members(members: list[tuple[str, int, str]], max_bytes: int) -> None:
