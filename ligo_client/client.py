@@ -259,10 +259,7 @@ class Client:
     def download(self, job: str | dict, out_dir: str | os.PathLike) -> Path:
         """Every output file into ``out_dir`` (absent or empty), each checked against its
         recorded size and SHA-256 and fetched again when it does not match."""
-        job_id = _id(job, "job")
-        out = Path(out_dir).expanduser()
-        _download.check_destination(out)
-        return _download.download(self, job_id, self.result(job_id), out)
+        return _download.download(self, _id(job, "job"), Path(out_dir).expanduser())
 
     # --- cost ----------------------------------------------------------------------------------
 

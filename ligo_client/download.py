@@ -51,9 +51,9 @@ def _entries(result: dict) -> list[dict]:
     return entries
 
 
-def download(client, job_id: str, result: dict, out: Path) -> Path:
-    check_destination(out)
-    entries = _entries(result)
+def download(client, job_id: str, out: Path) -> Path:
+    check_destination(out)  # before asking for anything
+    entries = _entries(client.result(job_id))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import sys
 import time
 
-FREQUENT = {"uploading", "downloading", "job"}
-
 
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -31,6 +29,8 @@ def _job(e: dict) -> tuple[str, tuple]:
         text += f", {job['stage']}"
         if total:
             text += f" step {step}/{total}" + (f" loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
+    if job.get("state") in ("succeeded", "failed", "cancelled"):
+        return text, None
     return text, (job.get("state"), job.get("stage"), step * 10 // total if total else 0)
 
 
@@ -41,7 +41,8 @@ def _uploaded(e: dict) -> str:
             f"{_size(c.get('size_bytes', 0))}")
 
 
-# stage -> event -> (text, bucket); a frequent event prints in a log when its bucket changes
+# stage -> event -> (text, bucket). An event with a bucket is progress: redrawn on a terminal,
+# printed in a log when its bucket changes; one without is a line of its own.
 DESCRIBE = {
     "packing": lambda e: (f"packing {e['path']}", None),
     "uploading": lambda e: (f"uploading {_size(e['sent'])} / {_size(e['total'])} ({_percent(e['sent'], e['total'])}%)",
@@ -77,7 +78,7 @@ class Display:
             return
         text, bucket = describe(event)
         stage = event["stage"]
-        if stage in FREQUENT:
+        if bucket is not None:
             if self.live:
                 self._draw(text)
                 return

@@ -119,6 +119,15 @@ def test_transient_answers_are_retried_after_retry_after_and_problems_are_typed(
         assert timeout.value.job["state"] == "running"
 
 
+def test_cli_exit_1_when_the_service_cannot_be_reached(monkeypatch, capsys):
+    from tests.service_fixtures import free_port
+
+    monkeypatch.setattr("ligo_client.client.Retry", lambda: FAST)
+    assert remote(["status", "j1", "--server", f"http://127.0.0.1:{free_port()}", "--key", "k"]) == 1
+    err = capsys.readouterr().err
+    assert "ConnectError" in err and "tried 3 times" in err
+
+
 def test_unsafe_result_paths_are_refused(tmp_path):
     def handler(request):
         return httpx.Response(200, json={"files": [{"path": "../evil", "size_bytes": 1, "sha256": None,
@@ -197,6 +206,14 @@ def test_grow_through_the_client_end_to_end(service, grown, tmp_path):
         assert hashlib.sha256((out / f["path"]).read_bytes()).hexdigest() == f["sha256"]
     config = json.loads((out / "config.json").read_text())
     assert (config["n_layer"], config["n_embd"], config["n_head"]) == (4, 48, 6)
+    with Client(service["base"], service["key"], cache_dir=cache) as c:
+        by_checkpoint = c.estimate(TARGET, checkpoint=job["checkpoint_id"], fit_steps=3, fit_batch=2, seq_len=16)
+        by_preset = c.estimate("gpt2-medium", source="gpt2")
+        with pytest.raises(BadInput) as refused:
+            c.estimate("layers=1", checkpoint=job["checkpoint_id"])
+    assert by_checkpoint["target"]["layers"] == 4 and 0 < by_checkpoint["savings"]["fraction"] < 1
+    assert by_preset["target"]["layers"] == 24
+    assert refused.value.status == 422 and refused.value.errors[0]["field"] == "target"
     assert [p.name for p in tmp_path.iterdir()] == ["grown"]  # no partial folder left
 
 
@@ -221,7 +238,7 @@ def test_a_retried_grow_reuses_the_job(service, service_checkpoint, grown, tmp_p
     with Client(service["base"], service["key"], cache_dir=cache) as c:
         other = c.grow(service_checkpoint, TARGET, fit=FIT, strategy="stack", wait=False)
         assert other["id"] != job["id"]
-        c.wait(other, timeout=120)
+        c.cancel(other)  # the worker is shared by the tests that follow
 
 
 @pytest.mark.slow
