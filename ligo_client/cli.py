@@ -20,7 +20,8 @@ from ligo_client.client import DEFAULT_SERVER, Client
 from ligo_client.errors import BadInput, JobCancelled, JobFailed, JobTimeout, LigoClientError
 from ligo_client.progress import Display
 
-EXIT_CODES = ((JobTimeout, 5), (JobCancelled, 4), (JobFailed, 3), (BadInput, 2), (LigoClientError, 1))
+# first match wins: JobTimeout is also a TimeoutError, hence an OSError
+EXIT_CODES = ((JobTimeout, 5), (JobCancelled, 4), (JobFailed, 3), (BadInput, 2), (LigoClientError, 1), (OSError, 1))
 STATE_EXIT = {"failed": 3, "cancelled": 4}  # `status` of a job that ended badly
 
 # flag, type, (section of the job request, field), help; None as section: a top-level field
@@ -105,7 +106,7 @@ def _run(command):
     def run(args) -> int:
         try:
             return command(args)
-        except LigoClientError as exc:
+        except (LigoClientError, OSError) as exc:  # OSError: the local disk (full, not writable)
             code = next(c for cls, c in EXIT_CODES if isinstance(exc, cls))
             print(f"ligo remote: {'error: ' if code <= 2 else ''}{exc}", file=sys.stderr)
             if isinstance(exc, JobTimeout):

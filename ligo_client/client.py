@@ -14,7 +14,7 @@ import httpx
 
 from ligo_client import download as _download
 from ligo_client import upload as _upload
-from ligo_client.errors import BadInput, JobCancelled, JobFailed, JobTimeout, RequestRejected
+from ligo_client.errors import BadInput, JobCancelled, JobFailed, JobTimeout, LigoClientError, RequestRejected
 from ligo_client.http import Retry, retry_after, send
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
@@ -91,7 +91,15 @@ class Client:
 
     def api(self, method: str, path: str, *, headers: dict | None = None, **kw) -> httpx.Response:
         headers = {"Authorization": f"Bearer {self.api_key}", **(headers or {})}
-        return send(self._http, method, path, retry=self.retry, headers=headers, on_retry=self.emit, **kw)
+        r = send(self._http, method, path, retry=self.retry, headers=headers, on_retry=self.emit, **kw)
+        try:
+            ok = isinstance(r.json(), dict)
+        except ValueError:
+            ok = False
+        if not ok:  # every answer of the API is a JSON object; anything else came from somewhere else
+            raise LigoClientError(f"{method} {path}: the answer ({r.status_code}, {r.headers.get('content-type')}) "
+                                  "is not the service's JSON; is the server URL right?")
+        return r
 
     def link(self, method: str, url: str, **kw) -> httpx.Response:
         """A signed URL: the URL is the credential, so no API key goes with it."""

@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from ligo_client.archive import hash_file, pack_directory, read_range
-from ligo_client.errors import BadInput, HTTPProblem, RequestRejected
+from ligo_client.errors import BadInput, HTTPProblem, LigoClientError, RequestRejected
 
 FILE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip", ".safetensors")
 UPLOAD_READ_TIMEOUT = 3600.0  # the service checks the checkpoint before it answers
@@ -217,7 +217,9 @@ def _send_parts(client, source: Source, state: UploadState, saved: dict, resumed
 
         r = client.link("PUT", part["url"], content=body, headers={"Content-Length": str(length)},
                         what=f"upload part {number}/{len(parts)}")
-        etags[str(number)] = r.headers.get("etag", "")
+        if not r.headers.get("etag"):
+            raise LigoClientError(f"the storage answered part {number} without an ETag (a proxy removing it?)")
+        etags[str(number)] = r.headers["etag"]
         state.save({"multipart": saved})
     done = [{"part_number": int(n), "etag": etags[n]} for n in sorted(etags, key=int)]
     r = client.api("POST", f"/v1/checkpoints/uploads/{quote(str(upload['id']), safe='')}/complete", json={"parts": done},
