@@ -4,7 +4,7 @@ A directory is packed (``archive.py``); a file is sent as it is. When the servic
 the file goes in presigned parts straight to S3 (``POST /v1/checkpoints/uploads``, a PUT per
 part, ``.../complete``), and each part's ETag is written to a small state file as soon as S3
 answers, so an upload cut mid-way resumes with the parts still missing. Otherwise (the service
-answers 501 ``needs-s3``) the file is streamed as the body of ``POST /v1/checkpoints``.
+answers the ``needs-s3`` problem) the file is streamed as the body of ``POST /v1/checkpoints``.
 The same state file then remembers the checkpoint, so sending the same bytes again reuses it.
 """
 
@@ -186,7 +186,7 @@ def _create(client, source: Source) -> dict | None:
     try:
         upload = client.api("POST", "/v1/checkpoints/uploads", json=body).json()
     except HTTPProblem as exc:
-        if exc.status == 501:  # needs-s3: the service stores locally; stream instead
+        if exc.kind == "needs-s3" or exc.status == 501:  # the service stores locally: stream instead
             client.presigned = False
             return None
         raise
