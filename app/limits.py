@@ -11,19 +11,16 @@ from __future__ import annotations
 
 from typing import Any
 
-# Largest value of each size: far above every public model (vocabularies to 256k, widths to
-# 16k, 126 layers, contexts to 10M), far below what would exhaust a worker.
-LIMITS = {"layers": 1024, "hidden": 65_536, "heads": 1024, "kv_heads": 1024, "ffn": 262_144,
-          "head_dim": 4096, "vocab": 2**20, "positions": 2**24, "type_vocab": 1024}
-# Config keys (each family's spelling) and target fields (ligo_core.targets.FIELD_ALIASES) -> size.
+# Config keys (each family's spelling) and target fields (ligo_core.targets.FIELD_ALIASES) -> the
+# size they name; each size's largest value is ligo_core.checkpoint.SIZE_BOUNDS, the reader's own.
 KEYS = {
     "layers": "layers", "n_layer": "layers", "num_hidden_layers": "layers", "depth": "layers",
     "hidden": "hidden", "hidden_size": "hidden", "n_embd": "hidden", "width": "hidden", "d_model": "hidden",
     "heads": "heads", "n_head": "heads", "num_attention_heads": "heads",
     "kv_heads": "kv_heads", "num_key_value_heads": "kv_heads", "kv": "kv_heads",
     "ffn": "ffn", "intermediate_size": "ffn", "n_inner": "ffn", "intermediate": "ffn",
-    "head_dim": "head_dim", "vocab_size": "vocab", "max_position_embeddings": "positions",
-    "n_positions": "positions", "n_ctx": "positions", "type_vocab_size": "type_vocab",
+    "head_dim": "head_dim", "vocab_size": "vocab_size", "max_position_embeddings": "positions",
+    "n_positions": "positions", "n_ctx": "positions",
 }
 
 
@@ -51,11 +48,13 @@ class OutOfBounds(Exception):
 
 def size_problem(key: str, value: Any) -> str | None:
     """Why ``key=value`` is out of bounds, or None (unknown keys and non-numbers are left to the engine)."""
+    from ligo_core.checkpoint import SIZE_BOUNDS  # here: the worker's parent imports app modules, never torch
+
     size, number = KEYS.get(key.strip().lower()), _number(value)
     if size is None or number is None:
         return None
-    if number > LIMITS[size]:
-        return f"{key} {value} is over the limit of {LIMITS[size]}"
+    if number > SIZE_BOUNDS[size]:
+        return f"{key} {value} is over the limit of {SIZE_BOUNDS[size]}"
     if number < 1:
         return f"{key} must be at least 1, got {value}"
     return None

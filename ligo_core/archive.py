@@ -1,11 +1,12 @@
-"""Opening a checkpoint archive safely: member names, links and sizes checked, only model files written.
+"""Archives and the names inside a checkpoint: member names, links and sizes checked, only model
+files written, and every file a checkpoint names kept inside it (``confined``).
 
 Every member is checked (no absolute or parent paths, no links, no devices), the members'
 sizes may add up to at most ``max_bytes`` and to at most ``max_ratio`` times the archive's own
 size (a decompression bomb stops at the first header past the limit, before its data is
 inflated), and only the files a checkpoint reader uses are written: ``config.json``, weights
-and their index, tokenizer files (these small files at most 64 MiB each). The rest (READMEs,
-optimizer states, training arguments) is skipped. Bytes are counted while writing too, so a member cannot write more than it declared.
+and their index, tokenizer files. The rest (READMEs, optimizer states, training arguments) is
+skipped. Bytes are counted while writing too, so a member cannot write more than it declared.
 """
 
 from __future__ import annotations
@@ -28,13 +29,12 @@ DEFAULT_MAX_EXTRACT_BYTES = 200 * 2**30
 # factor; a bomb expands by hundreds. Small archives may expand freely up to FREE_EXPANSION.
 MAX_EXPANSION_RATIO = 20.0
 FREE_EXPANSION_BYTES = 64 * 2**20
-# What a checkpoint reader opens: weights (other formats too, so that the reader can name them:
-# "unsupported weight format"), and small files, parsed whole: configs, indexes, tokenizer files
-# (ligo_core.checkpoint.TOKENIZER_FILES). The largest real tokenizer.json is about 35 MB.
-WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "tf_model.h5", "flax_model.msgpack", "model.ckpt.index",
-                "pytorch_model.pt", "model.pt")
-SMALL_FILES = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
-MAX_SMALL_FILE_BYTES = 64 * 2**20
+# What a checkpoint reader opens besides the tokenizer files (ligo_core.checkpoint.TOKENIZER_FILES):
+# its config, weights and their index; other weight formats too, so that the reader can name
+# them ("unsupported weight format"). The reader bounds each small file's size itself.
+MODEL_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+               "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack", "model.ckpt.index",
+               "pytorch_model.pt", "model.pt")
 COPY_CHUNK = 2**20
 
 
@@ -51,24 +51,34 @@ def unsafe_name(name: str) -> bool:
     return p.is_absolute() or ".." in p.parts or (bool(p.parts) and ":" in p.parts[0])
 
 
-def role(name: str) -> str | None:
-    """'weights' or 'small' for a member (by its file name) that a checkpoint reader opens; None to skip."""
+def confined(directory: Path, name, what: str, follow_links: bool = False) -> Path:
+    """``directory / name`` for a file that a checkpoint names (a shard in its index, a tokenizer
+    file), refused unless it stays inside the checkpoint.
+
+    A name that could leave the folder (absolute, ``..``) is refused always. Unless
+    ``follow_links`` (a user's own directory on the command line, such as a Hugging Face cache
+    snapshot whose files link to its blob store), the file must also resolve inside the folder
+    once links are followed: an upload can never read another tenant's files or the server's."""
+    if not isinstance(name, str) or unsafe_name(name):
+        raise CheckpointError(f"{what} names {name!r}, which points outside the checkpoint")
+    path = directory / name
+    if not follow_links and not path.resolve().is_relative_to(directory.resolve()):
+        raise CheckpointError(f"{what} names {name!r}, which resolves outside the checkpoint")
+    return path
+
+
+def needed(name: str) -> bool:
+    """Whether a member (by its file name) is one a checkpoint reader opens."""
     from ligo_core.checkpoint import TOKENIZER_FILES  # imported here: that module imports this one
 
     base = PurePosixPath(name).name
-    if any(fnmatch.fnmatchcase(base, pattern) for pattern in WEIGHT_FILES):
-        return "weights"
-    return "small" if base in SMALL_FILES or base in TOKENIZER_FILES else None
+    return base in TOKENIZER_FILES or any(fnmatch.fnmatchcase(base, pattern) for pattern in MODEL_FILES)
 
 
-def _wanted(name: str, size: int, skipped: list[str]) -> bool:
-    kind = role(name)
-    if kind is None:
+def _wanted(name: str, skipped: list[str]) -> bool:
+    if not needed(name):
         skipped.append(name)
         return False
-    if kind == "small" and size > MAX_SMALL_FILE_BYTES:
-        raise CheckpointError(f"archive member {name!r} is {size} bytes; config and tokenizer files may be "
-                              f"at most {MAX_SMALL_FILE_BYTES} bytes")
     return True
 
 
@@ -141,7 +151,7 @@ def extract_tar(path: Path, dest: Path, budget: _Budget) -> list[str]:
             for m in tar:  # headers one by one: a bomb is refused before its data is inflated
                 kind = _tar_kind(m)
                 budget.add(m.name, m.size if kind == "file" else 0, kind)
-                if kind != "file" or not _wanted(m.name, m.size, skipped):
+                if kind != "file" or not _wanted(m.name, skipped):
                     continue
                 with tar.extractfile(m) as src:
                     _copy(src, dest / m.name, m.name, m.size)
@@ -168,7 +178,7 @@ def extract_zip(path: Path, dest: Path, budget: _Budget) -> list[str]:
                 kind = _zip_kind(info)
                 budget.add(info.filename, info.file_size if kind == "file" else 0, kind)
             for info in infos:
-                if _zip_kind(info) != "file" or not _wanted(info.filename, info.file_size, skipped):
+                if _zip_kind(info) != "file" or not _wanted(info.filename, skipped):
                     continue
                 with zf.open(info) as src:  # checks the CRC at the end
                     _copy(src, dest / info.filename, info.filename, info.file_size)

@@ -15,36 +15,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from ligo_core.archive import DEFAULT_MAX_EXTRACT_BYTES, extract, is_archive, unsafe_name
+from ligo_core.archive import DEFAULT_MAX_EXTRACT_BYTES, confined, extract, is_archive
 from ligo_core.errors import CheckpointError, LigoError
 from ligo_core.families import family_for_model_type, supported_model_types
 from ligo_core.growth import Layout, load_grown_weights, plan_layout
+from ligo_core.targets import sizes_of
+from ligo_core.weights import FOREIGN_WEIGHTS, LazyWeights, open_weights  # noqa: F401 - FOREIGN_WEIGHTS re-exported
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "vocab.txt", "tokenizer.model", "added_tokens.json",
 )
-FOREIGN_WEIGHTS = ("tf_model.h5", "flax_model.msgpack", "model.ckpt.index", "pytorch_model.pt", "model.pt")
-
-
-def confined(directory: Path, name, what: str, follow_links: bool = False) -> Path:
-    """``directory / name`` for a file that a checkpoint names (a shard in its index, a tokenizer
-    file), refused unless it stays inside the checkpoint.
-
-    A name that could leave the folder (absolute, ``..``) is refused always. Unless
-    ``follow_links`` (a user's own directory on the command line, such as a Hugging Face cache
-    snapshot whose files link to its blob store), the file must also resolve inside the folder
-    once links are followed: an upload can never read another tenant's files or the server's."""
-    if not isinstance(name, str) or unsafe_name(name):
-        raise CheckpointError(f"{what} names {name!r}, which points outside the checkpoint")
-    path = directory / name
-    if not follow_links and not path.resolve().is_relative_to(directory.resolve()):
-        raise CheckpointError(f"{what} names {name!r}, which resolves outside the checkpoint")
-    return path
+MAX_JSON_BYTES = 4 * 2**20  # config.json and tokenizer_config.json: a few KB in practice
+MAX_TOKENIZER_BYTES = 128 * 2**20  # the largest real tokenizer files are tens of MB
+# Sizes a config may claim before anything is read for it: far above any real model, far below
+# what would exhaust a validator (the weights' own shapes are checked against the config too).
+SIZE_BOUNDS = {"layers": 1024, "hidden": 65_536, "heads": 1024, "kv_heads": 1024, "ffn": 1_048_576,
+               "head_dim": 4096, "vocab_size": 4_194_304, "positions": 1_048_576}
 
 
 def _model_root(directory: Path) -> Path:
@@ -80,11 +69,18 @@ def opened_source(src: str | Path, max_bytes: int = DEFAULT_MAX_EXTRACT_BYTES,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_config(directory: Path, follow_links: bool = False) -> PretrainedConfig:
+def read_json(directory: Path, name: str, follow_links: bool = False):
+    path = confined(directory, name, "the checkpoint", follow_links)
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{name} is larger than {MAX_JSON_BYTES} bytes")
     try:
-        data = json.loads(confined(directory, "config.json", "the checkpoint", follow_links).read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"config.json is not valid JSON ({exc})") from None
+        raise CheckpointError(f"{name} is not valid JSON ({exc})") from None
+
+
+def read_config(directory: Path, follow_links: bool = False) -> PretrainedConfig:
+    data = read_json(directory, "config.json", follow_links)
     model_type = data.get("model_type") if isinstance(data, dict) else None
     if not model_type:
         raise CheckpointError("config.json has no model_type")
@@ -93,60 +89,30 @@ def read_config(directory: Path, follow_links: bool = False) -> PretrainedConfig
             f"unsupported model_type {model_type!r}; supported: {', '.join(supported_model_types())}"
         )
     try:
-        return AutoConfig.for_model(**data)
+        config = AutoConfig.for_model(**data)
     except (ValueError, TypeError, KeyError) as exc:
         raise CheckpointError(f"config.json is not a valid {model_type} config ({exc})") from None
+    check_config_sizes(config)
+    return config
 
 
-def _weight_files(directory: Path, follow_links: bool = False) -> tuple[list[Path], str]:
-    for index_name, fmt in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "pytorch_bin")):
-        index = directory / index_name
-        if index.is_file():
-            try:
-                weight_map = json.loads(confined(directory, index_name, "the checkpoint", follow_links).read_text())["weight_map"]
-                entries = list(weight_map.values())
-            except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
-                raise CheckpointError(f"{index_name} is not a valid shard index ({exc})") from None
-            files = []
-            for entry in dict.fromkeys(entries):  # each shard once, in the index's order
-                f = confined(directory, entry, index_name, follow_links)
-                if not f.is_file():
-                    raise CheckpointError(f"shard {entry!r} named in {index_name} is missing")
-                files.append(f)
-            return sorted(files), fmt
-    for name, fmt in (("model.safetensors", "safetensors"), ("pytorch_model.bin", "pytorch_bin")):
-        if (directory / name).is_file():
-            return [confined(directory, name, "the checkpoint", follow_links)], fmt
-    foreign = [n for n in FOREIGN_WEIGHTS if (directory / n).exists()]
-    if foreign:
-        raise CheckpointError(f"{foreign[0]}: unsupported weight format; convert to model.safetensors")
-    raise CheckpointError("no weights found: expected model.safetensors (or shards with an index) or pytorch_model.bin")
-
-
-def _load_file(path: Path, fmt: str) -> dict[str, torch.Tensor]:
-    if fmt == "safetensors":
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path.name}: corrupt or truncated safetensors file ({exc})") from None
+def check_config_sizes(config: PretrainedConfig) -> None:
+    """Every size a config claims is a positive whole number within SIZE_BOUNDS, named if not."""
+    family = family_for_model_type(config.model_type)
+    keys = {**family.config_keys, "vocab_size": "vocab_size",
+            "positions": "n_positions" if hasattr(config, "n_positions") else "max_position_embeddings"}
+    for field, key in keys.items():
+        value = getattr(config, key, None)
+        if value is None:
+            continue  # derived (GPT-2's n_inner, a default head_dim)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise CheckpointError(f"config.json: {key} must be a positive whole number, got {value!r}")
+        if value > SIZE_BOUNDS[field]:
+            raise CheckpointError(f"config.json: {key}={value} is above the limit of {SIZE_BOUNDS[field]}")
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling raises many types; all mean "refused"
-        raise CheckpointError(f"{path.name}: not a loadable weights-only PyTorch file ({type(exc).__name__}: {exc})".split("\n")[0]) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path.name}: does not hold a flat dict of tensors")
-    return state
-
-
-def read_weights(directory: Path, follow_links: bool = False) -> tuple[dict[str, torch.Tensor], str]:
-    files, fmt = _weight_files(directory, follow_links)
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(_load_file(f, fmt))
-    for name, t in state.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CheckpointError(f"tensor {name!r} holds NaN or infinite values")
-    return state, fmt
+        sizes_of(config)
+    except (ZeroDivisionError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"config.json: sizes do not fit together ({exc})") from None
 
 
 def _model_class(config: PretrainedConfig, layout: Layout):
@@ -176,8 +142,8 @@ class LoadedCheckpoint:
     dtype: torch.dtype
 
 
-def _dtype_of(state: dict[str, torch.Tensor]) -> torch.dtype:
-    floats = [t.dtype for t in state.values() if t.is_floating_point()]
+def _dtype_of(dtypes: dict[str, torch.dtype]) -> torch.dtype:
+    floats = [d for d in dtypes.values() if d.is_floating_point]
     return max(set(floats), key=floats.count) if floats else torch.float32
 
 
@@ -187,11 +153,11 @@ def check_tokenizer_files(directory: Path, follow_links: bool = False) -> list[s
     present = [n for n in TOKENIZER_FILES if (directory / n).is_file() or (directory / n).is_symlink()]
     for name in present:
         confined(directory, name, "the checkpoint", follow_links)
+    for name in present:
+        if (directory / name).stat().st_size > MAX_TOKENIZER_BYTES:
+            raise CheckpointError(f"{name} is larger than {MAX_TOKENIZER_BYTES} bytes")
     if "tokenizer_config.json" in present:
-        try:
-            config = json.loads((directory / "tokenizer_config.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"tokenizer_config.json is not valid JSON ({exc})") from None
+        config = read_json(directory, "tokenizer_config.json", follow_links)
         if not isinstance(config, dict):
             raise CheckpointError("tokenizer_config.json is not a JSON object")
         named = [(k, v) for k, v in config.items() if k.endswith("_file") and v is not None]
@@ -213,35 +179,86 @@ def load_tokenizer(directory: Path, follow_links: bool = False):
         raise CheckpointError(f"tokenizer files are present but do not load ({type(exc).__name__}: {exc})") from None
 
 
+@dataclass
+class CheckedCheckpoint:
+    """A checkpoint whose config and weight headers agree, before any tensor is read."""
+
+    config: PretrainedConfig
+    layout: Layout
+    weights: LazyWeights  # open: close it (or use ``checked_checkpoint``)
+    model_class: type
+    num_parameters: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _dtype_of(self.weights.dtypes)
+
+
+def check_checkpoint(directory: Path, follow_links: bool = False) -> CheckedCheckpoint:
+    """Config and weights checked against each other from the headers alone: every tensor the
+    family needs is there with the shape the config implies, and so is every parameter of the
+    model class (built on the meta device, which allocates nothing)."""
+    config = read_config(directory, follow_links)
+    weights = open_weights(directory, follow_links)
+    try:
+        try:
+            layout = plan_layout(config, weights.shapes)
+        except LigoError as exc:
+            raise CheckpointError(str(exc)) from None
+        cls = _model_class(config, layout)
+        with torch.device("meta"):
+            model = cls(config)
+        count = 0
+        for name, p in model.named_parameters():  # tied parameters appear once
+            if name not in weights.shapes:
+                raise CheckpointError(f"tensor {name!r} is missing: the weights do not match the config")
+            if tuple(p.shape) != weights.shapes[name]:
+                raise CheckpointError(f"tensor {name!r} has shape {weights.shapes[name]}, but the config "
+                                      f"implies {tuple(p.shape)}")
+            count += p.numel()
+        return CheckedCheckpoint(config, layout, weights, cls, count)
+    except BaseException:
+        weights.close()
+        raise
+
+
 def load_checkpoint(directory: Path, follow_links: bool = False) -> LoadedCheckpoint:
     """Config, validated weights, fp32 model and tokenizer from an opened checkpoint directory.
 
-    ``follow_links``: files may link outside the directory (see ``confined``); never for uploads."""
-    config = read_config(directory, follow_links)
-    state, fmt = read_weights(directory, follow_links)
-    try:
-        layout = plan_layout(config, {k: tuple(v.shape) for k, v in state.items()})
-    except LigoError as exc:
-        raise CheckpointError(str(exc)) from None
-    dtype = _dtype_of(state)
-    cls = _model_class(config, layout)
-    with torch.device("meta"):
-        model = cls(config)
-    keep = {k: v.float() if v.is_floating_point() else v for k, v in state.items() if k not in layout.dropped}
-    del state
-    _materialise_buffers(model, cls, config)
-    model = load_grown_weights(model, keep)
-    model.eval()
-    return LoadedCheckpoint(model, config, layout, load_tokenizer(directory, follow_links), directory, fmt, dtype)
+    The config and the weights' headers are checked against each other before any tensor is
+    read. ``follow_links``: files may link outside the directory (see ``confined``); never for
+    uploads."""
+    checked = check_checkpoint(directory, follow_links)
+    with checked.weights as weights:
+        config, layout, cls = checked.config, checked.layout, checked.model_class
+        with torch.device("meta"):
+            model = cls(config)
+        keep = {}
+        for name in weights.shapes:
+            if name in layout.dropped:
+                continue
+            tensor = weights.get(name)
+            if tensor.is_floating_point():
+                if not torch.isfinite(tensor).all():
+                    raise CheckpointError(f"tensor {name!r} holds NaN or infinite values")
+                tensor = tensor.float()
+            keep[name] = tensor
+        _materialise_buffers(model, cls, config)
+        model = load_grown_weights(model, keep)
+        model.eval()
+        return LoadedCheckpoint(model, config, layout, load_tokenizer(directory, follow_links), directory,
+                                weights.format, checked.dtype)
 
 
 def _materialise_buffers(model: PreTrainedModel, cls, config: PretrainedConfig) -> None:
     """Meta-built models lack buffer values (rotary frequencies, position ids): take them
     from a one-layer CPU copy of the same config, whose buffers are the same."""
     small = config.__class__.from_dict(config.to_dict())
-    for key in ("num_hidden_layers", "n_layer"):
-        if hasattr(small, key):
-            setattr(small, key, 1)
+    keys = family_for_model_type(config.model_type).config_keys
+    # Buffers depend on positions and head sizes only: one layer, a token vocabulary and a tiny
+    # FFN keep the donor small whatever the model's size.
+    for key, value in ((keys["layers"], 1), ("vocab_size", 8), (keys["ffn"], 8)):
+        setattr(small, key, value)
     if isinstance(getattr(small, "layer_types", None), list):
         small.layer_types = small.layer_types[:1]
     donor = dict(cls(small).named_buffers())
@@ -261,19 +278,25 @@ def _first_layer(name: str) -> str:
 
 
 def inspect_checkpoint(src: str | Path, *, follow_links: bool = False) -> dict:
-    """Family, config, parameter count and format of a checkpoint (directory or archive)."""
+    """Family, config, parameter count and format of a checkpoint (directory or archive).
+
+    Reads headers, not tensors: no model is built, and the NaN scan reads one slice of one tensor
+    at a time, so the memory used does not grow with the checkpoint's size or its config's claims."""
     with opened_source(src) as directory:
-        loaded = load_checkpoint(directory, follow_links)
-        params = sum(p.numel() for p in loaded.model.parameters())
+        checked = check_checkpoint(directory, follow_links)
+        with checked.weights as weights:
+            weights.check_finite()
+        tokenizer = load_tokenizer(directory, follow_links)
+        config, layout = checked.config, checked.layout
         return {
-            "family": loaded.layout.family.name,
-            "model_type": loaded.config.model_type,
-            "architectures": [type(loaded.model).__name__],
-            "config": loaded.config.to_dict(),
-            "num_parameters": int(params),
-            "has_lm_head": loaded.layout.has_head,
-            "has_tokenizer": loaded.tokenizer is not None,
-            "format": loaded.format,
-            "dtype": str(loaded.dtype).replace("torch.", ""),
-            "dropped_tensors": loaded.layout.dropped,
+            "family": layout.family.name,
+            "model_type": config.model_type,
+            "architectures": [checked.model_class.__name__],
+            "config": config.to_dict(),
+            "num_parameters": int(checked.num_parameters),
+            "has_lm_head": layout.has_head,
+            "has_tokenizer": tokenizer is not None,
+            "format": weights.format,
+            "dtype": str(checked.dtype).replace("torch.", ""),
+            "dropped_tensors": layout.dropped,
         }

@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
 
-    for module in ("ligo_core.cost_cli", "ligo_core.demo"):
+    for module in ("ligo_core.cost_cli", "ligo_core.demo", "ligo_client.cli"):
         _register(sub, module)
     for module in ("app.cli",):  # the service, present with the [service] extra
         _register(sub, module)

@@ -212,6 +212,64 @@ def test_named_files_stay_inside_the_checkpoint(checkpoint_dir, tmp_path):
         ligo_core.inspect_checkpoint(tok)
 
 
+def test_config_claims_are_checked_against_the_headers_before_allocating(checkpoint_dir, tmp_path):
+    """Issue 16, finding 3: a config whose sizes the weights do not back is refused from the headers
+    alone, fast, and without the memory its claims would take (measured in a fresh process)."""
+    import subprocess
+    import sys
+    import time
+
+    src = checkpoint_dir("gpt2")
+    cases = {"vocab_size": (16_000_000, "above the limit"), "n_positions": (500_000, "config implies"),
+             "n_layer": (1000, "missing"), "n_head": (0, "positive whole number")}
+    for key, (value, match) in cases.items():
+        d = _copy(src, tmp_path, f"claim-{key}")
+        config = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**config, key: value}))
+        started = time.perf_counter()
+        with pytest.raises(CheckpointError, match=match):
+            ligo_core.inspect_checkpoint(d)
+        assert time.perf_counter() - started < 10, key  # building the model took 39 s; the timing goal is in bench/
+    d = _copy(src, tmp_path, "claim-memory")
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "vocab_size": 4_000_000}))  # within bounds: 0.5 GB claimed
+    probe = (
+        "import resource, ligo_core, ligo_core.checkpoint as c\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"try:\n    c.inspect_checkpoint({str(d)!r})\nexcept ligo_core.CheckpointError as e:\n    print(e)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert "config implies (4000000, 32)" in out[0]
+    assert int(out[1]) < 64 * 1024, f"inspect grew the process by {int(out[1]) // 1024} MiB"
+
+
+def test_inspect_reads_headers_and_scans_tensors_in_slices(checkpoint_dir, tmp_path):
+    """Parameter count and dtype come from headers; NaN anywhere in a tensor is found by the
+    sliced scan; a .bin with the same tensors gives the same answer."""
+    from ligo_core.weights import open_weights
+
+    src = checkpoint_dir("llama")
+    info = ligo_core.inspect_checkpoint(src)
+    model = transformers.AutoModelForCausalLM.from_pretrained(src)
+    assert info["num_parameters"] == sum(p.numel() for p in model.parameters())
+    assert info["dtype"] == "float32" and info["format"] == "safetensors"
+    with open_weights(src) as weights:
+        name = "model.embed_tokens.weight"
+        pieces = list(weights.chunks(name, max_elements=1000))
+        assert len(pieces) > 1 and torch.equal(torch.cat(pieces), model.get_input_embeddings().weight)
+    state = load_file(str(src / "model.safetensors"))
+    state["model.layers.1.mlp.down_proj.weight"][-1, -1] = float("nan")  # the last element of a late tensor
+    bad = _copy(src, tmp_path, "nan")
+    save_file(state, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="down_proj.weight' holds NaN"):
+        ligo_core.inspect_checkpoint(bad)
+    as_bin = _copy(src, tmp_path, "bin")
+    (as_bin / "model.safetensors").unlink()
+    torch.save(load_file(str(src / "model.safetensors")), as_bin / "pytorch_model.bin")
+    assert ligo_core.inspect_checkpoint(as_bin)["num_parameters"] == info["num_parameters"]
+
+
 def test_targets_that_shrink_or_do_not_fit_are_refused(checkpoint_dir, tmp_path):
     src = checkpoint_dir("gpt2")
     for target, message in [
