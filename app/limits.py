@@ -9,19 +9,24 @@ the field at once. The grown model's parameter count has its own cap
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-# Config keys (each family's spelling) and target fields (ligo_core.targets.FIELD_ALIASES) -> the
-# size they name; each size's largest value is ligo_core.checkpoint.SIZE_BOUNDS, the reader's own.
-KEYS = {
-    "layers": "layers", "n_layer": "layers", "num_hidden_layers": "layers", "depth": "layers",
-    "hidden": "hidden", "hidden_size": "hidden", "n_embd": "hidden", "width": "hidden", "d_model": "hidden",
-    "heads": "heads", "n_head": "heads", "num_attention_heads": "heads",
-    "kv_heads": "kv_heads", "num_key_value_heads": "kv_heads", "kv": "kv_heads",
-    "ffn": "ffn", "intermediate_size": "ffn", "n_inner": "ffn", "intermediate": "ffn",
-    "head_dim": "head_dim", "vocab_size": "vocab_size", "max_position_embeddings": "positions",
-    "n_positions": "positions", "n_ctx": "positions",
-}
+# Config keys that name a size besides the target fields (ligo_core.targets.FIELD_ALIASES); each
+# size's largest value is ligo_core.checkpoint.SIZE_BOUNDS, the checkpoint reader's own.
+CONFIG_KEYS = {"vocab_size": "vocab_size", "max_position_embeddings": "positions", "n_positions": "positions",
+               "n_ctx": "positions"}
+
+
+@functools.cache
+def _sizes() -> tuple[dict[str, str], dict[str, int]]:
+    """(key -> size, size -> bound), read from ligo_core on first use: this module is imported
+    where torch must not be (the worker's parent process)."""
+    from ligo_core.checkpoint import SIZE_BOUNDS
+    from ligo_core.targets import FIELD_ALIASES
+
+    keys = {k: v for k, v in FIELD_ALIASES.items() if v in SIZE_BOUNDS}
+    return {**keys, **CONFIG_KEYS}, SIZE_BOUNDS
 
 
 def _number(value: Any) -> float | None:
@@ -48,13 +53,12 @@ class OutOfBounds(Exception):
 
 def size_problem(key: str, value: Any) -> str | None:
     """Why ``key=value`` is out of bounds, or None (unknown keys and non-numbers are left to the engine)."""
-    from ligo_core.checkpoint import SIZE_BOUNDS  # here: the worker's parent imports app modules, never torch
-
-    size, number = KEYS.get(key.strip().lower()), _number(value)
+    keys, bounds = _sizes()
+    size, number = keys.get(key.strip().lower()), _number(value)
     if size is None or number is None:
         return None
-    if number > SIZE_BOUNDS[size]:
-        return f"{key} {value} is over the limit of {SIZE_BOUNDS[size]}"
+    if number > bounds[size]:
+        return f"{key} {value} is over the limit of {bounds[size]}"
     if number < 1:
         return f"{key} must be at least 1, got {value}"
     return None

@@ -162,9 +162,10 @@ class Api:
 # --- a webhook receiver ------------------------------------------------------------------------
 
 class WebhookReceiver:
-    """Collects POSTs on loopback; answers 500 to the first ``fail_first`` of them."""
+    """Collects POSTs on loopback (any path); answers 500 to the first ``fail_first`` of them,
+    ``status`` to the rest."""
 
-    def __init__(self, fail_first: int = 0):
+    def __init__(self, fail_first: int = 0, status: int = 204):
         self.received: list[dict] = []
         self.fail_first = fail_first
         receiver = self
@@ -173,7 +174,7 @@ class WebhookReceiver:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("content-length", 0))).decode()
                 receiver.received.append({"headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
-                self.send_response(500 if len(receiver.received) <= receiver.fail_first else 204)
+                self.send_response(500 if len(receiver.received) <= receiver.fail_first else status)
                 self.end_headers()
 
             def log_message(self, *args):
@@ -254,18 +255,15 @@ def make_keys(database_url: str, *tenants: str) -> dict[str, str]:
         db.dispose()
 
 
-@pytest.fixture(scope="session")
-def embedded_service(tmp_path_factory):
-    """``ligo serve`` on a free loopback port with a fresh data directory."""
-    data = tmp_path_factory.mktemp("embedded")
+@contextlib.contextmanager
+def ligo_serve(data: Path, log_path: Path, log_level: str = "warning"):
+    """``python -m app.cli serve`` on a free loopback port with ``data`` as its data directory:
+    yields (process, base URL) once it is ready; stopped with SIGTERM afterwards."""
     port = free_port()
-    log_path = data / "serve.log"
-    env = child_env({"LIGO_DATA_DIR": str(data)})
-    keys = make_keys(f"sqlite:///{data / 'ligo.db'}", "alice", "bob")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--data-dir",
-                                 str(data), "--log-level", "warning"], env=env, cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                 str(data), "--log-level", log_level], env=child_env({"LIGO_DATA_DIR": str(data)}),
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
 
     def ready():
@@ -275,16 +273,26 @@ def embedded_service(tmp_path_factory):
             return httpx.get(base + "/readyz", timeout=2).status_code == 200
         return False
 
-    wait_for(ready, 90, 0.2, "ligo serve to be ready")
-    client = httpx.Client(base_url=base, timeout=60)
-    yield {"base": base, "data": data, "keys": keys, "client": client, "log": log_path, "proc": proc}
-    client.close()
-    proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        wait_for(ready, 120, 0.2, "ligo serve to be ready")
+        yield proc, base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def embedded_service(tmp_path_factory):
+    """``ligo serve`` on a free loopback port with a fresh data directory."""
+    data = tmp_path_factory.mktemp("embedded")
+    log_path = data / "serve.log"
+    keys = make_keys(f"sqlite:///{data / 'ligo.db'}", "alice", "bob")
+    with ligo_serve(data, log_path) as (proc, base), httpx.Client(base_url=base, timeout=60) as client:
+        yield {"base": base, "data": data, "keys": keys, "client": client, "log": log_path, "proc": proc}
 
 
 # --- Redis, PostgreSQL, S3 -----------------------------------------------------------------------

@@ -21,16 +21,23 @@ import stat
 import subprocess
 import sys
 import tarfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.service_fixtures import ROOT, Api, child_env, free_port, make_keys, tar_gz, wait_for
+from tests.service_fixtures import (
+    ROOT,
+    Api,
+    WebhookReceiver,
+    child_env,
+    ligo_serve,
+    make_keys,
+    tar_gz,
+    wait_for,
+)
 
 CAP = 4 * 2**20  # upload cap of the in-process service
 MEMORY_LIMIT = 512 * 2**20  # the validator's peak resident memory on any upload
@@ -312,32 +319,6 @@ def test_migration_0003_seals_existing_plaintext_secrets(tmp_path):
     assert webhook_secret(Database(url, b"the service's key"), "old") == "whsec_b2xkIHNlY3JldCBvbGQgc2VjcmV0"
 
 
-class Receiver:
-    """A loopback webhook receiver answering ``status`` to every POST."""
-
-    def __init__(self, status: int):
-        self.hits = 0
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                self.rfile.read(int(self.headers.get("content-length", 0)))
-                receiver.hits += 1
-                self.send_response(status)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/secret-path?token=abc"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def finished_job_with_callback(alice, svc, url: str) -> str:
     job = alice.submit(svc["ckpt"]["id"], strategy="stack", fit={"steps": 0}, callback_url=url).json()
     assert job["webhook"] == {"state": "waiting", "attempts": 0, "last_status": None, "last_error": None}
@@ -355,15 +336,15 @@ def test_refused_webhooks_are_not_retried_and_the_job_shows_why(svc, alice, monk
     assert "127.0.0.1" in caplog.text and "/hooks/private" not in caplog.text and "token=abc" not in caplog.text
     # A 404 is the receiver's final word; a 503 is retried.
     monkeypatch.setattr(svc["settings"], "webhook_allow_private", True)
-    gone, busy = Receiver(404), Receiver(503)
+    gone, busy = WebhookReceiver(status=404), WebhookReceiver(status=503)
     try:
-        gone_id = finished_job_with_callback(alice, svc, gone.url)
+        gone_id = finished_job_with_callback(alice, svc, gone.url + "/secret-path?token=abc")
         busy_id = finished_job_with_callback(alice, svc, busy.url)
-        wait_for(lambda: alice.job(gone_id)["webhook"]["state"] == "failed" and busy.hits >= 3, 20,
+        wait_for(lambda: alice.job(gone_id)["webhook"]["state"] == "failed" and len(busy.received) >= 3, 20,
                  what="the webhooks to be tried")
         time.sleep(0.6)
         assert alice.job(gone_id)["webhook"] == {"state": "failed", "attempts": 1, "last_status": 404,
-                                                 "last_error": "HTTP 404"} and gone.hits == 1
+                                                 "last_error": "HTTP 404"} and len(gone.received) == 1
         busy_hook = alice.job(busy_id)["webhook"]
         assert busy_hook["state"] == "pending" and busy_hook["attempts"] >= 3 and busy_hook["last_status"] == 503
         listed = {j["id"]: j["webhook"] for j in alice.get("/v1/jobs", params={"limit": 100}).json()["items"]}
@@ -440,32 +421,10 @@ def test_a_schemathesis_run_finds_no_server_error(svc, alice):
 def served(tmp_path_factory):
     """``ligo serve`` with the access log on (level info), in a data directory it creates."""
     data = tmp_path_factory.mktemp("served") / "data"
-    port = free_port()
     log_path = data.parent / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--data-dir",
-                                 str(data), "--log-level", "info"], env=child_env({}), cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-
-    def ready():
-        if proc.poll() is not None:
-            raise AssertionError(log_path.read_text()[-3000:])
-        with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(base + "/readyz", timeout=2).status_code == 200
-        return False
-
-    wait_for(ready, 120, 0.2, "ligo serve to be ready")
-    keys = make_keys(f"sqlite:///{data / 'ligo.db'}", "alice")
-    client = httpx.Client(base_url=base, timeout=60)
-    yield {"base": base, "data": data, "api": Api(client, keys["alice"]), "log": log_path, "proc": proc}
-    client.close()
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    with ligo_serve(data, log_path, "info") as (proc, base), httpx.Client(base_url=base, timeout=60) as client:
+        keys = make_keys(f"sqlite:///{data / 'ligo.db'}", "alice")
+        yield {"base": base, "data": data, "api": Api(client, keys["alice"]), "log": log_path, "proc": proc}
 
 
 def children(pid: int) -> list[tuple[int, str]]:
