@@ -1,11 +1,11 @@
 """What keeping freed memory in malloc's heap saves per CPU training step.
 
 Interleaved A/B, one fresh process per measurement (glibc's malloc settings hold for a whole
-process): the savings benchmark's large GPT-2 and BERT (``bench/savings.py``'s default size), the
+process): the savings benchmark's large GPT-2 and BERT (``bench.savings``' default size), the
 engine's training loop on random tokens, with glibc's defaults against
 ``ligo_core.allocator.keep_freed_memory``. Prints milliseconds per step.
 
-    python bench/allocator.py [--rounds 3] [--steps 30] [--threads 2]
+    python -m bench.allocator [--rounds 3] [--steps 30] [--threads 2]
 """
 
 from __future__ import annotations
@@ -13,17 +13,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ligo_core.allocator import keep_freed_memory  # noqa: E402
-from ligo_core.training import train  # noqa: E402
+from bench import common
+from ligo_core.allocator import keep_freed_memory
+from ligo_core.training import train
 
 ARMS = {"glibc defaults": False, "freed memory kept (engine)": True}
 
@@ -31,13 +27,11 @@ ARMS = {"glibc defaults": False, "freed memory kept (engine)": True}
 def time_steps(model_name: str, steps: int) -> float:
     """Milliseconds per step of ``ligo_core.training.train`` (the loop every benchmark run uses) on
     the savings benchmark's large ``model_name``, one batch of random tokens repeated."""
-    import savings  # bench/savings.py, beside this file
-
-    size = savings.SIZES["default"].for_model(model_name)
-    config = savings.make_config(model_name, size.large, size.vocab, size.seq_len,
+    size = common.SIZES["default"].for_model(model_name)
+    config = common.make_config(model_name, size.large, size.vocab, size.seq_len,
                                  SimpleNamespace(eos_token_id=0, pad_token_id=0))
     torch.manual_seed(0)
-    model = savings.model_class(model_name)(config)
+    model = common.model_class(model_name)(config)
     ids = torch.randint(5, size.vocab, (size.batch, size.seq_len), generator=torch.Generator().manual_seed(0))
     recipe = dict(lr=1e-4, weight_decay=size.weight_decay, objective="clm" if model_name == "gpt2" else "mlm",
                   tokenizer_info={"mask_id": 4, "vocab_size": size.vocab, "special_ids": []}, device="cpu")
@@ -46,10 +40,10 @@ def time_steps(model_name: str, steps: int) -> float:
 
 
 def measure_in_child(model_name: str, keep: bool, steps: int, threads: int | None) -> float:
-    cmd = [sys.executable, __file__, "--child", model_name, "--steps", str(steps)]
-    cmd += ["--keep-freed"] if keep else []
-    cmd += ["--threads", str(threads)] if threads else []
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    args = ["--child", model_name, "--steps", str(steps)]
+    args += ["--keep-freed"] if keep else []
+    args += ["--threads", str(threads)] if threads else []
+    out = common.run_module("bench.allocator", args, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
 
 
@@ -62,7 +56,6 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], float]:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--keep-freed", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     if args.child:
         if args.threads:
             torch.set_num_threads(args.threads)

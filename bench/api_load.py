@@ -12,7 +12,7 @@
    the API process's resident memory every 10 ms; reports the peak growth over the RSS
    before the upload. The upload is checked by the service and must answer 201.
 
-    python bench/api_load.py [--clients 100] [--seconds 20] [--upload-gib 1] [--json out.json]
+    python -m bench.api_load [--clients 100] [--seconds 20] [--upload-gib 1] [--json out.json]
 
 Goals (issue 4): at least 1,000 reads/s with p99 under 50 ms on 2 cores; memory growth under
 64 MiB during the upload.
@@ -27,7 +27,6 @@ import hashlib
 import io
 import json
 import os
-import platform
 import random
 import signal
 import socket
@@ -41,10 +40,9 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import httpx
 
-import httpx  # noqa: E402
+from bench.common import ROOT, machine
 
 
 def free_port() -> int:
@@ -274,20 +272,6 @@ def measure_upload(base: str, key: str, session: int, archive: Path, sha: str) -
             "growth_mib": (max(samples) - baseline) / 2**20, "samples": len(samples)}
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} CPUs ({cpu}), {mem:.0f} GiB RAM, {platform.system()} {platform.release()}, " \
-           f"Python {platform.python_version()}"
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--clients", type=int, default=100)
@@ -351,7 +335,7 @@ def main() -> int:
                 server.kill()
 
     results = {"machine": machine(), "reads": reads, "upload": upload,
-               "command": "python bench/api_load.py " + " ".join(sys.argv[1:])}
+               "command": "python -m bench.api_load " + " ".join(sys.argv[1:])}
     for r in reads:
         print(f"status reads, {r['mode']}: {r['clients']} clients, {r['reads']} reads in {r['seconds']:.0f} s, "
               f"{r['errors']} errors")

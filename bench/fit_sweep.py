@@ -7,7 +7,7 @@ The fit's cost is in large-model training steps (a fitting step is a forward and
 of the large model plus the operator's own work), so a gain can be set against what the same
 FLOPs buy in continued training (the savings curves).
 
-    python bench/fit_sweep.py [--model gpt2] [--inits preserve,stack] [--steps 6,12,24,48]
+    python -m bench.fit_sweep [--model gpt2] [--inits preserve,stack] [--steps 6,12,24,48]
                               [--lrs 3e-4,1e-3,3e-3] [--fit-batches 32] [--out docs/results/fit_sweep.md]
 
 ``--fit-batches`` sets the sequences per fitting step (default: the benchmark's training batch); a
@@ -25,26 +25,22 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import savings  # noqa: E402
-
-import ligo_core  # noqa: E402
-from ligo_core import cost  # noqa: E402
-from ligo_core.allocator import keep_freed_memory  # noqa: E402
-from ligo_core.data import batches  # noqa: E402
-from ligo_core.strategies import LIGO_INITS  # noqa: E402
-from ligo_core.training import default_device  # noqa: E402
+import ligo_core
+from bench import common
+from ligo_core import cost
+from ligo_core.allocator import keep_freed_memory
+from ligo_core.data import batches
+from ligo_core.strategies import LIGO_INITS
+from ligo_core.training import default_device
 
 
-def sweep(model: str, size: savings.Size, inits: list[str], steps: list[int], lrs: list[float], seed: int,
+def sweep(model: str, size: common.Size, inits: list[str], steps: list[int], lrs: list[float], seed: int,
           device, log=print, fit_batches: list[int] | None = None) -> dict:
-    data = savings.prepare(model, size)
-    score = savings.loss_scorer(data, device)
-    small, _ = savings.pretrain_small(model, size, data, device, log)
-    tconfig = savings.target_config(small.config, size.large)
-    step_flops = savings.train_flops_per_token(tconfig, size.seq_len) * size.batch * size.seq_len
+    data = common.prepare(model, size)
+    score = common.loss_scorer(data, device)
+    small, _ = common.pretrain_small(model, size, data, device, log)
+    tconfig = common.target_config(small.config, size.large)
+    step_flops = common.train_flops_per_token(tconfig, size.seq_len) * size.batch * size.seq_len
     result = {"model": model, "small_loss": score(small), "seed": seed, "train_batch": size.batch, "rows": []}
     log(f"[{model}] small held-out loss {result['small_loss']:.4f}")
     for init in inits:
@@ -55,7 +51,7 @@ def sweep(model: str, size: savings.Size, inits: list[str], steps: list[int], lr
         for fit_batch in fit_batches or [size.batch]:
             for n in steps:
                 fit_flops = cost.fit_flops(small.config, tconfig, strategy="ligo", steps=n, batch=fit_batch,
-                                           seq_len=size.seq_len, convention=savings.FLOPS_CONVENTION)["flops"]
+                                           seq_len=size.seq_len, convention=common.FLOPS_CONVENTION)["flops"]
                 for lr in lrs:
                     started = time.perf_counter()
                     large, _ = ligo_core.grow_model(
@@ -93,8 +89,8 @@ def markdown(result: dict, command: str, machine: str) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=savings.MODELS, default="gpt2")
-    p.add_argument("--size", choices=sorted(savings.SIZES), default="default")
+    p.add_argument("--model", choices=common.MODELS, default="gpt2")
+    p.add_argument("--size", choices=sorted(common.SIZES), default="default")
     p.add_argument("--inits", default="preserve,stack")
     p.add_argument("--steps", default="6,12,24,48")
     p.add_argument("--lrs", default="3e-4,1e-3,3e-3")
@@ -111,11 +107,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     keep_freed_memory()
-    result = sweep(args.model, savings.SIZES[args.size].for_model(args.model), inits, [int(s) for s in args.steps.split(",")],
+    result = sweep(args.model, common.SIZES[args.size].for_model(args.model), inits, [int(s) for s in args.steps.split(",")],
                    [float(x) for x in args.lrs.split(",")], args.seed, default_device(args.device),
                    fit_batches=[int(b) for b in args.fit_batches.split(",")] if args.fit_batches else None)
-    text = markdown(result, "python bench/fit_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                    savings.machine_description())
+    text = markdown(result, "python -m bench.fit_sweep " + " ".join(argv if argv is not None else sys.argv[1:]),
+                    common.machine())
     print(text)
     if args.out:
         out = Path(args.out)

@@ -19,7 +19,7 @@ draw N batches (the fitting step applies the operator once for all of them).
 ``--profile`` instead prints the top operators of materialise (no_grad, and with grad plus
 backward).  Memory: at 4 x 512 tokens both training steps peak near 20 GiB RSS on CPU.
 
-    python bench/grow_bench.py [--batch 4] [--seq 512] [--second-batch 1] [--repeats 1]
+    python -m bench.grow_bench [--batch 4] [--seq 512] [--second-batch 1] [--repeats 1]
                                [--warmup 1] [--device cpu|cuda] [--profile]
 """
 
@@ -29,7 +29,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -42,11 +41,10 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import ligo_core  # noqa: E402
-from ligo_core import cost  # noqa: E402
-from ligo_core.growth import (  # noqa: E402
+import ligo_core
+from bench.common import machine, run_module
+from ligo_core import cost
+from ligo_core.growth import (
     _scaled_eps,
     _strip_parameters,
     build_operator,
@@ -54,7 +52,7 @@ from ligo_core.growth import (  # noqa: E402
     load_grown_weights,
     plan_layout,
 )
-from ligo_core.objective import lm_loss, tokenizer_info  # noqa: E402
+from ligo_core.objective import lm_loss, tokenizer_info
 
 GIB = 2**30
 RESULT = "RESULT "
@@ -300,13 +298,13 @@ PHASES = {"apply": phase_apply, "fit": phase_fit, "plain": phase_plain, "profile
 
 
 def run_child(args, phase: str, batch: int, breakdown: bool = False) -> dict:
-    cmd = [sys.executable, __file__, "--phase", phase, "--batch", str(batch), "--seq", str(args.seq),
-           "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--device", args.device,
-           "--accumulate", str(args.accumulate),
-           "--profile-rows", str(args.profile_rows)] + (["--tmp", args.tmp] if args.tmp else [])
-    cmd += ["--breakdown"] if breakdown else []
+    child = ["--phase", phase, "--batch", str(batch), "--seq", str(args.seq),
+             "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--device", args.device,
+             "--accumulate", str(args.accumulate),
+             "--profile-rows", str(args.profile_rows)] + (["--tmp", str(Path(args.tmp).resolve())] if args.tmp else [])
+    child += ["--breakdown"] if breakdown else []
     print(f"[{time.strftime('%H:%M:%S')}] {phase} (batch {batch} x seq {args.seq}) ...", file=sys.stderr, flush=True)
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+    done = run_module("bench.grow_bench", child, stdout=subprocess.PIPE, text=True)
     line = next(line for line in reversed(done.stdout.splitlines()) if line.startswith(RESULT))
     result = json.loads(line[len(RESULT):])
     if phase != "profile":
@@ -318,19 +316,6 @@ def run_child(args, phase: str, batch: int, breakdown: bool = False) -> dict:
 
 def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    desc = f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__} with {torch.get_num_threads()} threads"
-    if device.type == "cuda":
-        desc += f", GPU {torch.cuda.get_device_name()}"
-    return desc
 
 
 def _num(x: float | None) -> str:

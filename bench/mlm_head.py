@@ -4,25 +4,21 @@ Interleaved A/B on one model and batch: the Hugging Face way (logits at every po
 unmasked ones ignored by the loss) against ``ligo_core.objective.loss_terms`` (the head on the
 masked 15% only). Same masks, same loss; prints milliseconds per AdamW step.
 
-    python bench/mlm_head.py [--layers 4 --hidden 128 --vocab 4096 --batch 32 --seq-len 64] [--threads 2]
+    python -m bench.mlm_head [--layers 4 --hidden 128 --vocab 4096 --batch 32 --seq-len 64] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForMaskedLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ligo_core.data import mask_tokens  # noqa: E402
-from ligo_core.objective import loss_terms  # noqa: E402
+from ligo_core.data import mask_tokens
+from ligo_core.objective import loss_terms
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

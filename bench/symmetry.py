@@ -10,27 +10,21 @@ moved apart after growth), trains every grown model with the benchmark's recipe,
 alike the copies still are (mean cosine of their incoming weights, at the start and after
 training; a random pair of distinct units for scale) and the held-out loss.
 
-    python bench/symmetry.py [--noises 1.0] [--spreads 0,1,2] [--steps 600] [--strategy preserve]
+    python -m bench.symmetry [--noises 1.0] [--spreads 0,1,2] [--steps 600] [--strategy preserve]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import savings  # noqa: E402
-
-import ligo_core  # noqa: E402
-from ligo_core.allocator import keep_freed_memory  # noqa: E402
-from ligo_core.data import batches  # noqa: E402
-from ligo_core.training import default_device, train  # noqa: E402
+import ligo_core
+from bench import common
+from ligo_core.allocator import keep_freed_memory
+from ligo_core.data import batches
+from ligo_core.training import default_device, train
 
 # What to look at: a tensor whose columns are the units (GPT-2's Conv1D stores (in, out)), and
 # for the fused attention projection which part (0 queries, 1 keys, 2 values), else None.
@@ -80,12 +74,12 @@ def random_cosine(weight: torch.Tensor, samples: int = 2000) -> float:
     return torch.nn.functional.cosine_similarity(cols[i[keep]], cols[j[keep]], dim=1).abs().mean().item()
 
 
-def measure(strategy: str, noises: list[float], spreads: list[float], steps: int, size: savings.Size, device,
+def measure(strategy: str, noises: list[float], spreads: list[float], steps: int, size: common.Size, device,
             log=print) -> list[dict]:
-    data = savings.prepare("gpt2", size)
-    score = savings.loss_scorer(data, device)
-    small, _ = savings.pretrain_small("gpt2", size, data, device, log)
-    tconfig = savings.target_config(small.config, size.large)
+    data = common.prepare("gpt2", size)
+    score = common.loss_scorer(data, device)
+    small, _ = common.pretrain_small("gpt2", size, data, device, log)
+    tconfig = common.target_config(small.config, size.large)
     probes = {name: (t.format(last=size.large[0] - 1), part) for name, (t, part) in PROBES.items()}
 
     def grow(noise: float, spread: float):
@@ -145,7 +139,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--spreads", default="0,1,2")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--strategy", default="preserve", choices=[s for s in ligo_core.STRATEGIES if s != "ligo"])
-    p.add_argument("--size", choices=sorted(savings.SIZES), default="default")
+    p.add_argument("--size", choices=sorted(common.SIZES), default="default")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
@@ -153,7 +147,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     keep_freed_memory()
     rows = measure(args.strategy, [float(n) for n in args.noises.split(",")],
-                   [float(s) for s in args.spreads.split(",")], args.steps, savings.SIZES[args.size].for_model("gpt2"),
+                   [float(s) for s in args.spreads.split(",")], args.steps, common.SIZES[args.size].for_model("gpt2"),
                    default_device(args.device))
     print(markdown(rows, args.strategy, args.steps))
     return rows

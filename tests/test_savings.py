@@ -1,17 +1,13 @@
 """Bookkeeping of the savings benchmark: FLOPs, the savings arithmetic, the tiny pipeline end to end."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, GPT2Config, GPT2LMHeadModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-import savings  # noqa: E402
+from bench import common, report, savings
 
 
 def test_flops_per_token_matches_counted_matmuls():
@@ -22,8 +18,8 @@ def test_flops_per_token_matches_counted_matmuls():
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(input_ids=ids)
     per_token = counter.get_total_flops() / ids.numel()
-    assert savings.forward_flops_per_token(config, seq) == pytest.approx(per_token, rel=0.01)
-    assert savings.train_flops_per_token(config, seq) == pytest.approx(3 * per_token, rel=0.01)
+    assert common.forward_flops_per_token(config, seq) == pytest.approx(per_token, rel=0.01)
+    assert common.train_flops_per_token(config, seq) == pytest.approx(3 * per_token, rel=0.01)
 
 
 def test_bert_flops_count_the_head_on_masked_tokens_only():
@@ -33,7 +29,7 @@ def test_bert_flops_count_the_head_on_masked_tokens_only():
                         num_attention_heads=4, intermediate_size=512)
     every_position = savings.cost.forward_flops_per_token(config, 64, convention="standard")
     head = 2 * 128 * 4096 + 2 * 128 * 128
-    assert savings.forward_flops_per_token(config, 64) == pytest.approx(every_position - 0.85 * head)
+    assert common.forward_flops_per_token(config, 64) == pytest.approx(every_position - 0.85 * head)
 
 
 def test_each_family_runs_its_own_recipe_and_the_command_line_wins():
@@ -51,18 +47,18 @@ def test_flops_by_hand_for_gpt2():
     config = GPT2Config(vocab_size=1000, n_positions=64, n_layer=4, n_embd=128, n_head=4, n_inner=512)
     d, f, layers, seq, vocab = 128, 512, 4, 64, 1000
     matmuls = layers * (4 * d * d + 2 * d * f + 2 * seq * d) + d * vocab
-    assert savings.forward_flops_per_token(config, seq) == 2 * matmuls
+    assert common.forward_flops_per_token(config, seq) == 2 * matmuls
 
 
 def test_cost_to_reach_interpolates_between_eval_points():
     costs = [0.0, 10.0, 20.0, 30.0, 40.0]
     losses = [6.0, 5.0, 4.0, 3.0, 2.5]
-    assert savings.cost_to_reach(costs, losses, 3.5) == pytest.approx(25.0)
-    assert savings.cost_to_reach(costs, losses, 4.0) == pytest.approx(20.0)  # exactly on a point
-    assert savings.cost_to_reach(costs, losses, 6.5) == 0.0  # already there at the start
-    assert savings.cost_to_reach(costs, losses, 2.0) is None  # never reached
+    assert report.cost_to_reach(costs, losses, 3.5) == pytest.approx(25.0)
+    assert report.cost_to_reach(costs, losses, 4.0) == pytest.approx(20.0)  # exactly on a point
+    assert report.cost_to_reach(costs, losses, 6.5) == 0.0  # already there at the start
+    assert report.cost_to_reach(costs, losses, 2.0) is None  # never reached
     # A noisy curve counts its first crossing.
-    assert savings.cost_to_reach([0, 10, 20, 30], [5.0, 3.0, 4.0, 2.0], 3.5) == pytest.approx(7.5)
+    assert report.cost_to_reach([0, 10, 20, 30], [5.0, 3.0, 4.0, 2.0], 3.5) == pytest.approx(7.5)
 
 
 def test_saving_of_a_synthetic_grown_curve_with_a_known_crossing():
@@ -71,24 +67,24 @@ def test_saving_of_a_synthetic_grown_curve_with_a_known_crossing():
     scratch_losses = [7.0, 5.0, 3.0]
     grown_steps, grown_losses = [0, 10, 20], [4.0, 3.2, 2.8]
     grown_costs = [10 + 2 * s for s in grown_steps]
-    assert savings.cost_to_reach(grown_costs, grown_losses, scratch_losses[-1]) == pytest.approx(40.0)
-    assert savings.saving(grown_costs, grown_losses, 3.0, 100.0) == pytest.approx(0.6)
-    assert savings.saving(grown_costs, grown_losses, 2.0, 100.0) is None
+    assert report.cost_to_reach(grown_costs, grown_losses, scratch_losses[-1]) == pytest.approx(40.0)
+    assert report.saving(grown_costs, grown_losses, 3.0, 100.0) == pytest.approx(0.6)
+    assert report.saving(grown_costs, grown_losses, 2.0, 100.0) is None
 
 
 
 def test_savings_at_shorter_budgets_use_the_scratch_loss_at_that_point():
     ref_costs, ref_losses = [0.0, 10.0, 20.0, 30.0, 40.0], [8.0, 6.0, 5.0, 4.5, 4.0]
-    assert savings.loss_at(ref_costs, ref_losses, 15.0) == pytest.approx(5.5)
-    assert savings.loss_at(ref_costs, ref_losses, 99.0) == 4.0 and savings.loss_at(ref_costs, ref_losses, -1) == 8.0
+    assert report.loss_at(ref_costs, ref_losses, 15.0) == pytest.approx(5.5)
+    assert report.loss_at(ref_costs, ref_losses, 99.0) == 4.0 and report.loss_at(ref_costs, ref_losses, -1) == 8.0
     # A grown run: starts at 5.5 after 4 FLOPs of growth, then the same per-step cost.
-    grown = savings.savings_by_budget([4.0, 14.0, 24.0, 34.0, 44.0], [5.5, 5.0, 4.6, 4.4, 4.2], ref_costs, ref_losses)
+    grown = report.savings_by_budget([4.0, 14.0, 24.0, 34.0, 44.0], [5.5, 5.0, 4.6, 4.4, 4.2], ref_costs, ref_losses)
     assert grown["0.25"] == pytest.approx(1 - 4.0 / 10.0)  # target 6.0: reached at the start
     assert grown["0.5"] == pytest.approx(1 - 14.0 / 20.0)  # target 5.0: reached after one step
     assert grown["0.75"] == pytest.approx(1 - 29.0 / 30.0)  # target 4.5: halfway from 4.6 (24) to 4.4 (34)
     assert grown["1.0"] is None  # 4.0 never reached
-    assert savings.savings_by_budget(ref_costs, ref_losses, ref_costs, ref_losses) == {
-        str(f): pytest.approx(0.0) for f in savings.BUDGETS}
+    assert report.savings_by_budget(ref_costs, ref_losses, ref_costs, ref_losses) == {
+        str(f): pytest.approx(0.0) for f in report.BUDGETS}
 
 def test_records_compare_each_run_with_the_scratch_run_of_its_seed():
     def run(strategy, seed, losses, fit=0.0):
@@ -99,7 +95,7 @@ def test_records_compare_each_run_with_the_scratch_run_of_its_seed():
         run("scratch", 0, [8.0, 6.0, 5.0]), run("scratch", 1, [8.0, 6.0, 4.0]),
         run("ligo", 0, [5.6, 5.0, 4.5], fit=5.0), run("ligo", 1, [5.6, 5.0, 4.5], fit=5.0),
     ]}
-    recs = {(r["strategy"], r["seed"]): r for r in savings.records(result)}
+    recs = {(r["strategy"], r["seed"]): r for r in report.records(result)}
     assert recs[("scratch", 0)]["flops_saved"] == 0.0
     assert recs[("ligo", 0)]["flops_saved"] == pytest.approx(1 - 15.0 / 20.0)  # reaches 5.0 at step 1
     assert recs[("ligo", 0)]["wall_saved"] == pytest.approx(1 - 1.0 / 2.0)
@@ -119,17 +115,17 @@ def test_ligo_is_compared_with_the_best_baseline_seed_by_seed():
 
     recs = [rec("stack", 0, 0.40, 5.0), rec("stack", 1, 0.44, 5.0), rec("preserve", 0, 0.47, 4.9),
             rec("preserve", 1, 0.45, 4.9), rec("ligo", 0, 0.45, 4.8, free=0.49), rec("ligo", 1, None, 4.95)]
-    assert savings.best_baseline(recs) == "preserve"  # mean 46% against stack's 42%
-    gaps = savings.paired_gaps(recs, "ligo", "preserve")
+    assert report.best_baseline(recs) == "preserve"  # mean 46% against stack's 42%
+    gaps = report.paired_gaps(recs, "ligo", "preserve")
     assert gaps[0] == pytest.approx(-0.02) and gaps[1] is None  # seed 1's ligo never reached
-    assert savings.paired_gaps(recs, "ligo", "preserve", "flops_saved_fit_free")[0] == pytest.approx(0.02)
-    text = "\n".join(savings._comparison(recs))
+    assert report.paired_gaps(recs, "ligo", "preserve", "flops_saved_fit_free")[0] == pytest.approx(0.02)
+    text = "\n".join(report._comparison(recs))
     assert "ligo minus preserve: seed 0: -2.0, seed 1: n/a" in text
     assert "ligo minus preserve: seed 0: -0.100, seed 1: +0.050" in text  # final loss, nats
     # Where no baseline reaches the scratch loss, the best is the lowest final loss.
     never = [dict(r, flops_saved=None) for r in recs]
-    assert savings.best_baseline([r for r in never if r["strategy"] != "preserve"]) == "stack"
-    assert savings.best_baseline(never) == "preserve"
+    assert report.best_baseline([r for r in never if r["strategy"] != "preserve"]) == "stack"
+    assert report.best_baseline(never) == "preserve"
 
 def test_equal_flops_gaps_compare_losses_at_the_same_compute():
     def run(strategy, flops, losses):
@@ -139,11 +135,11 @@ def test_equal_flops_gaps_compare_losses_at_the_same_compute():
             run("preserve", [0.0, 50.0, 100.0], [5.0, 4.0, 3.5]),
             # Fitting costs 10 FLOPs and lowers the start from 5.0 to 4.9; then it trails.
             run("ligo", [10.0, 60.0, 110.0], [4.9, 4.05, 3.5])]
-    gaps = savings.equal_flops_gaps(runs, "ligo", "preserve")
+    gaps = report.equal_flops_gaps(runs, "ligo", "preserve")
     assert gaps["fit"] == [pytest.approx(4.9 - 4.8)]  # preserve trained 10 FLOPs by then: 5.0 -> 4.8
     assert gaps["0.5"] == [pytest.approx((4.9 - 0.85 * 0.8) - 4.0)]  # ligo at 50: 40/50 of the way to 4.05
     assert gaps["1.0"] == [pytest.approx((4.05 - 0.55 * 0.8) - 3.5)]
-    table = "\n".join(savings._equal_flops_table(runs, "preserve"))
+    table = "\n".join(report._equal_flops_table(runs, "preserve"))
     assert "| ligo minus preserve | +0.100 |" in table
 
 
@@ -185,7 +181,7 @@ def test_tiny_pipeline_produces_a_curve_for_every_strategy(tmp_path):
     seen = {(res["model"], run["strategy"]): run["final_seen_loss"] for res in curves for run in res["runs"]}
     assert {(r["model"], r["strategy"]): r["final_seen_loss"] for r in recs} == seen
     # Curves recorded before the seen loss was scored once still give their last value.
-    assert savings._final_seen_loss({"train_sample_losses": [5.0, 4.5]}) == 4.5
+    assert report._final_seen_loss({"train_sample_losses": [5.0, 4.5]}) == 4.5
     table = (tmp_path / "savings.md").read_text()
     assert "| ligo |" in table and "| ligo-stack |" in table and "## bert" in table
     assert f"every large run {size.steps} steps x {size.batch} x {size.seq_len} tokens" in table
@@ -201,7 +197,7 @@ def test_tiny_pipeline_produces_a_curve_for_every_strategy(tmp_path):
 
 
 def test_fit_sweep_reports_every_setting_with_its_cost(tmp_path):
-    import fit_sweep
+    from bench import fit_sweep
 
     out = tmp_path / "sweep.md"
     threads = torch.get_num_threads()
@@ -225,7 +221,7 @@ def test_fit_sweep_reports_every_setting_with_its_cost(tmp_path):
 
 
 def test_symmetry_bench_finds_copies_and_their_separation():
-    import symmetry
+    from bench import symmetry
 
     threads = torch.get_num_threads()
     try:
@@ -249,7 +245,7 @@ def test_symmetry_bench_finds_copies_and_their_separation():
 
 
 def test_mlm_head_bench_times_both_losses_on_the_same_masks():
-    import mlm_head
+    from bench import mlm_head
 
     threads = torch.get_num_threads()
     try:
@@ -262,7 +258,7 @@ def test_mlm_head_bench_times_both_losses_on_the_same_masks():
 
 
 def test_allocator_bench_measures_each_arm_in_its_own_process():
-    import allocator
+    from bench import allocator
 
     medians = allocator.main(["--models", "gpt2", "--rounds", "1", "--steps", "1", "--threads", "1"])
     assert set(medians) == {("gpt2", arm) for arm in allocator.ARMS}

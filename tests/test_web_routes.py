@@ -48,6 +48,25 @@ def test_every_referenced_asset_is_served_and_nothing_else(client):
         assert client.get(bad).status_code == 404
 
 
+def test_every_module_the_script_imports_is_served_as_javascript(client):
+    """The page loads one module (app.js); the browser fetches what it imports, relative to it."""
+    seen, todo = set(), ["app.js"]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        r = client.get(f"/ui/static/{name}")
+        assert r.status_code == 200, name
+        assert r.headers["content-type"].startswith("text/javascript"), name
+        imports = re.findall(r"""^import .* from "\./([\w-]+\.js)";$""", r.text, flags=re.M)
+        assert not re.search(r"""from ["'](?!\./)""", r.text), f"{name}: only ./ imports"
+        todo += imports
+        assert not re.findall(r"https?://(?!www\.w3\.org/2000/svg)", r.text), name
+    # Every module on disk is one the page uses.
+    assert seen == {p.name for p in STATIC_DIR.glob("*.js")}
+
+
 def test_no_external_urls_in_assets():
     for name in ("app.js", "app.css", "index.html"):
         text = (STATIC_DIR / name).read_text()

@@ -1,6 +1,6 @@
 """The internal web form: static pages served by the API itself, and one small JSON endpoint.
 
-The pages are plain HTML, CSS and JavaScript under ``static/`` (no build step, no CDN). They
+The pages are plain HTML, CSS and JavaScript modules under ``static/`` (no build step, no CDN). They
 talk to the public ``/v1`` API from the browser with the user's API key, so this router holds
 no state, needs no key, and reads nothing but ligo_core's preset, family and strategy tables.
 
@@ -9,7 +9,8 @@ Routes (all outside the OpenAPI document):
 - ``GET /`` and ``GET /ui`` redirect to ``/ui/``.
 - ``GET /ui/`` and ``GET /ui/jobs/{id}``: the single page (the script picks the view by path).
 - ``GET /ui/meta``: presets grouped by family, strategies with a one-line explanation, GPUs.
-- ``GET /ui/static/{name}``: the page's assets.
+- ``GET /ui/static/{name}``: the page's assets: ``app.css`` and the script modules (``app.js``,
+  the entry point, and the modules it imports, all beside it).
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ PAGE_HEADERS = {
     "Cache-Control": "no-cache",
 }
 
+# Browsers run a module script only when it is served as JavaScript: say so rather than rely on
+# the platform's MIME table (some map .js to text/plain).
+MEDIA_TYPES = {".js": "text/javascript", ".css": "text/css"}
+
 router = APIRouter(include_in_schema=False)
 
 
@@ -110,7 +115,8 @@ def ui_meta() -> JSONResponse:
 def ui_static(name: str) -> FileResponse:
     if name not in _static_names():
         raise HTTPException(status_code=404, detail=f"no such asset: {name}")
-    return FileResponse(STATIC_DIR / name, headers={"Cache-Control": "no-cache"})
+    return FileResponse(STATIC_DIR / name, media_type=MEDIA_TYPES.get(Path(name).suffix),
+                        headers={"Cache-Control": "no-cache"})
 
 
 @lru_cache(maxsize=1)
