@@ -88,6 +88,7 @@ def read_config(directory: Path, follow_links: bool = False) -> PretrainedConfig
         raise CheckpointError(
             f"unsupported model_type {model_type!r}; supported: {', '.join(supported_model_types())}"
         )
+    check_config_sizes(data)
     try:
         config = AutoConfig.for_model(**data)
     except (ValueError, TypeError, KeyError) as exc:
@@ -96,19 +97,25 @@ def read_config(directory: Path, follow_links: bool = False) -> PretrainedConfig
     return config
 
 
-def check_config_sizes(config: PretrainedConfig) -> None:
-    """Every size a config claims is a positive whole number within SIZE_BOUNDS, named if not."""
-    family = family_for_model_type(config.model_type)
-    keys = {**family.config_keys, "vocab_size": "vocab_size",
-            "positions": "n_positions" if hasattr(config, "n_positions") else "max_position_embeddings"}
-    for field, key in keys.items():
-        value = getattr(config, key, None)
+def check_config_sizes(config) -> None:
+    """Every size a config claims is a positive whole number within SIZE_BOUNDS, named if not.
+
+    ``config``: the raw config.json dict (checked before transformers builds anything from it:
+    Qwen2's config makes a list with an entry per layer) or the built config (derived sizes)."""
+    raw = isinstance(config, dict)
+    get = config.get if raw else (lambda key: getattr(config, key, None))
+    family = family_for_model_type(get("model_type"))
+    positions = "n_positions" if get("n_positions") is not None else "max_position_embeddings"
+    for field, key in {**family.config_keys, "vocab_size": "vocab_size", "positions": positions}.items():
+        value = get(key)
         if value is None:
             continue  # derived (GPT-2's n_inner, a default head_dim)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise CheckpointError(f"config.json: {key} must be a positive whole number, got {value!r}")
         if value > SIZE_BOUNDS[field]:
             raise CheckpointError(f"config.json: {key}={value} is above the limit of {SIZE_BOUNDS[field]}")
+    if raw:
+        return
     try:
         sizes_of(config)
     except (ZeroDivisionError, TypeError, ValueError) as exc:

@@ -220,6 +220,12 @@ def test_config_claims_are_checked_against_the_headers_before_allocating(checkpo
     import time
 
     src = checkpoint_dir("gpt2")
+    qwen = checkpoint_dir("qwen2")  # its config builds a list with an entry per layer: checked before that
+    d = _copy(qwen, tmp_path, "claim-qwen")
+    (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()),
+                                               "num_hidden_layers": 10**12}))
+    with pytest.raises(CheckpointError, match="num_hidden_layers=1000000000000 is above the limit"):
+        ligo_core.inspect_checkpoint(d)
     cases = {"vocab_size": (16_000_000, "above the limit"), "n_positions": (500_000, "config implies"),
              "n_layer": (1000, "missing"), "n_head": (0, "positive whole number")}
     for key, (value, match) in cases.items():
