@@ -96,6 +96,7 @@ class ApiKey(Base):
 
 class Checkpoint(Base):
     __tablename__ = "checkpoints"
+    __table_args__ = (Index("ix_checkpoints_tenant_sha256", "tenant", "sha256"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     tenant: Mapped[str] = mapped_column(ForeignKey("tenants.name"), index=True)

@@ -68,6 +68,10 @@ class CheckpointOut(BaseModel):
     created_at: str
 
 
+class CheckpointList(BaseModel):
+    items: list[CheckpointOut]
+
+
 class UploadCreate(Strict):
     filename: str = Field(min_length=1, max_length=255,
                           description="Name of the archive (.tar, .tar.gz, .tgz, .zip) or .safetensors file.")

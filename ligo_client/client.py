@@ -20,7 +20,6 @@ from ligo_client.http import Retry, retry_after, send
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 TERMINAL = {"succeeded", "failed", "cancelled"}
 KEY_PREFIX = "ligo-client-v1-"
-REPLAY_SCAN_JOBS = 1000  # newest jobs searched for the one a retried step made (see _find_replay)
 
 
 def default_cache_dir() -> Path:
@@ -157,43 +156,13 @@ class Client:
             if value:
                 request[name] = value
         key = idempotency_key or derive_idempotency_key(ckpt["sha256"], request)
-        job, reused = self._submit(request, key, ckpt["sha256"])
+        job, reused = self._submit(request, key)
         self.emit({"stage": "submitted", "job": job, "reused": reused})
         return self.wait(job, timeout=timeout) if wait else job
 
-    def _submit(self, request: dict, key: str, sha256: str) -> tuple[dict, bool]:
-        try:
-            r = self.api("POST", "/v1/jobs", json=request, headers={"Idempotency-Key": key})
-        except RequestRejected as exc:
-            if exc.kind != "idempotency-key-reused":
-                raise
-            job = self._find_replay(request, key, sha256)
-            if job is None:
-                raise
-            return job, True
+    def _submit(self, request: dict, key: str) -> tuple[dict, bool]:
+        r = self.api("POST", "/v1/jobs", json=request, headers={"Idempotency-Key": key})
         return r.json(), r.status_code == 200
-
-    def _find_replay(self, request: dict, key: str, sha256: str) -> dict | None:
-        """The job this key made from the same bytes uploaded as another checkpoint (a step
-        retried on another machine uploads again). The service says only that the key was used
-        with another body, so the newest jobs with this target are searched for a checkpoint with
-        the same SHA-256, and the request is sent again naming it: the service itself confirms
-        the match by answering 200 with the job."""
-        tried = {request["checkpoint_id"]}
-        for job in self.jobs(limit=REPLAY_SCAN_JOBS):
-            candidate = job.get("checkpoint_id")
-            if candidate in tried or job.get("target") != request["target"]:
-                continue
-            tried.add(candidate)
-            try:
-                if self.checkpoint(candidate).get("sha256") != sha256:
-                    continue
-                r = self.api("POST", "/v1/jobs", json={**request, "checkpoint_id": candidate},
-                             headers={"Idempotency-Key": key})
-            except RequestRejected:
-                continue
-            return r.json()
-        return None
 
     def jobs(self, state: str | None = None, limit: int = 100):
         """The tenant's jobs, newest first, at most ``limit`` of them."""

@@ -107,21 +107,25 @@ def upload(client, path, scratch: Path, states: Path) -> dict:
 
 
 def _known_checkpoint(client, state: UploadState, source: Source) -> dict | None:
-    """The checkpoint made from these exact bytes earlier, if the service still has it."""
+    """The checkpoint made from these exact bytes earlier, if the service still has it: the one
+    this machine remembers, or any of the tenant's with the same SHA-256 (a step retried on
+    another machine finds the upload the first attempt made)."""
     ckpt_id = state.load().get("checkpoint_id")
-    if not isinstance(ckpt_id, str):
-        return None
-    try:
-        ckpt = client.checkpoint(ckpt_id)
-    except RequestRejected as exc:
-        if exc.status != 404:
-            raise
-        state.clear()
-        return None
-    if ckpt.get("sha256") != source.sha256:
-        state.clear()
-        return None
-    client.emit({"stage": "uploaded", "checkpoint": ckpt, "reused": True})
+    ckpt = None
+    if isinstance(ckpt_id, str):
+        try:
+            ckpt = client.checkpoint(ckpt_id)
+        except RequestRejected as exc:
+            if exc.status != 404:
+                raise
+        if ckpt is None or ckpt.get("sha256") != source.sha256:
+            state.clear()
+            ckpt = None
+    if ckpt is None:
+        found = client.api("GET", "/v1/checkpoints", params={"sha256": source.sha256, "limit": 1}).json()["items"]
+        ckpt = found[0] if found else None
+    if ckpt is not None:
+        client.emit({"stage": "uploaded", "checkpoint": ckpt, "reused": True})
     return ckpt
 
 

@@ -226,13 +226,14 @@ def test_a_retried_grow_reuses_the_job(service, service_checkpoint, grown, tmp_p
     assert again["id"] == job["id"]
     assert [(e["stage"], e.get("reused")) for e in events] == [  # packed to know its digest, but not sent
         ("packing", None), ("uploaded", True), ("submitted", True)]
-    # Another machine: no cache, so the bytes are uploaded again as a new checkpoint, and the
-    # service's idempotency check alone would refuse the key; the client finds the first job.
+    # Another machine: no cache, so the client asks the service for a checkpoint with the same
+    # SHA-256 (GET /v1/checkpoints?sha256=), sends nothing, and gets the first job.
     events.clear()
     with Client(service["base"], service["key"], cache_dir=tmp_path, on_event=events.append) as c:
         elsewhere = c.grow(service_checkpoint, TARGET, fit=FIT, wait=False)
     uploaded = next(e for e in events if e["stage"] == "uploaded")
-    assert not uploaded["reused"] and uploaded["checkpoint"]["id"] != job["checkpoint_id"]
+    assert uploaded["reused"] and uploaded["checkpoint"]["id"] == job["checkpoint_id"]
+    assert not [e for e in events if e["stage"] == "uploading"]
     assert elsewhere["id"] == job["id"]
     # Different inputs are a different job.
     with Client(service["base"], service["key"], cache_dir=cache) as c:

@@ -114,6 +114,16 @@ def test_upload_reports_the_checkpoint_and_stores_it(svc, alice, ckpt, checkpoin
     assert alice.get(f"/v1/checkpoints/{ckpt['id']}").json() == ckpt
 
 
+def test_checkpoints_are_found_by_their_sha256_within_the_tenant(alice, bob, ckpt, checkpoint_tar):
+    digest = hashlib.sha256(checkpoint_tar).hexdigest()
+    found = alice.get("/v1/checkpoints", params={"sha256": digest}).json()["items"]
+    assert ckpt["id"] in [c["id"] for c in found] and all(c["sha256"] == digest for c in found)
+    assert bob.get("/v1/checkpoints", params={"sha256": digest}).json()["items"] == []
+    assert alice.get("/v1/checkpoints", params={"sha256": "0" * 64}).json()["items"] == []
+    assert_problem(alice.get("/v1/checkpoints", params={"sha256": "not-hex"}), 422, field="sha256")
+    assert_problem(alice.get("/v1/checkpoints", params={"limit": 10**30}), 422, field="limit")
+
+
 def test_oversize_uploads_are_refused_and_leave_nothing(svc, alice, ckpt):
     before = counts(svc)
     big = b"\0" * (CAP + 1)

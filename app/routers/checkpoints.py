@@ -32,6 +32,7 @@ from app.db import Checkpoint, Upload, new_id, utcnow
 from app.problems import Problem, field_problem, not_found
 from app.responses import JSONResponse
 from app.schemas import (
+    CheckpointList,
     CheckpointOut,
     RegisterIn,
     UploadComplete,
@@ -388,6 +389,27 @@ async def register_checkpoint(body: RegisterIn, tenant: CurrentTenant,
 def _read_checkpoint(svc: Services, checkpoint_id: str) -> Checkpoint | None:
     with svc.db.read() as s:
         return s.get(Checkpoint, checkpoint_id)
+
+
+def _find_checkpoints(svc: Services, tenant: str, sha256: str | None, limit: int) -> list[Checkpoint]:
+    query = select(Checkpoint).where(Checkpoint.tenant == tenant)
+    if sha256 is not None:
+        query = query.where(Checkpoint.sha256 == sha256)
+    with svc.db.read() as s:
+        return s.scalars(query.order_by(Checkpoint.id.desc()).limit(limit)).all()
+
+
+@router.get("", response_model=CheckpointList, responses={401: {"description": "No or wrong API key"}})
+async def list_checkpoints(
+    tenant: CurrentTenant, svc: Svc,
+    sha256: Annotated[str | None, Query(pattern="^[0-9a-f]{64}$", description=(
+        "Only the checkpoints made from a file with this SHA-256 (lowercase hex): a pipeline that "
+        "re-runs a step finds the upload it made before instead of sending the bytes again."))] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+):
+    """The tenant's checkpoints, newest first."""
+    rows = await svc.db.call(_find_checkpoints, svc, tenant, sha256, limit)
+    return JSONResponse({"items": [checkpoint_json(r) for r in rows]})
 
 
 @router.get("/{checkpoint_id}", response_model=CheckpointOut, responses={404: {"description": "No such checkpoint"}})
