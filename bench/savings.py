@@ -15,7 +15,9 @@ For each model family (GPT-2, causal LM; BERT, masked LM):
     python bench/savings.py [--models gpt2,bert] [--seeds 0,1] [--size default|tiny|gpu]
 
 Writes ``savings.md``, ``savings.json`` (one record per run), ``savings_curves.json`` and
-``savings_loss_curves.png`` under ``--out`` (default ``docs/results``).
+``savings_loss_curves.png`` under ``--out`` (default ``docs/results``). The reference run (the
+default ``--out``) also writes its records to ``ligo_core/data/calibration.json`` when it
+completes: the measured calibration that ``ligo estimate`` ships with (``--calibration``).
 """
 
 from __future__ import annotations
@@ -628,11 +630,32 @@ def machine_description() -> str:
     return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
-def rewrite_report(curves_path: Path) -> list[dict]:
+def rewrite_report(curves_path: Path, calibration_to: Path | None = None) -> list[dict]:
     """Tables and records again from a finished run's curves (after the report gained a column)."""
     saved = json.loads(curves_path.read_text())
     saved["meta"]["rerendered"] = f"python bench/savings.py --report {curves_path}"
-    return write_tables(curves_path.parent, saved["results"], saved["meta"])
+    recs = write_tables(curves_path.parent, saved["results"], saved["meta"])
+    if calibration_to is not None and saved["meta"].get("complete", True):
+        write_calibration(calibration_to, recs)
+    return recs
+
+
+REFERENCE_OUT = Path(__file__).resolve().parents[1] / "docs" / "results"
+CALIBRATION = Path(calibration.MEASURED_PATH)
+
+
+def calibration_path(out: Path, given: str | None) -> Path | None:
+    """Where a completed run's records go as the estimate's calibration: ``--calibration`` if
+    given ('' for nowhere), else the package's file for the reference run only (probes in other
+    folders must not change what ``ligo estimate`` says)."""
+    if given is not None:
+        return Path(given) if given else None
+    return CALIBRATION if out.resolve() == REFERENCE_OUT else None
+
+
+def write_calibration(path: Path, recs: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(recs, indent=1) + "\n")
 
 
 def write_tables(out: Path, results: list[dict], meta: dict) -> list[dict]:
@@ -670,11 +693,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--report", metavar="CURVES_JSON",
                    help="train nothing: rewrite savings.md and savings.json beside this savings_curves.json")
+    p.add_argument("--calibration", metavar="PATH",
+                   help="when the run completes, also write its records here, as the cost estimate's measured "
+                        "calibration (default: ligo_core/data/calibration.json for --out docs/results, "
+                        "nowhere for other folders; '' for nowhere)")
     args = p.parse_args(argv)
     if args.report:
         if not Path(args.report).is_file():
             p.error(f"--report: no curves file at {args.report} (a finished run writes savings_curves.json)")
-        return rewrite_report(Path(args.report))
+        return rewrite_report(Path(args.report), calibration_path(Path(args.report).parent, args.calibration))
 
     size = SIZES[args.size]
     overrides = {k: v for k, v in {"steps": args.steps, "small_steps": args.small_steps, "lr": args.lr,
@@ -702,6 +729,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    calibration_to = calibration_path(out, args.calibration)
 
     def write(results: list[dict], final: bool) -> list[dict]:
         # Written after every run, so that a long run that stops early still leaves its results.
@@ -715,6 +743,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         recs = write_tables(out, results, meta)
         if final and not args.no_plot:
             plot(results, out / "savings_loss_curves.png")
+        if final and calibration_to is not None:
+            write_calibration(calibration_to, recs)
         return recs
 
     results: list[dict] = []
@@ -723,7 +753,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         results.append(run_model(m, size, seeds, strategies, device, log,
                                  on_run=lambda res: write(results + [res], final=False)))
     recs = write(results, final=True)
-    log(f"wrote {out}/savings.md, savings.json, savings_curves.json" + ("" if args.no_plot else ", savings_loss_curves.png"))
+    log(f"wrote {out}/savings.md, savings.json, savings_curves.json" + ("" if args.no_plot else ", savings_loss_curves.png")
+        + (f"; the estimate's calibration {calibration_to}" if calibration_to else ""))
     return recs
 
 
