@@ -9,6 +9,8 @@ instead. Also usable without the ``ligo`` command: ``python -m app.cli serve``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import os
 import signal
 import subprocess
@@ -50,7 +52,22 @@ def add_parser(subparsers) -> None:
     secret.set_defaults(func=cmd_keys_secret)
 
 
+# What `ligo serve` and `ligo keys` import: the service extra (pyproject.toml), by module name.
+SERVICE_MODULES = ("uvicorn", "fastapi", "fastapi_offline", "python_multipart", "sqlalchemy", "alembic", "celery",
+                   "pydantic_settings")
+
+
+def require_service_extra(command: str) -> None:
+    """A one-line error naming the install command, instead of a traceback about uvicorn."""
+    missing = [m for m in SERVICE_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        from ligo_core.cli import service_extra_missing
+
+        raise service_extra_missing(command, ", ".join(missing))
+
+
 def _settings(args):
+    require_service_extra(args.command)
     if getattr(args, "data_dir", None):
         os.environ["LIGO_DATA_DIR"] = str(Path(args.data_dir).resolve())  # children read it too
     from app.settings import Settings
@@ -74,7 +91,7 @@ def cmd_keys_create(args) -> int:
     try:
         key = create_key(_database(_settings(args)), args.tenant, args.name)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"ligo: error: {exc}", file=sys.stderr)
         return 2
     print(key)
     return 0
@@ -154,13 +171,16 @@ class WorkerProcess:
         self._stopping.set()
         if self.proc is None or self.proc.poll() is not None:
             return
-        # A running job would hold a warm shutdown for hours: stop now; its lease expires and
-        # the job is queued again at the next start.
-        os.killpg(self.proc.pid, signal.SIGTERM)
+        # Celery's cold shutdown (SIGQUIT to its main process): a running job would hold a warm
+        # shutdown for hours, so it stops now; its message goes back to the queue and the job runs
+        # again at the next start. (A SIGTERM to the whole group made the main process log an
+        # ERROR about its pool child's signal on every normal shutdown.)
+        os.kill(self.proc.pid, signal.SIGQUIT)
         try:
             self.proc.wait(grace)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
 
@@ -178,9 +198,9 @@ def _has_keys(settings) -> bool:
 
 
 def cmd_serve(args) -> int:
+    settings = _settings(args)
     import uvicorn
 
-    settings = _settings(args)
     from app.main import create_app
     from app.migrate import upgrade
 
@@ -208,10 +228,16 @@ def cmd_serve(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ligo_core.errors import LigoError
+
     parser = argparse.ArgumentParser(prog="ligo")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except LigoError as exc:
+        print(f"ligo: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

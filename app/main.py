@@ -6,6 +6,7 @@ import contextlib
 import logging
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from app import problems, web
 from app.metrics import Metrics, MetricsMiddleware
@@ -19,6 +20,9 @@ linear growth operator (LiGO) or a baseline, on GPU workers, and download the re
 
 Authenticate with `Authorization: Bearer <key>` (keys come from `ligo keys create`). Errors are
 RFC 9457 `application/problem+json` documents; field errors list `errors[].field`."""
+
+
+DOCS_ASSETS = "/v1/docs/static"
 
 
 def create_app(settings: Settings | None = None, *, maintenance: bool = True) -> FastAPI:
@@ -35,9 +39,12 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
         finally:
             await svc.stop()
 
-    app = FastAPI(title="LiGO growth service", version="1", description=DESCRIPTION, lifespan=lifespan,
-                  openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None,
-                  default_response_class=JSONResponse)
+    # Swagger UI's script and style come from the fastapi-offline package, served here: the docs
+    # page works on a cluster with no way out (FastAPI's own page loads them from a CDN).
+    app = FastAPIOffline(title="LiGO growth service", version="1", description=DESCRIPTION, lifespan=lifespan,
+                         openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None,
+                         static_url=DOCS_ASSETS, swagger_ui_oauth2_redirect_url="/v1/docs/oauth2-redirect",
+                         default_response_class=JSONResponse)
     app.state.services = svc
     app.state.metrics = Metrics(svc)
     problems.install(app)

@@ -398,9 +398,17 @@ def _cli(*argv):
 
 
 def test_cli_json(capsys):
-    assert _cli("--source", "bert-small", "--target", "bert-base", "--convention", "paper", "--json") == 0
+    assert _cli("--source", "bert-small", "--target", "bert-base", "--convention", "paper", "--fit-batch", "256",
+                "--json") == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["fit"]["flops"] == pytest.approx(3.61e15, rel=0.05)
+    assert r["fit"]["flops"] == pytest.approx(3.61e15, rel=0.05)  # the paper's 100 x 256 x 128 fit
+    # Without --fit-batch the fit is the one `ligo grow` runs (its batch and length), 16x cheaper.
+    assert _cli("--source", "bert-small", "--target", "bert-base", "--convention", "paper", "--json") == 0
+    from ligo_core.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
+
+    default = json.loads(capsys.readouterr().out)["fit"]
+    assert (default["batch"], default["seq_len"]) == (DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN) == (16, 128)
+    assert default["flops"] == pytest.approx(r["fit"]["flops"] / 16)
     assert r["savings"]["basis"]
     assert _cli("--source", "layers=2,hidden=64,heads=4,ffn=256,family=gpt2", "--target", "layers=4,hidden=128",
                 "--gpu", "L4", "--price", "1.5", "--tokens", "1000000", "--utilisation", "0.3", "--json") == 0

@@ -674,6 +674,8 @@
       wrap.append(h("p", { class: "muted", text: `Likely range ${fmt.pct(s.low)} to ${fmt.pct(s.high)} saved.` }));
     }
     if (s.basis) wrap.append(h("p", { class: "hint", text: `Basis: ${s.basis}` }));
+    const resolved = resolvedText(e.target);
+    if (resolved) wrap.append(h("p", { "data-testid": "resolved-target", text: `Target as resolved: ${resolved}.` }));
 
     const currency = e.currency || (e.plan && e.plan.currency) || "USD";
     const phases = [["fit", "Fit the operator"], ["grown", "Train the grown model"], ["scratch", "Train from scratch"]];
@@ -911,6 +913,20 @@
     return out;
   }
 
+  // The target as the service resolved it: fields left out keep the source's proportions.
+  function resolvedText(sizes) {
+    return sizes && sizes.layers ? `${sizesText(sizes)}, head size ${sizes.head_dim}` : "";
+  }
+
+  // A config's sizes through its family's config keys (/ui/meta), e.g. a job's target_config.
+  function configSizes(config) {
+    const families = ui.meta ? Object.values(ui.meta.families) : [];
+    const family = config && families.find((f) => f.model_types.includes(config.model_type));
+    if (!family) return null;
+    const sizes = sizesOf(config, family);
+    return { ...sizes, head_dim: Number(config.head_dim) || sizes.hidden / sizes.heads };
+  }
+
   function sizesText(sizes) {
     if (!sizes) return "";
     const parts = [`${sizes.layers} layers`, `hidden ${sizes.hidden}`, `${sizes.heads} heads`];
@@ -976,6 +992,7 @@
       ["State", stateBadge(job)],
       ["Stage", TERMINAL.has(job.state) ? "" : job.stage],
       ["Target", fmt.target(job.target)],
+      ["Resolved target", resolvedText(configSizes(job.target_config))],
       ["Strategy", job.strategy],
       ["Fitting", job.fit ? Object.entries(job.fit).filter(([, v]) => v !== null && v !== undefined)
         .map(([k, v]) => `${k.replace("_", " ")} ${v}`).join(", ") : ""],
@@ -1073,6 +1090,12 @@
 
   // ------------------------------------------------------------------ start
 
+  async function loadMeta() {
+    const resp = await fetch(`${ROOT}/ui/meta`);
+    if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
+    ui.meta = await resp.json();
+  }
+
   async function start() {
     showKeyState();
     $("key-form").addEventListener("submit", saveKey);
@@ -1086,6 +1109,7 @@
       $("view-job").hidden = false;
       $("job-id").textContent = jobId;
       $("job-cancel").addEventListener("click", () => cancelJob(jobId));
+      try { await loadMeta(); } catch { /* the resolved target's sizes are left out */ }
       document.addEventListener("ligo-key", () => { pageError(""); pollJob(jobId); });
       if (!apiKey()) pageError("Enter your API key to see this job.");
       pollJob(jobId);
@@ -1094,9 +1118,7 @@
 
     $("view-new").hidden = false;
     try {
-      const resp = await fetch(`${ROOT}/ui/meta`);
-      if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
-      ui.meta = await resp.json();
+      await loadMeta();
     } catch (err) {
       pageError(`Could not load the form's presets and strategies (${err.message}). Reload to try again.`);
       return;
