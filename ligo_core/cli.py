@@ -32,6 +32,10 @@ class ProgressPrinter:
         self.console, self.started = console, time.perf_counter()
         self.stage: str | None = None
         self.bar = self.task = None
+        if not console.is_terminal:  # the libraries' own bars too (transformers' "Writing model shards")
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
 
     def line(self, text: str) -> None:
         self.console.print(f"[{time.perf_counter() - self.started:7.1f}s] {text}", markup=False, highlight=False,
