@@ -168,7 +168,7 @@ def test_fit_length_ablation_is_consistent_with_the_paper():
     # LiGO paper: 100 / 1000 / 10000 fitting steps save 44.7 / 44.2 / 38.9%. Fitting cost alone
     # explains the drop when the scratch run is ~400k steps of 256 x 128 tokens (paper count).
     source, target = preset_pair("bert-small", "bert-base")
-    got = [cost.estimate(source, target, convention="paper", fit_steps=n, tokens=400_000 * 256 * 128)
+    got = [cost.estimate(source, target, convention="paper", fit_steps=n, fit_batch=256, tokens=400_000 * 256 * 128)
            ["savings"]["fraction"] for n in (100, 1000, 10000)]
     assert got == pytest.approx([0.447, 0.442, 0.389], abs=0.005)
 

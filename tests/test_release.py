@@ -29,7 +29,9 @@ import ligo_core
 from tests.service_fixtures import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("ligo_core", "app", "worker")
+# The packages the wheel holds, as pyproject.toml names them ("ligo_core*" -> ligo_core).
+PACKAGES = tuple(re.findall(r'"(\w+)\*"', re.search(r"(?m)^include = \[(.*)\]$",
+                                                   (ROOT / "pyproject.toml").read_text()).group(1)))
 # An estimate whose answer depends on the shipped measurements (the benchmark's own setting).
 ESTIMATE = {"source": "family=gpt2,layers=2,hidden=64,heads=4", "target": "layers=4,hidden=128"}
 
@@ -134,11 +136,12 @@ def test_the_installed_service_serves_the_form_and_its_assets(served):
     client = served["client"]
     page = client.get("/ui/")
     assert page.status_code == 200 and "ligo-root" in page.text
-    assets = re.findall(r"""(?:src|href)="(/ui/static/[^"]+)\"""", page.text)
-    assert sorted(assets) == ["/ui/static/app.css", "/ui/static/app.js"]
-    for path in assets:
-        r = client.get(path)
-        assert r.status_code == 200 and r.content == (ROOT / "app/web/static" / path.rsplit("/", 1)[1]).read_bytes()
+    assert {"/ui/static/app.css", "/ui/static/app.js"} <= set(re.findall(r"""(?:src|href)="(/ui/static/[^"]+)\"""",
+                                                                            page.text))
+    for asset in (ROOT / "app/web/static").iterdir():  # the page's and every script module it imports
+        if asset.name != "index.html":
+            r = client.get(f"/ui/static/{asset.name}")
+            assert r.status_code == 200 and r.content == asset.read_bytes(), asset.name
     assert client.get("/ui/meta").json()["defaults"]["fit_batch"] == 16
 
 
@@ -319,6 +322,31 @@ def test_the_images_install_the_wheel_and_carry_no_source_tree():
         assert "COPY --from=wheel /wheels" in runtime and "/wheels/ligo_grow-*.whl)[service]" in runtime, name
         copied = re.findall(r"(?m)^COPY (?!--from)(.+)$", runtime)
         assert copied == [], f"{name} copies sources into the image: {copied}"
-    # Only the package's sources go to the builder.
-    rules = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
-    assert rules[0] == "*" and {"!ligo_core", "!app", "!worker", "!pyproject.toml", "!README.md"} <= set(rules)
+    # The builder gets the packages and what building them needs, not the environments or data.
+    ignored = {line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and line[0] != "#"}
+    assert {".venv", ".git", "ligo-data", "tests"} <= ignored
+    assert not ignored & {*PACKAGES, "pyproject.toml", "README.md", "*"}
+
+
+@pytest.mark.slow
+def test_a_normal_shutdown_logs_no_error(tmp_path):
+    """SIGTERM to `ligo serve` stops the API, then the worker (cold shutdown), with no ERROR."""
+    port, log_path = free_port(), tmp_path / "serve.log"
+    env = child_env(PYTHONPATH=str(ROOT))
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--data-dir",
+                                 str(tmp_path / "data")], cwd=tmp_path, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: b" ready." in log_path.read_bytes() or proc.poll() is not None, 120, 0.3,
+                 "the worker to be ready")
+        wait_for(lambda: b"Uvicorn running" in log_path.read_bytes() or proc.poll() is not None, 60, 0.3,
+                 "the API to be up")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log_path.read_text()
+    assert "Cold shutdown" in text and "Application shutdown complete" in text
+    assert "ERROR" not in text and "Traceback" not in text, text[-3000:]
