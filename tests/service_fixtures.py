@@ -254,6 +254,28 @@ def make_keys(database_url: str, *tenants: str) -> dict[str, str]:
         db.dispose()
 
 
+def wait_ready(proc: subprocess.Popen, base: str, log_path: Path, timeout: float = 90) -> None:
+    """Until a started `ligo serve` answers /readyz; its log's end if it dies first."""
+    def ready():
+        if proc.poll() is not None:
+            raise AssertionError(log_path.read_text()[-3000:])
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(base + "/readyz", timeout=2).status_code == 200
+        return False
+
+    wait_for(ready, timeout, 0.2, "ligo serve to be ready")
+
+
+def stop_serve(proc: subprocess.Popen) -> None:
+    """SIGTERM, as a service manager stops it; its process group killed if that takes too long."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @pytest.fixture(scope="session")
 def embedded_service(tmp_path_factory):
     """``ligo serve`` on a free loopback port with a fresh data directory."""
@@ -267,24 +289,11 @@ def embedded_service(tmp_path_factory):
                                  str(data), "--log-level", "warning"], env=env, cwd=ROOT, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-
-    def ready():
-        if proc.poll() is not None:
-            raise AssertionError(log_path.read_text()[-3000:])
-        with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(base + "/readyz", timeout=2).status_code == 200
-        return False
-
-    wait_for(ready, 90, 0.2, "ligo serve to be ready")
+    wait_ready(proc, base, log_path)
     client = httpx.Client(base_url=base, timeout=60)
     yield {"base": base, "data": data, "keys": keys, "client": client, "log": log_path, "proc": proc}
     client.close()
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    stop_serve(proc)
 
 
 # --- Redis, PostgreSQL, S3 -----------------------------------------------------------------------

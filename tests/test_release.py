@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 import ligo_core
-from tests.service_fixtures import free_port, wait_for
+from tests.service_fixtures import free_port, stop_serve, wait_for, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 # The packages the wheel holds, as pyproject.toml names them ("ligo_core*" -> ligo_core).
@@ -112,23 +112,10 @@ def served(venv, tmp_path_factory):
                             stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
     base = f"http://127.0.0.1:{port}"
-
-    def ready():
-        if proc.poll() is not None:
-            raise AssertionError((elsewhere / "serve.log").read_text()[-3000:])
-        with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(base + "/readyz", timeout=2).status_code == 200
-        return False
-
-    wait_for(ready, 120, 0.3, "the installed `ligo serve`")
+    wait_ready(proc, base, elsewhere / "serve.log", timeout=120)
     with httpx.Client(base_url=base, timeout=60) as client:
         yield {"client": client, "key": key, "venv": venv, "cwd": elsewhere, "log": elsewhere / "serve.log"}
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    stop_serve(proc)
 
 
 @pytest.mark.slow
