@@ -9,6 +9,8 @@ instead. Also usable without the ``ligo`` command: ``python -m app.cli serve``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import os
 import signal
 
@@ -20,39 +22,68 @@ import time
 from pathlib import Path
 
 
+def _example(command: str) -> dict:
+    return {"epilog": f"example:\n  {command}", "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
+DATA_DIR_HELP = ("the service's data directory: give the same one to `ligo serve` and `ligo keys` "
+                 "(default ./ligo-data, or LIGO_DATA_DIR; e.g. /srv/ligo-data)")
+
+
 def add_parser(subparsers) -> None:
-    serve = subparsers.add_parser("serve", help="run the growth service (API and a worker) on this machine")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    serve.add_argument("--data-dir", help="database, objects and queue live here (default ./ligo-data, "
-                                          "or LIGO_DATA_DIR)")
+    serve = subparsers.add_parser("serve", help="run the growth service (API and a worker) on this machine",
+                                  **_example("ligo serve --data-dir /srv/ligo-data --host 0.0.0.0 --port 8000"))
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1, this machine only; e.g. 0.0.0.0)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; e.g. 9000)")
+    serve.add_argument("--data-dir", help="database, objects and queue live here; " + DATA_DIR_HELP)
     serve.add_argument("--no-worker", action="store_true", help="run the API only (workers run elsewhere)")
-    serve.add_argument("--workers", type=int, default=1, help="API processes (uvicorn workers; default 1)")
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--workers", type=int, default=1, help="API processes (uvicorn workers; default 1; e.g. 4)")
+    serve.add_argument("--log-level", default="info", help="debug, info, warning or error (default info; e.g. warning)")
     serve.set_defaults(func=cmd_serve)
 
-    keys = subparsers.add_parser("keys", help="create, list and revoke API keys")
+    keys = subparsers.add_parser("keys", help="create, list and revoke API keys",
+                                 **_example("ligo keys create --tenant my-team --data-dir /srv/ligo-data"))
     ksub = keys.add_subparsers(dest="keys_command", required=True)
-    create = ksub.add_parser("create", help="print a new API key for a tenant (stored hashed)")
-    create.add_argument("--tenant", required=True)
-    create.add_argument("--name", help="a note to recognise the key by")
-    create.add_argument("--data-dir")
+    create = ksub.add_parser("create", help="print a new API key for a tenant (stored hashed)",
+                             **_example("ligo keys create --tenant my-team --data-dir /srv/ligo-data"))
+    create.add_argument("--tenant", required=True, help="who the key acts for: its jobs and checkpoints "
+                                                        "(e.g. my-team)")
+    create.add_argument("--name", help="a note to recognise the key by (e.g. 'CI pipeline')")
+    create.add_argument("--data-dir", help=DATA_DIR_HELP)
     create.set_defaults(func=cmd_keys_create)
-    lst = ksub.add_parser("list", help="list keys (prefixes only)")
-    lst.add_argument("--tenant")
-    lst.add_argument("--data-dir")
+    lst = ksub.add_parser("list", help="list keys (prefixes only)", **_example("ligo keys list --tenant my-team"))
+    lst.add_argument("--tenant", help="only this tenant's keys (e.g. my-team)")
+    lst.add_argument("--data-dir", help=DATA_DIR_HELP)
     lst.set_defaults(func=cmd_keys_list)
-    revoke = ksub.add_parser("revoke", help="revoke the key(s) with this prefix")
-    revoke.add_argument("prefix")
-    revoke.add_argument("--data-dir")
+    revoke = ksub.add_parser("revoke", help="revoke the key(s) with this prefix",
+                             **_example("ligo keys revoke ligo_3f9a2c"))
+    revoke.add_argument("prefix", help="the key's first characters, as `ligo keys list` shows them (e.g. ligo_3f9a2c)")
+    revoke.add_argument("--data-dir", help=DATA_DIR_HELP)
     revoke.set_defaults(func=cmd_keys_revoke)
-    secret = ksub.add_parser("webhook-secret", help="print the tenant's webhook signing secret (whsec_...)")
-    secret.add_argument("--tenant", required=True)
-    secret.add_argument("--data-dir")
+    secret = ksub.add_parser("webhook-secret", help="print the tenant's webhook signing secret (whsec_...)",
+                             **_example("ligo keys webhook-secret --tenant my-team"))
+    secret.add_argument("--tenant", required=True, help="whose secret (e.g. my-team)")
+    secret.add_argument("--data-dir", help=DATA_DIR_HELP)
     secret.set_defaults(func=cmd_keys_secret)
 
 
+# What `ligo serve` and `ligo keys` import: the service extra (pyproject.toml), by module name.
+SERVICE_MODULES = ("uvicorn", "fastapi", "fastapi_offline", "python_multipart", "sqlalchemy", "alembic", "celery",
+                   "pydantic_settings")
+
+
+def require_service_extra(command: str) -> None:
+    """A one-line error naming the install command, instead of a traceback about uvicorn."""
+    missing = [m for m in SERVICE_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        from ligo_core.cli import service_extra_missing
+
+        raise service_extra_missing(command, ", ".join(missing))
+
+
 def _settings(args):
+    require_service_extra(args.command)
     if getattr(args, "data_dir", None):
         os.environ["LIGO_DATA_DIR"] = str(Path(args.data_dir).resolve())  # children read it too
     from app.settings import Settings
@@ -77,7 +108,7 @@ def cmd_keys_create(args) -> int:
     try:
         key = create_key(_database(_settings(args)), args.tenant, args.name)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"ligo: error: {exc}", file=sys.stderr)
         return 2
     print(key)
     return 0
@@ -158,13 +189,16 @@ class WorkerProcess:
         self._stopping.set()
         if self.proc is None or self.proc.poll() is not None:
             return
-        # A running job would hold a warm shutdown for hours: stop now; its lease expires and
-        # the job is queued again at the next start.
-        os.killpg(self.proc.pid, signal.SIGTERM)
+        # Celery's cold shutdown (SIGQUIT to its main process): a running job would hold a warm
+        # shutdown for hours, so it stops now; its message goes back to the queue and the job runs
+        # again at the next start. (A SIGTERM to the whole group made the main process log an
+        # ERROR about its pool child's signal on every normal shutdown.)
+        os.kill(self.proc.pid, signal.SIGQUIT)
         try:
             self.proc.wait(grace)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
 
@@ -182,9 +216,9 @@ def _has_keys(settings) -> bool:
 
 
 def cmd_serve(args) -> int:
+    settings = _settings(args)
     import uvicorn
 
-    settings = _settings(args)
     from app.main import create_app
     from app.migrate import upgrade
 
@@ -212,10 +246,16 @@ def cmd_serve(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ligo_core.errors import LigoError
+
     parser = argparse.ArgumentParser(prog="ligo")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except LigoError as exc:
+        print(f"ligo: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

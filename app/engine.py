@@ -57,9 +57,10 @@ def max_positions(config) -> int:
 
 
 def estimate(source_config, target_config, **kwargs) -> dict:
+    """``ligo_core.cost.estimate``; an option given as None takes the engine's default."""
     from ligo_core.cost import estimate as _estimate
 
-    return _estimate(source_config, target_config, **kwargs)
+    return _estimate(source_config, target_config, **{k: v for k, v in kwargs.items() if v is not None})
 
 
 def num_parameters(config) -> int:

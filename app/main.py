@@ -7,6 +7,7 @@ import logging
 import re
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from app import problems, web
 from app.metrics import Metrics, MetricsMiddleware
@@ -39,6 +40,9 @@ class RedactFileLinks(logging.Filter):
         return True
 
 
+DOCS_ASSETS = "/v1/docs/static"
+
+
 def create_app(settings: Settings | None = None, *, maintenance: bool = True) -> FastAPI:
     settings = settings or get_settings()
     logging.getLogger("ligo").setLevel(settings.log_level.upper())
@@ -56,9 +60,12 @@ def create_app(settings: Settings | None = None, *, maintenance: bool = True) ->
         finally:
             await svc.stop()
 
-    app = FastAPI(title="LiGO growth service", version="1", description=DESCRIPTION, lifespan=lifespan,
-                  openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None,
-                  default_response_class=JSONResponse)
+    # Swagger UI's script and style come from the fastapi-offline package, served here: the docs
+    # page works on a cluster with no way out (FastAPI's own page loads them from a CDN).
+    app = FastAPIOffline(title="LiGO growth service", version="1", description=DESCRIPTION, lifespan=lifespan,
+                         openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None,
+                         static_url=DOCS_ASSETS, swagger_ui_oauth2_redirect_url="/v1/docs/oauth2-redirect",
+                         default_response_class=JSONResponse)
     app.state.services = svc
     app.state.metrics = Metrics(svc)
     problems.install(app)

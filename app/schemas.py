@@ -177,6 +177,9 @@ class JobOut(BaseModel):
     loss_history: list[tuple[int, float]]
     checkpoint_id: str
     target: TargetSpec
+    target_config: dict[str, Any] = Field(description=(
+        "The target as resolved against the checkpoint (config.json of the grown model): fields left out "
+        "of `target` keep the source's proportions."))
     strategy: str
     fit: dict[str, Any]
     growth: dict[str, Any]
@@ -219,7 +222,8 @@ class EstimateIn(Strict):
     target: TargetSpec
     strategy: Strategy = "ligo"
     fit_steps: int = Field(100, ge=0, le=1_000_000)
-    fit_batch: int = Field(256, ge=1, le=65_536)
+    fit_batch: int | None = Field(None, ge=1, le=65_536, description=(
+        "Sequences per fitting step; default: the engine's, which `ligo grow` and jobs fit with (16)."))
     seq_len: int = Field(128, ge=1, le=1_048_576)
     tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     gpu: str = Field("H100", min_length=1, max_length=64)
@@ -250,6 +254,7 @@ def job_json(job, delivery=None) -> dict:
         "loss_history": job.loss_history or [],
         "checkpoint_id": job.checkpoint_id,
         "target": job.target,
+        "target_config": job.target_config,
         "strategy": job.strategy,
         "fit": job.fit,
         "growth": job.growth or {},

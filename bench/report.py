@@ -328,11 +328,31 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def rewrite_report(curves_path: Path) -> list[dict]:
+def rewrite_report(curves_path: Path, calibration_to: Path | None = None) -> list[dict]:
     """Tables and records again from a finished run's curves (after the report gained a column)."""
     saved = json.loads(curves_path.read_text())
     saved["meta"]["rerendered"] = f"python -m bench.savings --report {curves_path}"
-    return write_tables(curves_path.parent, saved["results"], saved["meta"])
+    recs = write_tables(curves_path.parent, saved["results"], saved["meta"])
+    if calibration_to is not None and saved["meta"].get("complete", True):
+        write_calibration(calibration_to, recs)
+    return recs
+
+
+REFERENCE_OUT = Path(__file__).resolve().parents[1] / "docs" / "results"
+
+
+def calibration_path(out: Path, given: str | None) -> Path | None:
+    """Where a completed run's records go as the estimate's calibration: ``--calibration`` if
+    given ('' for nowhere), else the package's file for the reference run only (probes in other
+    folders must not change what ``ligo estimate`` says)."""
+    if given is not None:
+        return Path(given) if given else None
+    return Path(calibration.MEASURED_PATH) if out.resolve() == REFERENCE_OUT else None
+
+
+def write_calibration(path: Path, recs: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(recs, indent=1) + "\n")
 
 
 def write_tables(out: Path, results: list[dict], meta: dict) -> list[dict]:

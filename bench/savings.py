@@ -16,7 +16,9 @@ For each model family (GPT-2, causal LM; BERT, masked LM):
 
 Writes ``savings.md``, ``savings.json`` (one record per run), ``savings_curves.json`` and
 ``savings_loss_curves.png`` under ``--out`` (default ``docs/results``); the set-up it shares with
-the other benchmarks is in ``bench.common``, the records, tables and plot in ``bench.report``.
+the other benchmarks is in ``bench.common``, the records, tables and plot in ``bench.report``. The
+reference run (the default ``--out``) also writes its records to ``ligo_core/data/calibration.json``
+when it completes: the measured calibration that ``ligo estimate`` ships with (``--calibration``).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from bench.common import (
     target_config,
     train_flops_per_token,
 )
-from bench.report import plot, rewrite_report, write_tables
+from bench.report import calibration_path, plot, rewrite_report, write_calibration, write_tables
 from ligo_core import cost
 from ligo_core.allocator import keep_freed_memory
 from ligo_core.data import batches
@@ -191,11 +193,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--report", metavar="CURVES_JSON",
                    help="train nothing: rewrite savings.md and savings.json beside this savings_curves.json")
+    p.add_argument("--calibration", metavar="PATH",
+                   help="when the run completes, also write its records here, as the cost estimate's measured "
+                        "calibration (default: ligo_core/data/calibration.json for --out docs/results, "
+                        "nowhere for other folders; '' for nowhere)")
     args = p.parse_args(argv)
     if args.report:
         if not Path(args.report).is_file():
             p.error(f"--report: no curves file at {args.report} (a finished run writes savings_curves.json)")
-        return rewrite_report(Path(args.report))
+        return rewrite_report(Path(args.report), calibration_path(Path(args.report).parent, args.calibration))
 
     size = SIZES[args.size]
     overrides = {k: v for k, v in {"steps": args.steps, "small_steps": args.small_steps, "lr": args.lr,
@@ -223,6 +229,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    calibration_to = calibration_path(out, args.calibration)
 
     def write(results: list[dict], final: bool) -> list[dict]:
         # Written after every run, so that a long run that stops early still leaves its results.
@@ -236,6 +243,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         recs = write_tables(out, results, meta)
         if final and not args.no_plot:
             plot(results, out / "savings_loss_curves.png")
+        if final and calibration_to is not None:
+            write_calibration(calibration_to, recs)
         return recs
 
     results: list[dict] = []
@@ -244,7 +253,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         results.append(run_model(m, size, seeds, strategies, device, log,
                                  on_run=lambda res: write(results + [res], final=False)))
     recs = write(results, final=True)
-    log(f"wrote {out}/savings.md, savings.json, savings_curves.json" + ("" if args.no_plot else ", savings_loss_curves.png"))
+    log(f"wrote {out}/savings.md, savings.json, savings_curves.json" + ("" if args.no_plot else ", savings_loss_curves.png")
+        + (f"; the estimate's calibration {calibration_to}" if calibration_to else ""))
     return recs
 
 

@@ -1,39 +1,81 @@
-"""The ``ligo`` command: grow, inspect, estimate, demo, and (with the service extra) serve and keys."""
+"""The `ligo` command: grow, inspect, estimate, demo, and (with the service extra) serve and keys."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 
 from ligo_core.allocator import keep_freed_memory
 from ligo_core.errors import GrowthCancelled, LigoError
+from ligo_core.targets import describe_sizes
+
+# What each stage of a run is, in the words a log reader needs.
+STAGE_LABELS = {
+    "loading": "loading the checkpoint and the fitting text",
+    "evaluating": "held-out loss of the small and grown models",
+    "fitting": "fitting the growth operator",
+    "materialising": "writing the grown weights",
+    "saving": "saving the grown checkpoint",
+    "tokenizer": "training a byte-level BPE tokenizer on the shipped corpus",
+    "train": "pretraining the small model",
+}
+LOG_LINES_PER_STAGE = 10  # step lines of a long stage in a log file (every 10%)
 
 
-def _progress_printer(console):
-    """A rich progress bar for the fitting loop, and one line per stage."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+class ProgressPrinter:
+    """Progress of a run on stderr: one line per stage with the time since the start, then a bar
+    for a stage with steps on a terminal, or a line every tenth of it in a log file (no bars)."""
 
-    state = {"bar": None, "task": None, "stage": None}
+    def __init__(self, console):
+        self.console, self.started = console, time.perf_counter()
+        self.stage: str | None = None
+        self.bar = self.task = None
+        if not console.is_terminal:  # the libraries' own bars too (transformers' "Writing model shards")
+            from transformers.utils import logging as transformers_logging
 
-    def on_event(event: dict) -> None:
-        stage = event["stage"]
-        if stage == "fitting":
-            if state["bar"] is None:
-                bar = Progress(TextColumn("fitting"), BarColumn(), MofNCompleteColumn(),
-                               TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), console=console)
-                bar.start()
-                state["bar"], state["task"] = bar, bar.add_task("fit", total=event["total"], loss=float("nan"))
-            state["bar"].update(state["task"], completed=event["step"], loss=event["loss"])
+            transformers_logging.disable_progress_bar()
+
+    def line(self, text: str) -> None:
+        self.console.print(f"[{time.perf_counter() - self.started:7.1f}s] {text}", markup=False, highlight=False,
+                           soft_wrap=True)
+
+    def begin(self, stage: str, detail: str = "") -> None:
+        """A new stage (also for work that sends no events, like training the tokenizer)."""
+        self.close()
+        self.stage = stage
+        self.line(STAGE_LABELS.get(stage, stage) + (f" ({detail})" if detail else ""))
+
+    def __call__(self, event: dict) -> None:
+        stage, step, total, loss = event["stage"], event.get("step", 0), event.get("total", 1), event.get("loss")
+        if stage == "eval":  # held-out checks inside training: part of its stage
             return
-        if state["bar"] is not None:
-            state["bar"].stop()
-            state["bar"] = None
-        if stage != state["stage"] and console.is_terminal:
-            console.print(f"[dim]{stage}...[/dim]")
-            state["stage"] = stage
+        if stage != self.stage:
+            self.begin(stage, f"{total} steps" if total > 1 else "")
+        if "target" in event:
+            self.line("target: " + describe_sizes(event["target"]))
+        if total <= 1 or step <= 0:
+            return
+        if self.console.is_terminal:
+            self._bar(stage, step, total, loss)
+        elif step == total or step * LOG_LINES_PER_STAGE // total != (step - 1) * LOG_LINES_PER_STAGE // total:
+            self.line(f"{stage} {step}/{total}" + ("" if loss is None else f", loss {loss:.4f}"))
 
-    return on_event
+    def _bar(self, stage: str, step: int, total: int, loss) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        if self.bar is None:
+            self.bar = Progress(TextColumn(stage), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), console=self.console)
+            self.bar.start()
+            self.task = self.bar.add_task(stage, total=total, loss=float("nan"))
+        self.bar.update(self.task, completed=step, loss=float("nan") if loss is None else loss)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
 
 
 def _fmt_loss(x):
@@ -83,14 +125,17 @@ def cmd_grow(args) -> int:
     import ligo_core
 
     keep_freed_memory()  # a one-off process: fewer page faults in CPU fitting (ligo_core/allocator.py)
-    console = Console(stderr=True)
-    report = ligo_core.grow(
-        args.src, args.target, args.out, strategy=args.strategy, fit_steps=args.fit_steps, data=args.data,
-        seed=args.seed, device=args.device, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
-        progress=_progress_printer(console), max_shard_size=args.max_shard_size, ligo_init=args.ligo_init,
-        accumulate=args.accumulate, follow_links=_own_directory(args.src),
-        **{k: v for k, v in {"noise": args.noise, "spread": args.spread}.items() if v is not None},
-    )
+    progress = ProgressPrinter(Console(stderr=True))
+    try:
+        report = ligo_core.grow(
+            args.src, args.target, args.out, strategy=args.strategy, fit_steps=args.fit_steps, data=args.data,
+            seed=args.seed, device=args.device, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+            progress=progress, max_shard_size=args.max_shard_size, ligo_init=args.ligo_init,
+            accumulate=args.accumulate, follow_links=_own_directory(args.src),
+            **{k: v for k, v in {"noise": args.noise, "spread": args.spread}.items() if v is not None},
+        )
+    finally:
+        progress.close()
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
@@ -120,62 +165,110 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+DESCRIPTION = """Grow a small pretrained transformer checkpoint into a larger one with a learned linear
+growth operator (LiGO) or a fixed baseline; estimate what growing saves; try it all with
+`ligo demo`; with the service extra, run the growth service (`ligo serve`, `ligo keys`)."""
+
+EXAMPLES = """examples:
+  ligo demo
+  ligo grow ./gpt2-small --target gpt2-medium --out ./grown
+  ligo estimate --source bert-small --target bert-base
+  ligo COMMAND --help    (every option, with an example)"""
+
+
+def example(command: str) -> str:
+    return f"example:\n  {command}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     import ligo_core
+    from ligo_core.defaults import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
 
-    parser = argparse.ArgumentParser(prog="ligo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ligo", description=DESCRIPTION, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"ligo {ligo_core.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    raw = argparse.RawDescriptionHelpFormatter
 
-    g = sub.add_parser("grow", help="grow a checkpoint to a larger architecture")
-    g.add_argument("src", help="HF model directory, or a .tar / .tar.gz / .zip of one")
+    g = sub.add_parser("grow", help="grow a checkpoint to a larger architecture", formatter_class=raw,
+                       description="Grow SRC into TARGET and write a Hugging Face checkpoint with growth_report.json.",
+                       epilog=example("ligo grow ./small --target layers=4,hidden=256,heads=8 --out ./grown "
+                                      "--fit-steps 100"))
+    g.add_argument("src", help="HF model directory, or a .tar / .tar.gz / .zip of one (e.g. ./gpt2-small)")
     g.add_argument("--target", required=True,
-                   help="preset name, path to a config.json, or fields like layers=12,hidden=768,heads=12,ffn=3072")
-    g.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    g.add_argument("--strategy", default="ligo", choices=ligo_core.STRATEGIES)
-    g.add_argument("--fit-steps", type=int, default=100, help="operator fitting steps for 'ligo' (default 100)")
+                   help="preset name, path to a config.json, or fields; fields left out keep the source's "
+                        "proportions (e.g. gpt2-medium, or layers=12,hidden=768,heads=12,ffn=3072)")
+    g.add_argument("--out", required=True, help="output directory, which must not exist or be empty (e.g. ./grown)")
+    g.add_argument("--strategy", default="ligo", choices=ligo_core.STRATEGIES, metavar="NAME",
+                   help=f"how to grow: {', '.join(ligo_core.STRATEGIES)} (default ligo: a fitted LiGO operator; "
+                        "the others are fixed; e.g. --strategy preserve)")
+    g.add_argument("--fit-steps", type=int, default=100,
+                   help="operator fitting steps for 'ligo'; 0 keeps the starting operator (default 100; e.g. 20)")
     g.add_argument("--ligo-init", default="preserve", choices=("preserve", "stack", "interpolate"),
                    help="where LiGO's depth mixing starts: zero-output new blocks (default), stacked copies "
-                        "(the reference code's), or each layer repeated (widths always start function-preserving)")
+                        "(the reference code's), or each layer repeated (widths always start function-preserving; "
+                        "e.g. --ligo-init stack)")
     g.add_argument("--noise", type=float,
-                   help="symmetry breaking between copied units, 0-1 (default 1; exact at any value)")
+                   help="symmetry breaking between copied units, 0-1 (default 1; exact at any value; e.g. 0.5)")
     g.add_argument("--spread", type=float,
                    help="move copied units' incoming weights apart, 0-4 (default 2; exact to first order, "
-                        "0 keeps the function exactly)")
-    g.add_argument("--data", help="text file, JSON lines with a 'text' field, or a directory of them "
-                                  "(default: the shipped English corpus)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--lr", type=float, help="peak fitting learning rate (default 1e-3)")
-    g.add_argument("--batch-size", type=int, help="fitting batch size (default 16)")
-    g.add_argument("--seq-len", type=int, help="fitting sequence length (default 128)")
+                        "0 keeps the function exactly; e.g. 0)")
+    g.add_argument("--data", help="fitting text: a text file, JSON lines with a 'text' field, or a directory of "
+                                  "them (default: the shipped English corpus; e.g. ./corpus.jsonl)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="random seed of the fitting batches and the symmetry breaking (default 0; e.g. 1)")
+    g.add_argument("--lr", type=float, help="peak fitting learning rate (default 1e-3; e.g. 3e-4)")
+    g.add_argument("--batch-size", type=int,
+                   help=f"fitting batch size in sequences (default {DEFAULT_BATCH_SIZE}; e.g. 32)")
+    g.add_argument("--seq-len", type=int,
+                   help=f"fitting sequence length in tokens (default {DEFAULT_SEQ_LEN}, at most the model's "
+                        "positions; e.g. 256)")
     g.add_argument("--accumulate", type=int, default=1,
                    help="batches per fitting step: the operator runs once per step, the batches' "
-                        "gradients add up (bigger fitting batches at one batch's memory; default 1)")
-    g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    g.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
-    g.add_argument("--json", action="store_true", help="print the growth report as JSON")
+                        "gradients add up (bigger fitting batches at one batch's memory; default 1; e.g. 4)")
+    g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ... (e.g. cpu)")
+    g.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB; e.g. 500MB)")
+    g.add_argument("--json", action="store_true", help="print the growth report as JSON instead of tables")
     g.set_defaults(func=cmd_grow)
 
-    i = sub.add_parser("inspect", help="show a checkpoint's family, config and parameter count")
-    i.add_argument("src")
-    i.add_argument("--json", action="store_true")
+    i = sub.add_parser("inspect", help="show a checkpoint's family, config and parameter count", formatter_class=raw,
+                       epilog=example("ligo inspect ./grown --json"))
+    i.add_argument("src", help="HF model directory, or a .tar / .tar.gz / .zip of one (e.g. ./grown)")
+    i.add_argument("--json", action="store_true", help="print everything, the full config included, as JSON")
     i.set_defaults(func=cmd_inspect)
 
     for module in ("ligo_core.cost_cli", "ligo_core.demo", "ligo_client.cli"):
         _register(sub, module)
-    for module in ("app.cli",):  # the service, present with the [service] extra
-        _register(sub, module)
+    _register(sub, "app.cli", ("serve", "keys"))  # the service, which needs the [service] extra
     return parser
 
 
-def _register(sub, module: str) -> None:
+SERVICE_EXTRA = "pip install 'ligo-grow[service]'"
+
+
+def service_extra_missing(command: str, missing: str) -> LigoError:
+    return LigoError(f"`ligo {command}` needs the service extra ({missing} not installed); "
+                     f"install it with: {SERVICE_EXTRA}")
+
+
+def _register(sub, module: str, commands: tuple[str, ...] = ()) -> None:
+    """Add a module's subcommands; if it cannot be imported, ``commands`` still appear and say why."""
     import importlib
 
     try:
         mod = importlib.import_module(module)
-    except ImportError:
+    except ImportError as exc:
+        missing = exc.name or module
+        for name in commands:
+            p = sub.add_parser(name, help=f"needs the service extra: {SERVICE_EXTRA}", add_help=False)
+            p.set_defaults(func=lambda args, name=name: _raise(service_extra_missing(name, missing)),
+                           any_arguments=True)
         return
     mod.add_parser(sub)
+
+
+def _raise(exc: Exception):
+    raise exc
 
 
 def _positive(args) -> None:
@@ -187,7 +280,9 @@ def _positive(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "any_arguments", False):  # a stand-in command takes anything
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         _positive(args)
         return args.func(args) or 0

@@ -26,6 +26,7 @@ from ligo_core.calibration import (
     calibration_records,
     log_distance,
 )
+from ligo_core.defaults import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
 from ligo_core.errors import LigoError
 from ligo_core.families import MASK_PROBABILITY
 from ligo_core.targets import check_growth, family_of, sizes_of
@@ -170,7 +171,7 @@ def reference_operator_flops(source: PretrainedConfig, target: PretrainedConfig)
 
 def fit_flops(
     source: PretrainedConfig, target: PretrainedConfig, *, strategy: str = "ligo", steps: int = 100,
-    batch: int = 256, seq_len: int = 128, convention: str = "standard",
+    batch: int = DEFAULT_BATCH_SIZE, seq_len: int = DEFAULT_SEQ_LEN, convention: str = "standard",
 ) -> dict:
     """Fitting cost: ``steps`` training steps of the large model plus the operator's work.
 
@@ -346,8 +347,8 @@ def estimate(
     *,
     strategy: str = "ligo",
     fit_steps: int = 100,
-    fit_batch: int = 256,
-    seq_len: int = 128,
+    fit_batch: int = DEFAULT_BATCH_SIZE,  # what `ligo grow` fits with
+    seq_len: int = DEFAULT_SEQ_LEN,
     tokens: int | None = None,
     gpu: str = "H100",
     price_per_gpu_hour: float | None = None,

@@ -11,14 +11,13 @@ import torch
 
 from ligo_core.checkpoint import load_checkpoint, opened_source
 from ligo_core.data import batches, build_token_data
+from ligo_core.defaults import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
 from ligo_core.errors import DataError
 from ligo_core.growth import grow_model, pick_device
 from ligo_core.output import check_output_dir, write_checkpoint
 from ligo_core.strategies import DEFAULT_LIGO_INIT, DEFAULT_NOISE, DEFAULT_SPREAD
-from ligo_core.targets import resolve_target, sizes_of
+from ligo_core.targets import resolve_target, sizes_of, target_summary
 
-DEFAULT_BATCH_SIZE = 16
-DEFAULT_SEQ_LEN = 128
 HELDOUT_SEQUENCES = 64
 
 
@@ -85,6 +84,7 @@ def grow(
     with opened_source(src) as directory:
         loaded = load_checkpoint(directory, follow_links)
         target_config = resolve_target(target, loaded.config)
+        emit({"stage": "loading", "step": 0, "total": 1, "loss": None, "target": target_summary(target_config)})
         batch_size = batch_size or DEFAULT_BATCH_SIZE
         seq_len = min(seq_len or DEFAULT_SEQ_LEN, _max_positions(loaded.config))
         fitting = strategy == "ligo" and fit_steps > 0

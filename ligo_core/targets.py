@@ -187,7 +187,9 @@ def resolve_target(spec: Any, source: PretrainedConfig | None = None) -> Pretrai
     """The large model's full config for a target spec, grown from ``source`` if given.
 
     Without a source (cost estimates from configs alone) a preset or full config stands alone,
-    and a field list needs ``family=...``.
+    and a field list needs ``family=...``. With one, fields left out keep the source's value, or
+    its proportion where it follows the width: ``hidden=128`` from a 64-wide GPT-2 with a 256 FFN
+    gives a 512 FFN and heads of the source's size.
     """
     sizes, full, model_type = _spec_sizes(spec)
     if source is None:
@@ -216,21 +218,23 @@ def resolve_target(spec: Any, source: PretrainedConfig | None = None) -> Pretrai
             sizes = {k: v for k, v in sizes.items() if k != "kv_heads"}
         elif unknown:
             raise TargetError(f"field {unknown[0]!r} does not apply to the {src_family.name} family")
-        merged = {**sizes_of(source), **sizes}
-        if "heads" in sizes and "kv_heads" not in sizes and "kv_heads" in src_family.config_keys:
-            # Keep the source's grouping (query heads per KV head) when only heads change.
-            src = sizes_of(source)
-            group = src["heads"] // src["kv_heads"]
-            merged["kv_heads"] = max(src["kv_heads"], merged["heads"] // group)
+        src = sizes_of(source)
+        merged = {**src, **sizes}
+        # Fields left out keep the source's proportions: the FFN its multiple of the width
+        # (GPT-2's 4x), the heads their size, the KV heads their grouping.
+        if "hidden" in sizes and "ffn" not in sizes:
+            merged["ffn"] = round(src["ffn"] * merged["hidden"] / src["hidden"])
         if "hidden" in sizes and "head_dim" not in sizes and "heads" in sizes:
             merged["head_dim"] = merged["hidden"] // merged["heads"]
         elif "hidden" in sizes and "heads" not in sizes and "head_dim" not in sizes:
-            src = sizes_of(source)
+            if merged["hidden"] % src["head_dim"] and "head_dim" not in src_family.config_keys:
+                raise TargetError(f"hidden={merged['hidden']} is not a multiple of the source's head size "
+                                  f"{src['head_dim']}: give heads= too")
             merged["heads"] = merged["hidden"] // src["head_dim"]
             merged["head_dim"] = src["head_dim"]
-            if "kv_heads" in src_family.config_keys:
-                group = src["heads"] // src["kv_heads"]
-                merged["kv_heads"] = max(src["kv_heads"], merged["heads"] // group)
+        if "kv_heads" not in sizes and "kv_heads" in src_family.config_keys and merged["heads"] != src["heads"]:
+            group = src["heads"] // src["kv_heads"]  # query heads per KV head
+            merged["kv_heads"] = max(src["kv_heads"], merged["heads"] // group)
         if "head_dim" not in src_family.config_keys:
             merged.pop("head_dim", None)
         if "kv_heads" not in src_family.config_keys:
@@ -239,6 +243,18 @@ def resolve_target(spec: Any, source: PretrainedConfig | None = None) -> Pretrai
     validate_config(target)
     check_growth(source, target)
     return target
+
+
+def target_summary(config: PretrainedConfig) -> dict[str, int]:
+    """A resolved target's sizes and parameter count, echoed before any work starts."""
+    from ligo_core.cost import num_parameters  # ligo_core.cost imports this module
+
+    return {**sizes_of(config), "parameters": num_parameters(config)}
+
+
+def describe_sizes(summary: dict[str, int]) -> str:
+    """One line: ``layers 4, hidden 128, heads 8, kv_heads 8, ffn 512, head_dim 16, parameters 1,234,567``."""
+    return ", ".join(f"{k} {v:,}" if k == "parameters" else f"{k} {v}" for k, v in summary.items())
 
 
 def validate_config(config: PretrainedConfig) -> PretrainedConfig:

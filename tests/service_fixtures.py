@@ -255,6 +255,28 @@ def make_keys(database_url: str, *tenants: str) -> dict[str, str]:
         db.dispose()
 
 
+def wait_ready(proc: subprocess.Popen, base: str, log_path: Path, timeout: float = 120) -> None:
+    """Until a started `ligo serve` answers /readyz; its log's end if it dies first."""
+    def ready():
+        if proc.poll() is not None:
+            raise AssertionError(log_path.read_text()[-3000:])
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(base + "/readyz", timeout=2).status_code == 200
+        return False
+
+    wait_for(ready, timeout, 0.2, "ligo serve to be ready")
+
+
+def stop_serve(proc: subprocess.Popen) -> None:
+    """SIGTERM, as a service manager stops it; its process group killed if that takes too long."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @contextlib.contextmanager
 def ligo_serve(data: Path, log_path: Path, log_level: str = "warning"):
     """``python -m app.cli serve`` on a free loopback port with ``data`` as its data directory:
@@ -265,24 +287,11 @@ def ligo_serve(data: Path, log_path: Path, log_level: str = "warning"):
                                  str(data), "--log-level", log_level], env=child_env({"LIGO_DATA_DIR": str(data)}),
                                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-
-    def ready():
-        if proc.poll() is not None:
-            raise AssertionError(log_path.read_text()[-3000:])
-        with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(base + "/readyz", timeout=2).status_code == 200
-        return False
-
     try:
-        wait_for(ready, 120, 0.2, "ligo serve to be ready")
+        wait_ready(proc, base, log_path)
         yield proc, base
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_serve(proc)
 
 
 @pytest.fixture(scope="session")

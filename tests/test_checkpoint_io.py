@@ -327,7 +327,10 @@ def test_cli_grow_inspect_and_errors(checkpoint_dir, tmp_path, capsys):
     code = cli_main(["grow", src, "--target", "layers=4,hidden=64,heads=8,kv_heads=4,ffn=128", "--out", str(out),
                      "--fit-steps", "2", "--batch-size", "4", "--seq-len", "32", "--accumulate", "2", "--noise", "0.5", "--json"])
     assert code == 0
-    report = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    # Before any work, stderr says what the target resolved to.
+    assert "target: layers 4, hidden 64, heads 8, kv_heads 4, ffn 128, head_dim 8, parameters" in captured.err
     assert report["noise"] == 0.5
     assert report["fit"]["accumulate"] == 2 and report["fit"]["tokens"] == 2 * 2 * 4 * 32
     assert report["target"]["sizes"] == {"layers": 4, "hidden": 64, "heads": 8, "kv_heads": 4, "ffn": 128, "head_dim": 8}
@@ -335,7 +338,9 @@ def test_cli_grow_inspect_and_errors(checkpoint_dir, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["num_parameters"] == report["target"]["parameters"]
     assert cli_main(["grow", src, "--target", "layers=1", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("ligo: error:") and "num_hidden_layers" in err[0]
+    # The stage it reached (a log line with its time), then one line naming the problem.
+    assert err[0].endswith("loading the checkpoint and the fitting text") and len(err) == 2
+    assert err[1].startswith("ligo: error:") and "num_hidden_layers" in err[1]
     assert cli_main(["grow", src, "--target", "layers=4", "--out", str(out)]) == 2  # output exists
     assert "not an empty directory" in capsys.readouterr().err
     assert cli_main(["grow", src, "--target", "layers=4", "--out", str(tmp_path / "y"), "--accumulate", "0"]) == 2

@@ -235,6 +235,10 @@ def test_a_job_is_queued_with_a_location(alice, ckpt):
     assert (job["target"], job["strategy"], job["seed"], job["fit"]["steps"]) == (TARGET, "ligo", 7, 3)
     assert job["plan"]["tokens"] == 10**9 and job["error"] is None and job["created_at"].endswith("Z")
     assert job["growth"] == {}  # the engine's defaults
+    # The target as resolved against the checkpoint, before the job runs.
+    config = job["target_config"]
+    assert (config["model_type"], config["n_layer"], config["n_embd"], config["n_head"], config["n_inner"]) == \
+        ("gpt2", 4, 48, 6, 192)
     assert alice.job(job["id"]) == job
 
 
@@ -343,6 +347,7 @@ def test_estimate_matches_the_cost_model(alice, ckpt):
                         fit_steps=100, tokens=10**10, gpu="A100")
     assert r.json()["savings"]["fraction"] == pytest.approx(expected["savings"]["fraction"])
     assert r.json()["scratch"]["flops"] == pytest.approx(expected["scratch"]["flops"])
+    assert (r.json()["fit"]["batch"], r.json()["fit"]["seq_len"]) == (16, 128)  # what a job fits with
     by_ckpt = alice.post("/v1/estimate", json={"checkpoint_id": ckpt["id"], "target": TARGET})
     assert by_ckpt.status_code == 200 and by_ckpt.json()["target"]["layers"] == 4
     by_config = alice.post("/v1/estimate", json={"source": ckpt["config"], "target": TARGET})

@@ -256,6 +256,8 @@ def test_upload_estimate_grow_watch_and_download(page, service, archives):
     target.select_option("gpt2-medium")
     savings = page.get_by_test_id("savings")
     expect(savings).to_contain_text("less compute")
+    expect(page.get_by_test_id("resolved-target")).to_have_text(
+        "Target as resolved: 24 layers, hidden 1024, 16 heads, FFN 4096, head size 64.")
 
     # Custom sizes; a target that does not fit shows its error next to the hidden-size field.
     target.select_option("__custom__")
@@ -337,6 +339,7 @@ def test_upload_estimate_grow_watch_and_download(page, service, archives):
     created.click()
     expect(page).to_have_url(re.compile(rf"/ui/jobs/{job_id}$"))
     expect(page.locator("#job-facts [data-state]")).to_have_attribute("data-state", "succeeded")
+    expect(page.locator("#job-facts")).to_contain_text("4 layers, hidden 48, 6 heads, FFN 192, head size 8")
     chart = page.locator("#loss-chart svg")
     expect(chart).to_have_attribute("data-points", str(len(job["loss_history"])))
     assert len(job["loss_history"]) >= 1

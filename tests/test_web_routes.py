@@ -109,3 +109,10 @@ def test_meta_explains_every_strategy_in_one_line(client):
 def test_pages_stay_out_of_the_api_document(client):
     app = client.app
     assert not any(p.startswith("/ui") for p in app.openapi()["paths"])
+
+
+def test_the_form_starts_with_the_engines_fitting_defaults(client):
+    from ligo_core.defaults import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
+
+    defaults = client.get("/ui/meta").json()["defaults"]
+    assert (defaults["fit_batch"], defaults["seq_len"]) == (DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN) == (16, 128)

@@ -26,7 +26,7 @@ import anyio
 from fastapi import APIRouter, Header, Query, Request
 from sqlalchemy import delete, select
 
-from app import limits
+from app import limits, uploads
 from app.auth import CurrentTenant
 from app.db import Checkpoint, Upload, new_id, utcnow
 from app.problems import Problem, field_problem, not_found
@@ -137,16 +137,21 @@ def _created(row: Checkpoint) -> JSONResponse:
 
 @router.post("", status_code=201, response_model=CheckpointOut, responses=ERRORS,
              openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                 "multipart/form-data": {"schema": {"type": "object", "required": [uploads.FILE_FIELD], "properties": {
+                     uploads.FILE_FIELD: {"type": "string", "format": "binary"}}}}}}})
 async def upload_checkpoint(
     request: Request,
-    filename: Annotated[str, Query(min_length=1, max_length=255, description="model.tar.gz, model.zip, ... or model.safetensors")],
     tenant: CurrentTenant,
     svc: Svc,
     x_ligo_config: Annotated[str | None, Header(max_length=65_536, description="base64 config.json, for a .safetensors upload")] = None,
+    filename: Annotated[str | None, Query(min_length=1, max_length=255, description=(
+        "model.tar.gz, model.zip, ... or model.safetensors (default for a form: its file's name)"))] = None,
 ):
-    """Stream the raw request body to storage (sha256 and size cap on the way), then check it."""
-    name, kind = clean_filename(filename)
+    """Stream the raw request body, or a form's `file` part, to storage (sha256 and size cap on the
+    way), then check it."""
+    body = await uploads.upload_body(request)
+    name, kind = clean_filename(uploads.filename_of(filename, body))
     config = decode_config_header(x_ligo_config) if kind == "safetensors" else None
     cap = svc.settings.max_upload_bytes
     declared = request.headers.get("content-length")
@@ -164,7 +169,7 @@ async def upload_checkpoint(
 
     committed = False
     try:
-        async for chunk in request.stream():
+        async for chunk in body.chunks:
             size += len(chunk)
             if size > cap:
                 raise Problem(413, "too-large", f"the upload is over the limit of {cap} bytes")
@@ -178,7 +183,7 @@ async def upload_checkpoint(
         if pending:
             await anyio.to_thread.run_sync(write, b"".join(pending))
         if size == 0:
-            raise field_problem("body", "the request body is empty; send the file as the raw body")
+            raise field_problem(body.field, body.empty_message)
         writer.finish()
         info = await inspect(svc, writer.local_path, kind, config)
         await anyio.to_thread.run_sync(writer.commit)

@@ -22,6 +22,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 
 import ligo_core
+from ligo_core.defaults import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
 from ligo_core.families import FAMILIES, family_for_model_type
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -41,13 +42,13 @@ STRATEGY_NOTES = {
 }
 
 # What the form starts with: the paper's 100 fitting steps, the engine's batch and sequence
-# defaults (ligo_core.pipeline, not imported here: it loads torch), and the estimator's GPU,
-# utilisation and token budget (empty tokens and price: the estimator's defaults apply).
+# defaults, and the estimator's GPU, utilisation and token budget (empty tokens and price: the
+# estimator's defaults apply).
 FORM_DEFAULTS = {
     "strategy": "ligo",
     "fit_steps": 100,
-    "fit_batch": 16,
-    "seq_len": 128,
+    "fit_batch": DEFAULT_BATCH_SIZE,
+    "seq_len": DEFAULT_SEQ_LEN,
     "seed": 0,
     "gpu": "H100",
     "utilisation": 0.4,

@@ -2,7 +2,7 @@
 // saving, compute, GPU time and cost per phase, and the assumptions behind them.
 
 import { h } from "./dom.js";
-import { fmt } from "./format.js";
+import { fmt, resolvedText } from "./format.js";
 
 function pick(obj, keys) {
   if (!obj || typeof obj !== "object") return undefined;
@@ -23,6 +23,8 @@ export function renderEstimate(e) {
     wrap.append(h("p", { class: "muted", text: `Likely range ${fmt.pct(s.low)} to ${fmt.pct(s.high)} saved.` }));
   }
   if (s.basis) wrap.append(h("p", { class: "hint", text: `Basis: ${s.basis}` }));
+  const resolved = resolvedText(e.target);
+  if (resolved) wrap.append(h("p", { "data-testid": "resolved-target", text: `Target as resolved: ${resolved}.` }));
 
   const currency = e.currency || (e.plan && e.plan.currency) || "USD";
   const phases = [["fit", "Fit the operator"], ["grown", "Train the grown model"], ["scratch", "Train from scratch"]];

@@ -69,3 +69,26 @@ export function sizesText(sizes) {
   parts.push(`FFN ${sizes.ffn}`);
   return parts.join(", ");
 }
+
+// A config's sizes {layers, hidden, heads, ffn[, kv_heads]} read through its family's config keys.
+export function sizesOf(config, family) {
+  const get = (f) => (family.config_keys[f] ? config[family.config_keys[f]] : undefined);
+  const hidden = Number(get("hidden"));
+  const heads = Number(get("heads"));
+  const sizes = { layers: Number(get("layers")), hidden, heads, ffn: Number(get("ffn") || 4 * hidden) };
+  if (family.fields.includes("kv_heads")) sizes.kv_heads = Number(get("kv_heads") || heads);
+  return sizes;
+}
+
+// A full config's sizes with its head size (a job's target_config), given /ui/meta's families.
+export function configSizes(config, families) {
+  const family = config && Object.values(families || {}).find((f) => f.model_types.includes(config.model_type));
+  if (!family) return null;
+  const sizes = sizesOf(config, family);
+  return { ...sizes, head_dim: Number(config.head_dim) || sizes.hidden / sizes.heads };
+}
+
+// The target as the service resolved it: fields left out keep the source's proportions.
+export function resolvedText(sizes) {
+  return sizes && sizes.layers ? `${sizesText(sizes)}, head size ${sizes.head_dim}` : "";
+}

@@ -5,13 +5,14 @@ import { api, apiKey, ROOT } from "./api.js";
 import { lossChart } from "./chart.js";
 import { $, facts, h, pageError } from "./dom.js";
 import { renderEstimate } from "./estimate.js";
-import { fmt, num, sizesText } from "./format.js";
+import { configSizes, fmt, num, resolvedText, sizesText } from "./format.js";
 import { stateBadge, TERMINAL } from "./jobs.js";
 
 const page = {
   timer: 0,
   resultShown: false,
   lossDrawn: null,  // "points:last step" of the chart on screen
+  families: null,   // /ui/meta's families, to read a job's resolved target_config
 };
 
 function flatten(value, prefix, out) {
@@ -81,6 +82,7 @@ function showJob(job) {
     ["State", stateBadge(job)],
     ["Stage", TERMINAL.has(job.state) ? "" : job.stage],
     ["Target", fmt.target(job.target)],
+    ["Resolved target", resolvedText(configSizes(job.target_config, page.families))],
     ["Strategy", job.strategy],
     ["Fitting", job.fit ? Object.entries(job.fit).filter(([, v]) => v !== null && v !== undefined)
       .map(([k, v]) => `${k.replace("_", " ")} ${v}`).join(", ") : ""],
@@ -170,10 +172,18 @@ async function cancelJob(jobId) {
   }
 }
 
-export function startJobPage(jobId) {
+async function loadFamilies() {
+  try {
+    const resp = await fetch(`${ROOT}/ui/meta`);
+    if (resp.ok) page.families = (await resp.json()).families;
+  } catch { /* the resolved target's sizes are left out */ }
+}
+
+export async function startJobPage(jobId) {
   $("view-job").hidden = false;
   $("job-id").textContent = jobId;
   $("job-cancel").addEventListener("click", () => cancelJob(jobId));
+  await loadFamilies();
   document.addEventListener("ligo-key", () => { pageError(""); pollJob(jobId); });
   if (!apiKey()) pageError("Enter your API key to see this job.");
   pollJob(jobId);

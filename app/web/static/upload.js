@@ -5,7 +5,7 @@
 import { apiKey, keyRefused, parseBody, ROOT, toProblem } from "./api.js";
 import { $, facts, h } from "./dom.js";
 import { clearFieldErrors, setFieldError } from "./fields.js";
-import { fmt } from "./format.js";
+import { fmt, sizesOf } from "./format.js";
 import { requireKey } from "./key.js";
 
 const CHECKPOINT_STORE = "ligo.checkpoint";
@@ -83,16 +83,6 @@ function upload(event) {
     $("upload-status").textContent = "Upload stopped.";
   });
   xhr.send(file);
-}
-
-// A checkpoint's sizes {layers, hidden, heads, ffn[, kv_heads]} read from its HF config.
-function sizesOf(config, family) {
-  const get = (f) => (family.config_keys[f] ? config[family.config_keys[f]] : undefined);
-  const hidden = Number(get("hidden"));
-  const heads = Number(get("heads"));
-  const sizes = { layers: Number(get("layers")), hidden, heads, ffn: Number(get("ffn") || 4 * hidden) };
-  if (family.fields.includes("kv_heads")) sizes.kv_heads = Number(get("kv_heads") || heads);
-  return sizes;
 }
 
 function setCheckpoint(ckpt) {
