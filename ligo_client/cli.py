@@ -26,21 +26,23 @@ STATE_EXIT = {"failed": 3, "cancelled": 4}  # `status` of a job that ended badly
 
 # flag, type, (section of the job request, field), help; None as section: a top-level field
 JOB_OPTIONS = (
-    ("--strategy", str, (None, "strategy"), "ligo (default), stack, interpolate, net2net or preserve"),
-    ("--seed", int, (None, "seed"), "random seed (default 0)"),
-    ("--fit-steps", int, ("fit", "steps"), "operator fitting steps for 'ligo' (service default 100)"),
-    ("--batch-size", int, ("fit", "batch_size"), "fitting batch size"),
-    ("--seq-len", int, ("fit", "seq_len"), "fitting sequence length"),
-    ("--lr", float, ("fit", "lr"), "peak fitting learning rate"),
-    ("--data-uri", str, ("fit", "data_uri"), "s3:// .txt or .jsonl corpus to fit on (default: the shipped corpus)"),
-    ("--spread", float, ("growth", "spread"), "move copied units apart, 0-4 (default 2)"),
-    ("--noise", float, ("growth", "noise"), "symmetry breaking between copies, 0-1 (default 1)"),
-    ("--ligo-init", str, ("growth", "ligo_init"), "where LiGO's fit starts: preserve, stack or interpolate"),
-    ("--tokens", int, ("plan", "tokens"), "tokens the grown model will train on (for the estimate)"),
-    ("--gpu", str, ("plan", "gpu"), "accelerator of the estimate (default H100)"),
-    ("--price", float, ("plan", "price_per_gpu_hour"), "USD per GPU-hour of the estimate"),
-    ("--utilisation", float, ("plan", "utilisation"), "model FLOPs utilisation of the estimate"),
-    ("--callback-url", str, (None, "callback_url"), "URL the service POSTs the finished job to"),
+    ("--strategy", str, (None, "strategy"), "ligo (default), stack, interpolate, net2net or preserve; e.g. stack"),
+    ("--seed", int, (None, "seed"), "random seed (default 0); e.g. 1"),
+    ("--fit-steps", int, ("fit", "steps"), "operator fitting steps for 'ligo' (service default 100); e.g. 25"),
+    ("--batch-size", int, ("fit", "batch_size"), "fitting batch size; e.g. 16"),
+    ("--seq-len", int, ("fit", "seq_len"), "fitting sequence length; e.g. 128"),
+    ("--lr", float, ("fit", "lr"), "peak fitting learning rate; e.g. 1e-4"),
+    ("--data-uri", str, ("fit", "data_uri"),
+     "s3:// .txt or .jsonl corpus to fit on (default: the shipped corpus); e.g. s3://corpora/wiki.txt"),
+    ("--spread", float, ("growth", "spread"), "move copied units apart, 0-4 (default: the strategy's); e.g. 2"),
+    ("--noise", float, ("growth", "noise"), "symmetry breaking between copies, 0-1 (default 1); e.g. 0.5"),
+    ("--ligo-init", str, ("growth", "ligo_init"), "where LiGO's fit starts: preserve, stack or interpolate; e.g. stack"),
+    ("--tokens", int, ("plan", "tokens"), "tokens the grown model will train on (for the estimate); e.g. 2000000000"),
+    ("--gpu", str, ("plan", "gpu"), "accelerator of the estimate (default H100); e.g. A100"),
+    ("--price", float, ("plan", "price_per_gpu_hour"), "USD per GPU-hour of the estimate; e.g. 2.5"),
+    ("--utilisation", float, ("plan", "utilisation"), "model FLOPs utilisation of the estimate; e.g. 0.4"),
+    ("--callback-url", str, (None, "callback_url"),
+     "URL the service POSTs the finished job to; e.g. https://ci.example.com/hooks/ligo"),
 )
 
 
@@ -58,47 +60,63 @@ def _seconds(value: str) -> float:
     return seconds
 
 
+def _example(command: str) -> str:
+    return f"example:\n  {command}"
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     remote = subparsers.add_parser("remote", help="grow on a ligo service: upload, wait, download verified",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=_example("ligo remote grow ./small --target gpt2-medium --out ./grown"))
     add_commands(remote)
     return remote
 
 
 def add_commands(parser: argparse.ArgumentParser) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--server", help=f"service URL (default: LIGO_SERVER, else {DEFAULT_SERVER})")
-    common.add_argument("--key", help="API key (default: LIGO_API_KEY; the environment keeps it out of logs)")
+    common.add_argument("--server", help=f"service URL (default: LIGO_SERVER, else {DEFAULT_SERVER}); "
+                                         "e.g. https://ligo.internal")
+    common.add_argument("--key", help="API key (default: LIGO_API_KEY; the environment keeps it out of logs); "
+                                      "e.g. ligo_...")
     common.add_argument("--json", action="store_true", help="print the outcome as JSON on stdout")
     common.add_argument("--quiet", action="store_true", help="no progress on stderr")
     sub = parser.add_subparsers(dest="remote_command", required=True)
 
-    g = sub.add_parser("grow", parents=[common], help="upload SRC, grow it, wait, download the grown model")
+    g = sub.add_parser("grow", parents=[common], help="upload SRC, grow it, wait, download the grown model",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=_example("ligo remote grow ./small --target layers=24,hidden=1024 --out ./grown "
+                                       "--strategy ligo --timeout 7200"))
     g.add_argument("src", help="model directory, a .tar/.tar.gz/.tgz/.zip of one, a .safetensors file "
                                "(config.json beside it), or the id of a checkpoint already uploaded")
-    g.add_argument("--target", required=True, help="preset name or fields like layers=12,hidden=768,heads=12,ffn=3072")
-    g.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    g.add_argument("--target", required=True, help="preset name or fields; e.g. layers=12,hidden=768,heads=12,ffn=3072")
+    g.add_argument("--out", required=True, help="output directory (must not exist or be empty); e.g. ./grown")
     for flag, kind, _where, text in JOB_OPTIONS:
         g.add_argument(flag, type=kind, dest=_dest(flag), help=text)
     g.add_argument("--timeout", type=_seconds, help="give up waiting after this many seconds (exit 5; the job "
-                                                    "goes on, and running the command again picks it up)")
+                                                    "goes on, and running the command again picks it up); e.g. 7200")
     g.add_argument("--idempotency-key", help="use this key instead of one derived from the inputs (a new key "
-                                             "makes a new job even for the same inputs)")
+                                             "makes a new job even for the same inputs); e.g. the pipeline's run id")
     g.set_defaults(func=_run(cmd_grow))
 
-    s = sub.add_parser("status", parents=[common], help="show a job (exit 3 failed, 4 cancelled)")
-    s.add_argument("job")
+    s = sub.add_parser("status", parents=[common], help="show a job (exit 3 failed, 4 cancelled)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=_example("ligo remote status 0193a4c2e8f1... --wait --timeout 3600"))
+    s.add_argument("job", help="the job's id")
     s.add_argument("--wait", action="store_true", help="wait until the job ends")
-    s.add_argument("--timeout", type=_seconds, help="with --wait: give up after this many seconds (exit 5)")
+    s.add_argument("--timeout", type=_seconds, help="with --wait: give up after this many seconds (exit 5); e.g. 3600")
     s.set_defaults(func=_run(cmd_status))
 
-    d = sub.add_parser("download", parents=[common], help="download a succeeded job's files, verified")
-    d.add_argument("job")
+    d = sub.add_parser("download", parents=[common], help="download a succeeded job's files, verified",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=_example("ligo remote download 0193a4c2e8f1... ./grown"))
+    d.add_argument("job", help="the job's id")
     d.add_argument("dir", help="output directory (must not exist or be empty)")
     d.set_defaults(func=_run(cmd_download))
 
-    c = sub.add_parser("cancel", parents=[common], help="cancel a queued or running job")
-    c.add_argument("job")
+    c = sub.add_parser("cancel", parents=[common], help="cancel a queued or running job",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=_example("ligo remote cancel 0193a4c2e8f1..."))
+    c.add_argument("job", help="the job's id")
     c.set_defaults(func=_run(cmd_cancel))
 
 

@@ -237,7 +237,8 @@ def test_every_option_has_help_with_an_example_and_the_help_is_plain_text():
     top = parser.format_help()
     assert "``" not in top and "examples:" in top
     commands = dict(_subparsers(parser))
-    commands.update({f"keys {k}": p for k, p in _subparsers(commands.pop("keys")).items()})
+    for group in ("keys", "remote"):
+        commands.update({f"{group} {k}": p for k, p in _subparsers(commands.pop(group)).items()})
     for name, sub in commands.items():
         assert "example:" in (sub.epilog or ""), f"ligo {name} has no example"
         for action in sub._actions:
