@@ -406,7 +406,12 @@ def test_a_schemathesis_run_finds_no_server_error(svc, alice):
                 kwargs = case.as_transport_kwargs(base_url="http://testserver", headers=auth)
                 if not kwargs.pop("cookies", None) and "data" in kwargs:
                     kwargs["content"] = kwargs.pop("data")
-                r = svc["client"].request(**kwargs)
+                request = svc["client"].build_request(**kwargs)
+                try:
+                    request.read()  # a body the client itself cannot encode (an int as a form's file) is not sent
+                except (TypeError, AttributeError, ValueError):
+                    return
+                r = svc["client"].send(request)
                 if r.status_code >= 500:
                     failures.append((case.method, case.formatted_path, case.query, case.body, r.status_code, r.text))
 
