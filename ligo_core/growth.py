@@ -13,7 +13,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from ligo_core.errors import CheckpointError, GrowthCancelled, TargetError
 from ligo_core.families import Family, TensorSpec
-from ligo_core.fit_guard import GUARD_SEQUENCES, TOLERANCE, FitGuard, check_every
+from ligo_core.fit_guard import TOLERANCE, FitGuard, check_every, guard_slice
 from ligo_core.objective import heldout_loss, lm_loss, tokenizer_info
 from ligo_core.operator import GrowthOperator
 from ligo_core.separation import separation_offsets
@@ -305,8 +305,6 @@ def grow_model(
         raise TargetError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGY_MODES)}")
     if ligo_init not in LIGO_INITS:
         raise TargetError(f"unknown ligo_init {ligo_init!r}; choose from {', '.join(LIGO_INITS)}")
-    if strategy == "ligo" and fit_steps > 0 and train_batches is None:
-        raise TargetError("strategy 'ligo' needs training batches to fit the operator")
     if not 0.0 <= noise <= 1.0:
         raise TargetError(f"noise (symmetry breaking between copied units) must be in [0, 1], got {noise}")
     spread = default_spread(strategy) if spread is None else spread
@@ -320,6 +318,8 @@ def grow_model(
     layout = plan_layout(small_model.config, {k: tuple(v.shape) for k, v in state.items()})
     if strategy == "ligo" and fit_steps > 0 and not layout.has_head:
         raise TargetError(bare_model_refusal(small_model))
+    if strategy == "ligo" and fit_steps > 0 and train_batches is None:
+        raise TargetError("strategy 'ligo' needs training batches to fit the operator")
     small_sizes, large_sizes = sizes_of(small_model.config), sizes_of(target_config)
     torch.manual_seed(seed)
     operator = build_operator(
@@ -376,7 +376,7 @@ def grow_model(
             def score(op: GrowthOperator, offsets=offsets) -> float:
                 with torch.no_grad():
                     params = _moved(op.materialise(small_state, layout.names), offsets)
-                    return evaluate(heldout[:GUARD_SEQUENCES], params=params)
+                    return evaluate(guard_slice(heldout), params=params)
 
             guard = FitGuard(score, every=check_every(fit_steps))
             guard.start(operator)
