@@ -386,8 +386,10 @@ def grow_model(
             operator, skeleton, small_state, layout, train_batches, fit_steps, lr, mlm_info, device, seed,
             progress, should_cancel, accumulate, offsets, guard,
         )
-        info.update(fit_steps=fit_steps, fit_history=history, fit_seconds=time.perf_counter() - started, fit_lr=lr,
-                    fit_accumulate=accumulate, fit_warmup=fit_warmup(fit_steps))
+        # Steps run: fewer than asked when the guard stopped a diverging fit.
+        info.update(fit_steps=len(history), fit_steps_requested=fit_steps, fit_history=history,
+                    fit_seconds=time.perf_counter() - started, fit_lr=lr, fit_accumulate=accumulate,
+                    fit_warmup=fit_warmup(fit_steps))
     if progress:
         progress({"stage": "materialising", "step": 0, "total": 1, "loss": None})
     with torch.no_grad():

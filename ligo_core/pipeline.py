@@ -137,7 +137,8 @@ def grow(
             "operator_parameters": info["operator_parameters"],
             "fit": {
                 **_fit_outcome(info),
-                "steps": info["fit_steps"], "lr": info.get("fit_lr"), "warmup": info.get("fit_warmup"), "batch_size": batch_size, "seq_len": seq_len,
+                "steps": info["fit_steps"], "steps_requested": info.get("fit_steps_requested"),
+                "lr": info.get("fit_lr"), "warmup": info.get("fit_warmup"), "batch_size": batch_size, "seq_len": seq_len,
                 "accumulate": accumulate, "seconds": round(info["fit_seconds"], 3),
                 "tokens": info["fit_steps"] * accumulate * batch_size * seq_len,
                 "loss_history": info["fit_history"],
