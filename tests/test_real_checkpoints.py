@@ -69,12 +69,18 @@ def test_preserve_keeps_a_real_llamas_logits_and_greedy_generation_through_the_c
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_preserve_with_the_services_defaults_is_exact(name, checkpoint_dir, tmp_path):
-    """The worker calls ligo_core.grow with the job's growth options, defaults left out."""
+def test_preserve_with_the_cli_and_service_defaults_is_exact(name, checkpoint_dir, tmp_path):
+    """The worker calls ligo_core.grow with the job's growth options, defaults left out; the CLI
+    passes no spread unless given one."""
     from app.schemas import GrowthOptions
 
-    report = ligo_core.grow(checkpoint_dir(name), "layers=4,hidden=64,heads=8,ffn=128", tmp_path / "out",
-                            strategy="preserve", fit_steps=100, **GrowthOptions().model_dump(exclude_none=True))
+    target = "layers=4,hidden=64,heads=8,ffn=128"  # 2x depth and width
+    report = ligo_core.grow(checkpoint_dir(name), target, tmp_path / "service", strategy="preserve", fit_steps=100,
+                            **GrowthOptions().model_dump(exclude_none=True))
+    assert report["spread"] == 0 and report["function_gap_max_logit"] < 1e-4
+    assert cli(["grow", str(checkpoint_dir(name)), "--target", target, "--strategy", "preserve",
+                "--out", str(tmp_path / "cli")]) == 0
+    report = json.loads((tmp_path / "cli" / "growth_report.json").read_text())
     assert report["spread"] == 0 and report["function_gap_max_logit"] < 1e-4
 
 

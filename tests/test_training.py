@@ -286,3 +286,12 @@ def test_too_little_data_names_what_was_found_and_what_is_needed(tmp_path, gpt_t
     (tmp_path / "tiny.jsonl").write_text('{"text": "a few words"}\n{"text": "and a few more"}\n')
     with pytest.raises(DataError, match=r"holds 2 documents \(2 pieces\), \d+ tokens .* at least 3 sequences of 32"):
         build_token_data(tmp_path / "tiny.jsonl", gpt_tok, SEQ)
+
+
+def test_the_cli_prints_the_fit_outcome(checkpoint_dir, tmp_path, capsys):
+    from ligo_core.cli import main
+
+    assert main(["grow", str(checkpoint_dir("llama")), "--target", "layers=3", "--fit-steps", "2",
+                 "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "fit outcome: " in out and ("improved" in out or "kept_start" in out)
