@@ -370,8 +370,11 @@ def grow_model(
     if strategy == "ligo" and fit_steps > 0:
         lr = lr if lr is not None else default_lr(strategy)
         if heldout is not None:
-            # The fit's start is the grown model as fit_steps=0 would write it: copies moved apart.
-            losses["fit_start"] = evaluate(params=_moved(initial, offsets)) if offsets else losses["before_fit"]
+            # The fit's start is the grown model as fit_steps=0 would write it: copies moved apart
+            # (in place: ``initial`` is not used again on this path).
+            for name, offset in offsets.items():
+                initial[name].add_(offset)
+            losses["fit_start"] = evaluate(params=initial) if offsets else losses["before_fit"]
 
             def score(op: GrowthOperator, offsets=offsets) -> float:
                 with torch.no_grad():
