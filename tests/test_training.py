@@ -160,28 +160,15 @@ def test_next_token_loss_matches_the_models_own():
 
 # The fit's guard (ligo_core/fit_guard.py) and the data reader (ligo_core/data.py).
 
-def _pretrained_tiny(name, tokenizer, train):
-    from ligo_core.objective import lm_loss
-    from tests.engine_fixtures import make_model
-
-    model = make_model(name)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    it = batches(train, 16, 0)
-    for _ in range(40):
-        loss = lm_loss(model, next(it), "clm")
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def fit_setup(tokenizer):
     from ligo_core.data import split_texts
+    from tests.engine_fixtures import make_model
+    from tests.test_growth import _pretrain
 
     train, held = split_texts(default_corpus_texts()[:1200])
     train, held = pack_tokens(train, tokenizer, 32), pack_tokens(held, tokenizer, 32)[:32]
-    return _pretrained_tiny("llama", tokenizer, train), train, held
+    return _pretrain(make_model("llama"), train, steps=40), train, held
 
 
 def _fit(small, train, held, tokenizer, **kw):
