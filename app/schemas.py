@@ -111,7 +111,7 @@ class RegisterIn(Strict):
 
 class FitOptions(Strict):
     steps: int = Field(100, ge=0, le=1_000_000, description="Fitting steps of the operator (LiGO only).")
-    lr: float | None = Field(None, gt=0, le=1.0)
+    lr: float | None = Field(None, gt=0, le=1.0, description="Peak fitting learning rate (default 1e-4).")
     batch_size: int | None = Field(None, ge=1, le=65_536)
     seq_len: int | None = Field(None, ge=8, le=1_048_576)
     data_uri: Uri | None = Field(None, description="s3://bucket/key of a text corpus; default: the shipped corpus.")
@@ -121,9 +121,9 @@ class GrowthOptions(Strict):
     """How the operator is built; empty fields take the engine's defaults (docs/GROWTH.md)."""
 
     spread: float | None = Field(None, ge=0, le=4, description=(
-        "How far growth moves copied units apart (default 2). 0 keeps the grown model exactly "
-        "function-preserving; larger values start it a little further from the small model's outputs "
-        "and train better. Not for net2net, which keeps exact copies."))
+        "How far growth moves copied units apart (default 0 for preserve, 2 for the other strategies). "
+        "0 keeps the grown model exactly function-preserving; larger values start it a little further from "
+        "the small model's outputs and train better. Not for net2net, which keeps exact copies."))
     noise: float | None = Field(None, ge=0, le=1, description=(
         "Symmetry breaking between copies that keeps the function exact (default 1). Not for net2net."))
     ligo_init: Literal["preserve", "stack", "interpolate"] | None = Field(None, description=(
@@ -193,6 +193,9 @@ class JobOut(BaseModel):
     attempts: int
     cancel_requested: bool
     webhook: WebhookState | None = Field(description="Delivery of the callback_url webhook; null without one")
+    fit_outcome: str | None = Field(None, description=(
+        "Once succeeded: what LiGO's guarded fit wrote (improved, kept_start, stopped_diverged; "
+        "the result's report.fit says more); null for fixed strategies and unfinished jobs."))
 
 
 class JobList(BaseModel):
@@ -268,6 +271,7 @@ def job_json(job, delivery=None) -> dict:
         "attempts": job.attempts,
         "cancel_requested": bool(job.cancel_requested),
         "webhook": webhook_json(job, delivery),
+        "fit_outcome": (((job.manifest or {}).get("report") or {}).get("fit") or {}).get("outcome"),
     }
 
 

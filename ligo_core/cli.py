@@ -109,6 +109,13 @@ def print_report(report: dict, console) -> None:
         + (f"; max logit gap to the small model {report['function_gap_max_logit']:.2e}"
            if report.get("function_gap_max_logit") is not None else "")
     )
+    outcome = fit.get("outcome")
+    if outcome:
+        from ligo_core.fit_guard import OUTCOMES
+
+        console.print(f"fit outcome: {outcome} ({OUTCOMES.get(outcome, '')})"
+                      + "".join(f"; {fit[k]}" for k in ("stop_reason", "final_check") if fit.get(k)))
+
 
 
 def _own_directory(src: str) -> bool:
@@ -211,13 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--noise", type=float,
                    help="symmetry breaking between copied units, 0-1 (default 1; exact at any value; e.g. 0.5)")
     g.add_argument("--spread", type=float,
-                   help="move copied units' incoming weights apart, 0-4 (default 2; exact to first order, "
-                        "0 keeps the function exactly; e.g. 0)")
-    g.add_argument("--data", help="fitting text: a text file, JSON lines with a 'text' field, or a directory of "
-                                  "them (default: the shipped English corpus; e.g. ./corpus.jsonl)")
+                   help="move copied units' incoming weights apart, 0-4 (default 0 for 'preserve', which keeps "
+                        "the function exactly, 2 for the others; exact to first order; e.g. 2)")
+    g.add_argument("--data", help="fitting text: a text file (paragraphs between blank lines, or one per line), "
+                                  "JSON lines with a 'text' field, or a directory of them (default: the shipped "
+                                  "English corpus; e.g. ./corpus.jsonl)")
     g.add_argument("--seed", type=int, default=0,
                    help="random seed of the fitting batches and the symmetry breaking (default 0; e.g. 1)")
-    g.add_argument("--lr", type=float, help="peak fitting learning rate (default 1e-3; e.g. 3e-4)")
+    g.add_argument("--lr", type=float, help="peak fitting learning rate (default 1e-4; e.g. 3e-4)")
     g.add_argument("--batch-size", type=int,
                    help=f"fitting batch size in sequences (default {DEFAULT_BATCH_SIZE}; e.g. 32)")
     g.add_argument("--seq-len", type=int,

@@ -1,7 +1,11 @@
 """Fitting data: text files or JSON lines, tokenised with the checkpoint's tokenizer.
 
-Documents are split into train and held-out sets by a stable hash of their text, so the
-held-out set is the same whatever order the files come in. Tokens are packed into
+Plain text: blocks separated by blank lines are documents; a file with no blank line (one
+paragraph per line, the commonest layout) has one document per line. Documents longer than
+``PIECE_CHARS`` are cut into pieces at line or sentence ends, so that one long document cannot
+leave the held-out side empty. Pieces are split into train and held-out sets by a stable hash of
+their text (the same set whatever order the files come in), and the held-out side is topped up
+from the train side, in hash order, until it holds whole sequences. Tokens are packed into
 fixed-length sequences (documents joined with the tokenizer's separator token).
 """
 
@@ -10,6 +14,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +27,9 @@ from ligo_core.families import MASK_PROBABILITY
 DEFAULT_CORPUS = Path(__file__).parent / "corpus" / "wikipedia_en_leads.txt.gz"
 DEFAULT_CORPUS_NAME = "wikipedia-en-leads (CC BY-SA 4.0, see ligo_core/corpus/README.md)"
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".json", ".gz")
+PIECE_CHARS = 2_000  # about 400-500 tokens of English: a few held-out sequences per piece
+HELDOUT_FRACTION = 0.05
+MIN_HELDOUT_SEQUENCES = 2
 
 
 def default_corpus_texts() -> list[str]:
@@ -47,12 +55,33 @@ def _read_file(path: Path) -> list[str]:
                         raise DataError(f"{path}:{n}: JSON line has no string field 'text'")
                     texts.append(record["text"])
                 return texts
-            # Plain text: paragraphs separated by blank lines are documents.
-            return [p.strip() for p in f.read().split("\n\n") if p.strip()]
+            return plain_text_documents(f.read())
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc}") from None
+
+
+def plain_text_documents(text: str) -> list[str]:
+    """Blocks between blank lines, or lines where the text has no blank line."""
+    text = text.replace("\r\n", "\n")
+    blocks = re.split(r"\n[ \t]*\n", text)
+    if len(blocks) == 1:
+        blocks = text.split("\n")
+    return [b.strip() for b in blocks if b.strip()]
+
+
+def cut_document(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
+    """Pieces of at most about ``max_chars``, cut after a line or sentence end where there is one."""
+    pieces = []
+    while len(text) > max_chars:
+        window = text[:max_chars]
+        cut = max(window.rfind("\n"), window.rfind(". "), window.rfind("? "), window.rfind("! "))
+        cut = cut + 1 if cut > max_chars // 2 else max_chars
+        pieces.append(text[:cut].strip())
+        text = text[cut:]
+    pieces.append(text.strip())
+    return [p for p in pieces if p]
 
 
 def load_texts(data: str | Path | None) -> tuple[list[str], str]:
@@ -71,32 +100,46 @@ def load_texts(data: str | Path | None) -> tuple[list[str], str]:
     return texts, str(path)
 
 
-def split_texts(texts: list[str], heldout_fraction: float = 0.05) -> tuple[list[str], list[str]]:
+def _bucket(text: str) -> int:
+    return int.from_bytes(hashlib.sha1(text.encode(), usedforsecurity=False).digest()[:4], "big") % 10_000
+
+
+def split_texts(texts: list[str], heldout_fraction: float = HELDOUT_FRACTION) -> tuple[list[str], list[str]]:
     """Stable train / held-out split by a hash of each document."""
     train, heldout = [], []
     cut = int(heldout_fraction * 10_000)
     for t in texts:
-        bucket = int.from_bytes(hashlib.sha1(t.encode(), usedforsecurity=False).digest()[:4], "big") % 10_000
-        (heldout if bucket < cut else train).append(t)
+        (heldout if _bucket(t) < cut else train).append(t)
     if not heldout and len(train) > 1:
         heldout.append(train.pop())
     return train, heldout
 
 
-def pack_tokens(texts: list[str], tokenizer, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
-    """Tokenise and pack documents into a (n, seq_len) tensor of token ids."""
+def _token_ids(texts: list[str], tokenizer, max_tokens: int | None = None) -> list[int]:
+    """Documents' token ids joined by the separator token, stopping once ``max_tokens`` are in."""
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if sep is not None:
-            ids.append(sep)
+    for start in range(0, len(texts), 256):  # batched: the fast tokenizer runs a batch in parallel
+        for doc in tokenizer(texts[start : start + 256], add_special_tokens=False)["input_ids"]:
+            ids.extend(doc)
+            if sep is not None:
+                ids.append(sep)
         if max_tokens and len(ids) >= max_tokens:
             break
+    return ids
+
+
+def _as_sequences(ids: list[int], seq_len: int) -> torch.Tensor:
     n = len(ids) // seq_len
-    if n == 0:
-        raise DataError(f"data has {len(ids)} tokens, fewer than one sequence of {seq_len}")
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def pack_tokens(texts: list[str], tokenizer, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
+    """Tokenise and pack documents into a (n, seq_len) tensor of token ids."""
+    ids = _token_ids(texts, tokenizer, max_tokens)
+    if len(ids) < seq_len:
+        raise DataError(f"data has {len(texts)} documents, {len(ids)} tokens: fewer than one sequence of {seq_len}")
+    return _as_sequences(ids, seq_len)
 
 
 @dataclass
@@ -114,11 +157,31 @@ def build_token_data(
     data: str | Path | None, tokenizer, seq_len: int, max_train_tokens: int | None = None,
     max_heldout_tokens: int = 65_536,
 ) -> TokenData:
+    """Train and held-out sequences from ``data`` (see the module's docstring for the split)."""
     texts, source = load_texts(data)
-    train_texts, heldout_texts = split_texts(texts)
-    train = pack_tokens(train_texts, tokenizer, seq_len, max_train_tokens)
-    heldout = pack_tokens(heldout_texts, tokenizer, seq_len, max_heldout_tokens)
-    return TokenData(train=train, heldout=heldout, source=source)
+    pieces = [p for t in texts for p in cut_document(t)]
+    need = MIN_HELDOUT_SEQUENCES * seq_len
+    heldout_texts, train_texts = [], []
+    held_ids: list[int] = []
+    cut = int(HELDOUT_FRACTION * 10_000)
+    # Hash order: the held-out side takes its 5% of buckets, then more, until it holds ``need`` tokens.
+    for bucket, piece in sorted((_bucket(p), p) for p in pieces):
+        if (bucket < cut or len(held_ids) < need) and len(held_ids) < max_heldout_tokens:
+            heldout_texts.append(piece)
+            held_ids.extend(_token_ids([piece], tokenizer))
+        else:
+            train_texts.append(piece)
+    train_ids = _token_ids(train_texts, tokenizer, max_train_tokens)
+    if len(held_ids) < need or len(train_ids) < seq_len:
+        total = len(held_ids) + len(train_ids)
+        raise DataError(
+            f"data {source!r} holds {len(texts)} documents ({len(pieces)} pieces), {total} tokens with this "
+            f"checkpoint's tokenizer; fitting needs at least {MIN_HELDOUT_SEQUENCES + 1} sequences of {seq_len} "
+            f"tokens ({(MIN_HELDOUT_SEQUENCES + 1) * seq_len}): {MIN_HELDOUT_SEQUENCES} held out to score the "
+            f"fit, the rest to fit on. Add text or pass a shorter sequence length"
+        )
+    heldout = _as_sequences(held_ids[:max_heldout_tokens], seq_len)
+    return TokenData(train=_as_sequences(train_ids, seq_len), heldout=heldout, source=source)
 
 
 def batches(tokens: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:

@@ -13,17 +13,18 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from ligo_core.errors import CheckpointError, GrowthCancelled, TargetError
 from ligo_core.families import Family, TensorSpec
+from ligo_core.fit_guard import TOLERANCE, FitGuard, check_every, guard_slice
 from ligo_core.objective import heldout_loss, lm_loss, tokenizer_info
 from ligo_core.operator import GrowthOperator
 from ligo_core.separation import separation_offsets
 from ligo_core.strategies import (
     DEFAULT_LIGO_INIT,
     DEFAULT_NOISE,
-    DEFAULT_SPREAD,
     LIGO_INITS,
     MAX_SPREAD,
     STRATEGY_MODES,
     build_operator,
+    default_spread,
 )
 from ligo_core.targets import check_growth, family_of, sizes_of
 from ligo_core.training import default_device, lr_at
@@ -138,8 +139,19 @@ def load_grown_weights(model: PreTrainedModel, state: dict[str, torch.Tensor]) -
     return model
 
 
+# Peak learning rate of the fit. 1e-3 (tuned on this project's toy models) wrecked a real
+# 135M Llama in one step (held-out 4.06 -> 7.32); measurements in docs/GROWTH.md, "Fitting recipe".
+DEFAULT_FIT_LR = 1e-4
+
+
 def default_lr(strategy: str) -> float:
-    return 1e-3
+    return DEFAULT_FIT_LR
+
+
+def fit_warmup(steps: int) -> int:
+    """Warm-up steps: 10% of the fit, and never fewer than 2, so that no fit starts with a full-rate
+    AdamW step (which moves every operator entry by the learning rate at once)."""
+    return min(steps, max(2, steps // 10))
 
 
 def fit_operator(
@@ -157,6 +169,7 @@ def fit_operator(
     should_cancel: Callable[[], bool] | None = None,
     accumulate: int = 1,
     offsets: dict[str, torch.Tensor] | None = None,
+    guard: FitGuard | None = None,
 ) -> list[tuple[int, float]]:
     """Train only the operator on the large model's loss; the small weights stay frozen.
 
@@ -167,6 +180,9 @@ def fit_operator(
     batches' gradients gather on the large weights, and one backward pass carries them through
     the operator. The operator's cost per step stays fixed while the tokens per step grow, at the
     memory of one batch.
+
+    ``guard`` (ligo_core/fit_guard.py) scores held-out loss as the fit goes, stops it when it
+    diverges and leaves the operator at the best state it saw (the start, if nothing beat it).
     """
     if accumulate < 1:
         raise ValueError(f"accumulate must be at least 1, got {accumulate}")
@@ -189,7 +205,7 @@ def fit_operator(
         if should_cancel is not None and should_cancel():
             raise GrowthCancelled()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 10))  # warm-up sized for the fit
+            group["lr"] = lr_at(step, steps, lr, warmup=fit_warmup(steps))  # warm-up sized for the fit
         with autocast:
             large = operator.materialise(small_state, layout.names)
             for name, offset in (offsets or {}).items():
@@ -214,7 +230,27 @@ def fit_operator(
         history.append((step + 1, value))
         if progress:
             progress({"stage": "fitting", "step": step + 1, "total": steps, "loss": value})
+        if guard is not None and guard.after_step(step + 1, value, operator, last=step + 1 == steps):
+            break
+    if guard is not None:
+        guard.restore_best(operator)
     return history
+
+
+def _moved(params: dict[str, torch.Tensor], offsets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``params`` with the copies moved apart (new tensors; ``params`` is left as it is)."""
+    return {k: v + offsets[k] if k in offsets else v for k, v in params.items()}
+
+
+def bare_model_refusal(model: PreTrainedModel) -> str:
+    return (
+        f"strategy 'ligo' fits the operator on the model's own language-model loss, and this checkpoint "
+        f"({type(model).__name__}) is a bare encoder or decoder with no LM head, so there is no such loss to fit "
+        "(an untrained head would make the fit follow a number that says nothing about the model). Use a "
+        "fixed strategy: 'preserve' (keeps the function; exact for pre-norm models, and for BERT-style "
+        "models at integer width multiples and the same depth), 'stack' or 'interpolate'; or grow the "
+        "checkpoint saved with its head (e.g. BertForMaskedLM, not BertModel)"
+    )
 
 
 class _nullcontext:
@@ -252,7 +288,7 @@ def grow_model(
     should_cancel: Callable[[], bool] | None = None,
     tokenizer=None,
     noise: float = DEFAULT_NOISE,
-    spread: float = DEFAULT_SPREAD,
+    spread: float | None = None,
     heldout: torch.Tensor | None = None,
     eval_batch_size: int = 16,
     ligo_init: str = DEFAULT_LIGO_INIT,
@@ -261,16 +297,17 @@ def grow_model(
     """Grow ``small_model`` to ``target_config`` with a strategy; returns (large model, info).
 
     With ``heldout`` token sequences, ``info`` also holds the held-out loss of a randomly
-    initialised large model and of the grown model before and after fitting.
+    initialised large model and of the grown model before and after fitting, and LiGO's fit is
+    guarded (ligo_core/fit_guard.py): the model returned is never worse on ``heldout`` than the
+    fit's start. ``spread`` None takes the strategy's default (``default_spread``).
     """
     if strategy not in STRATEGY_MODES:
         raise TargetError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGY_MODES)}")
     if ligo_init not in LIGO_INITS:
         raise TargetError(f"unknown ligo_init {ligo_init!r}; choose from {', '.join(LIGO_INITS)}")
-    if strategy == "ligo" and fit_steps > 0 and train_batches is None:
-        raise TargetError("strategy 'ligo' needs training batches to fit the operator")
     if not 0.0 <= noise <= 1.0:
         raise TargetError(f"noise (symmetry breaking between copied units) must be in [0, 1], got {noise}")
+    spread = default_spread(strategy) if spread is None else spread
     if not 0.0 <= spread <= MAX_SPREAD:
         raise TargetError(f"spread (how far copied units are moved apart) must be in [0, {MAX_SPREAD}], got {spread}")
     if accumulate < 1:
@@ -279,6 +316,10 @@ def grow_model(
     check_growth(small_model.config, target_config)
     state = {k: v.detach() for k, v in small_model.state_dict().items()}
     layout = plan_layout(small_model.config, {k: tuple(v.shape) for k, v in state.items()})
+    if strategy == "ligo" and fit_steps > 0 and not layout.has_head:
+        raise TargetError(bare_model_refusal(small_model))
+    if strategy == "ligo" and fit_steps > 0 and train_batches is None:
+        raise TargetError("strategy 'ligo' needs training batches to fit the operator")
     small_sizes, large_sizes = sizes_of(small_model.config), sizes_of(target_config)
     torch.manual_seed(seed)
     operator = build_operator(
@@ -292,8 +333,8 @@ def grow_model(
     skeleton = type(small_model)(target_config)
     losses: dict[str, float | None] = {"random": None, "before_fit": None, "after_fit": None}
 
-    def evaluate(**kwargs) -> float:
-        return heldout_loss(skeleton, heldout, objective, mlm_info, eval_batch_size, device=device,
+    def evaluate(tokens=heldout, **kwargs) -> float:
+        return heldout_loss(skeleton, tokens, objective, mlm_info, eval_batch_size, device=device,
                             embedding_name=layout.embedding_name, **kwargs)
 
     if heldout is not None:
@@ -325,16 +366,33 @@ def grow_model(
         "heldout_loss": losses,
         "norm_eps_scale": operator.norm_scale**2,
     }
+    guard = None
     if strategy == "ligo" and fit_steps > 0:
-        initial = None  # the fitted operator's tensors replace it; not held through the fit
         lr = lr if lr is not None else default_lr(strategy)
+        if heldout is not None:
+            # The fit's start is the grown model as fit_steps=0 would write it: copies moved apart
+            # (in place: ``initial`` is not used again on this path).
+            for name, offset in offsets.items():
+                initial[name].add_(offset)
+            losses["fit_start"] = evaluate(params=initial) if offsets else losses["before_fit"]
+
+            def score(op: GrowthOperator, offsets=offsets) -> float:
+                with torch.no_grad():
+                    params = _moved(op.materialise(small_state, layout.names), offsets)
+                    return evaluate(guard_slice(heldout), params=params)
+
+            guard = FitGuard(score, every=check_every(fit_steps))
+            guard.start(operator)
+        initial = None  # the fitted operator's tensors replace it; not held through the fit
         started = time.perf_counter()
         history = fit_operator(
             operator, skeleton, small_state, layout, train_batches, fit_steps, lr, mlm_info, device, seed,
-            progress, should_cancel, accumulate, offsets,
+            progress, should_cancel, accumulate, offsets, guard,
         )
-        info.update(fit_steps=fit_steps, fit_history=history, fit_seconds=time.perf_counter() - started, fit_lr=lr,
-                    fit_accumulate=accumulate)
+        # Steps run: fewer than asked when the guard stopped a diverging fit.
+        info.update(fit_steps=len(history), fit_steps_requested=fit_steps, fit_history=history,
+                    fit_seconds=time.perf_counter() - started, fit_lr=lr, fit_accumulate=accumulate,
+                    fit_warmup=fit_warmup(fit_steps))
     if progress:
         progress({"stage": "materialising", "step": 0, "total": 1, "loss": None})
     with torch.no_grad():
@@ -342,10 +400,18 @@ def grow_model(
         del initial
         for name, offset in offsets.items():
             large_state[name].add_(offset)  # materialised tensors own their memory: no second copy
-        del offsets
         if heldout is not None:
             changed = info["fit_steps"] or operator.spread  # the grown model differs from the initial operator's
             losses["after_fit"] = evaluate(params=large_state) if changed else losses["before_fit"]
+        if guard is not None:
+            if losses["after_fit"] > losses["fit_start"] + TOLERANCE:
+                # The slice's best is worse on the whole held-out set: write the start instead.
+                del large_state
+                guard.fall_back(operator, losses["after_fit"], losses["fit_start"])
+                large_state = _moved(operator.materialise(small_state, layout.names), offsets)
+                losses["after_fit"] = losses["fit_start"]
+            info["fit_guard"] = guard.summary()
+        del offsets
     del operator
     large = load_grown_weights(skeleton, {k: v.contiguous() for k, v in large_state.items()})
     large.eval()

@@ -12,10 +12,10 @@ import torch
 from ligo_core.checkpoint import load_checkpoint, opened_source
 from ligo_core.data import batches, build_token_data
 from ligo_core.defaults import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
-from ligo_core.errors import DataError
-from ligo_core.growth import grow_model, pick_device
+from ligo_core.errors import DataError, TargetError
+from ligo_core.growth import bare_model_refusal, grow_model, pick_device
 from ligo_core.output import check_output_dir, write_checkpoint
-from ligo_core.strategies import DEFAULT_LIGO_INIT, DEFAULT_NOISE, DEFAULT_SPREAD
+from ligo_core.strategies import DEFAULT_LIGO_INIT, DEFAULT_NOISE
 from ligo_core.targets import resolve_target, sizes_of, target_summary
 
 HELDOUT_SEQUENCES = 64
@@ -69,7 +69,7 @@ def grow(
     ligo_init: str = DEFAULT_LIGO_INIT,
     accumulate: int = 1,
     noise: float = DEFAULT_NOISE,
-    spread: float = DEFAULT_SPREAD,
+    spread: float | None = None,
     follow_links: bool = False,
 ) -> dict:
     """Grow the checkpoint at ``src`` to ``target`` and write it to ``out_dir``; returns the report.
@@ -88,11 +88,15 @@ def grow(
         batch_size = batch_size or DEFAULT_BATCH_SIZE
         seq_len = min(seq_len or DEFAULT_SEQ_LEN, _max_positions(loaded.config))
         fitting = strategy == "ligo" and fit_steps > 0
+        # A bare model (no LM head) has no language-model loss: nothing to fit, no held-out loss to show.
+        scored = loaded.layout.has_head
+        if fitting and not scored:
+            raise TargetError(bare_model_refusal(loaded.model))
         token_data = None
         if loaded.tokenizer is None:
             if fitting:
                 raise DataError("the checkpoint has no tokenizer files; fitting 'ligo' needs its tokenizer")
-        else:
+        elif scored:
             token_data = build_token_data(
                 data, loaded.tokenizer, seq_len,
                 max_train_tokens=max(fit_steps, 1) * accumulate * batch_size * seq_len * 2,
@@ -132,7 +136,9 @@ def grow(
             },
             "operator_parameters": info["operator_parameters"],
             "fit": {
-                "steps": info["fit_steps"], "lr": info.get("fit_lr"), "batch_size": batch_size, "seq_len": seq_len,
+                **_fit_outcome(info),
+                "steps": info["fit_steps"], "steps_requested": info.get("fit_steps_requested"),
+                "lr": info.get("fit_lr"), "warmup": info.get("fit_warmup"), "batch_size": batch_size, "seq_len": seq_len,
                 "accumulate": accumulate, "seconds": round(info["fit_seconds"], 3),
                 "tokens": info["fit_steps"] * accumulate * batch_size * seq_len,
                 "loss_history": info["fit_history"],
@@ -142,8 +148,10 @@ def grow(
                 "small": small_loss,
                 "grown_before_fit": info["heldout_loss"]["before_fit"],
                 "grown_after_fit": info["heldout_loss"]["after_fit"],
+                "fit_start": info["heldout_loss"].get("fit_start"),
                 "random_large": info["heldout_loss"]["random"],
                 "sequences": int(heldout.shape[0]) if heldout is not None else 0,
+                **({} if scored else {"note": "a bare model (no LM head) has no language-model loss"}),
             },
             "function_gap_max_logit": gap,
             "norm_eps_scale": info["norm_eps_scale"],
@@ -165,6 +173,15 @@ def grow(
             large, out_dir, dtype=loaded.dtype, source_dir=directory, report=report, max_shard_size=max_shard_size
         )
     return report
+
+
+def _fit_outcome(info: dict) -> dict:
+    """The guard's verdict (ligo_core/fit_guard.py): ``outcome`` is None when nothing was fitted, and
+    "unchecked" when a fit ran without held-out data to check it on."""
+    guard = info.get("fit_guard")
+    if guard is None:
+        return {"outcome": "unchecked" if info["fit_steps"] else None}
+    return guard
 
 
 def _fit_flops(source_config, target_config, report: dict) -> dict:

@@ -35,8 +35,15 @@ COPY, MEAN, ZERO = "copy", "mean", "zero"
 DEFAULT_NOISE = 1.0
 PAD_NOISE = 0.1
 # Copies' incoming weights moved apart after growth, first-order exact (ligo_core/separation.py).
+# `preserve` promises the small model's function, so it moves nothing unless asked; the others
+# are followed by training, which the moved copies serve (docs/GROWTH.md, "Moving copies apart").
 DEFAULT_SPREAD = 2.0
+SPREAD_BY_STRATEGY = {"preserve": 0.0}
 MAX_SPREAD = 4.0
+
+
+def default_spread(strategy: str) -> float:
+    return SPREAD_BY_STRATEGY.get(strategy, DEFAULT_SPREAD)
 
 
 @dataclass(frozen=True)
@@ -298,7 +305,7 @@ def build_operator(
     seed: int = 0,
     noise: float = DEFAULT_NOISE,
     ligo_init: str = DEFAULT_LIGO_INIT,
-    spread: float = DEFAULT_SPREAD,
+    spread: float | None = None,
 ) -> GrowthOperator:
     """The initial operator for a strategy; ``small``/``large`` are ``sizes_of`` dicts."""
     if strategy not in STRATEGY_MODES:
@@ -306,6 +313,7 @@ def build_operator(
     if ligo_init not in LIGO_INITS:
         raise ValueError(f"unknown ligo_init {ligo_init!r}; choose from {', '.join(LIGO_INITS)}")
     width, depth_mode, zero_new = LIGO_INITS[ligo_init] if strategy == "ligo" else STRATEGY_MODES[strategy]
+    spread = default_spread(strategy) if spread is None else spread
     if width == "net2net":
         noise = spread = 0.0  # bert2BERT as published: exact copies, inputs divided evenly
     g = torch.Generator().manual_seed(seed)

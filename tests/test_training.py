@@ -156,3 +156,129 @@ def test_next_token_loss_matches_the_models_own():
     total, count = loss_terms(model, ids, "clm")
     assert count == 3 * 15
     torch.testing.assert_close(total / count, model(input_ids=ids, labels=ids).loss)
+
+
+# The fit's guard (ligo_core/fit_guard.py) and the data reader (ligo_core/data.py).
+
+@pytest.fixture(scope="module")
+def fit_setup(tokenizer):
+    from ligo_core.data import split_texts
+    from tests.engine_fixtures import make_model
+    from tests.test_growth import _pretrain
+
+    train, held = split_texts(default_corpus_texts()[:1200])
+    train, held = pack_tokens(train, tokenizer, 32), pack_tokens(held, tokenizer, 32)[:32]
+    return _pretrain(make_model("llama"), train, steps=40), train, held
+
+
+def _fit(small, train, held, tokenizer, **kw):
+    from ligo_core.growth import grow_model
+    from ligo_core.targets import resolve_target
+
+    target = resolve_target("layers=4,hidden=48,heads=6,ffn=96", small.config)
+    return grow_model(small, target, strategy="ligo", train_batches=batches(train, 8, 1), heldout=held,
+                      tokenizer=tokenizer, **kw)
+
+
+def test_an_absurd_learning_rate_stops_the_fit_and_writes_the_start(fit_setup, tokenizer):
+    from ligo_core.objective import heldout_loss
+
+    small, train, held = fit_setup
+    large, info = _fit(small, train, held, tokenizer, fit_steps=20, lr=3.0)
+    guard, losses = info["fit_guard"], info["heldout_loss"]
+    assert guard["outcome"] == "stopped_diverged" and guard["stopped_at"] < 20, guard
+    assert len(info["fit_history"]) == guard["stopped_at"]  # stopped early, not run to the end
+    assert guard["best_step"] == 0 and "diverged" in guard["stop_reason"]
+    # The model handed over is the start, loss for loss.
+    assert losses["after_fit"] == losses["fit_start"]
+    assert math.isclose(heldout_loss(large, held, "clm"), losses["fit_start"], rel_tol=1e-5)
+
+
+def test_a_fit_that_helps_is_kept_and_never_ends_above_its_start(fit_setup, tokenizer):
+    small, train, held = fit_setup
+    _, info = _fit(small, train, held, tokenizer, fit_steps=8, lr=1e-3, ligo_init="stack", spread=0.0)
+    guard, losses = info["fit_guard"], info["heldout_loss"]
+    assert guard["outcome"] == "improved" and guard["best_step"] > 0, guard
+    assert losses["after_fit"] < losses["fit_start"]
+    assert [step for step, _ in guard["guard_checks"]] == list(range(9))  # the start, then every step
+    assert info["fit_lr"] == 1e-3 and info["fit_warmup"] == 2
+
+
+def test_a_best_state_that_fails_on_the_whole_heldout_set_falls_back_to_the_start(fit_setup, tokenizer, monkeypatch):
+    """The slice picks the best state; the whole held-out set has the last word."""
+    from ligo_core import fit_guard
+
+    small, train, held = fit_setup
+    scores = iter([5.0, 4.0, 4.5, 4.6, 4.7])  # step 1 looks best on the slice
+    monkeypatch.setattr(fit_guard.FitGuard, "_check", lambda self, step, op: _fake_check(self, step, op, scores))
+    monkeypatch.setattr(fit_guard, "DIVERGE_MARGIN", math.inf)  # lr 1.0 ruins the model without stopping the fit
+    _, info = _fit(small, train, held, tokenizer, fit_steps=4, lr=1.0)
+    guard, losses = info["fit_guard"], info["heldout_loss"]
+    assert guard["outcome"] == "kept_start" and guard["best_step"] == 1, guard
+    assert "start was written" in guard["final_check"]
+    assert losses["after_fit"] == losses["fit_start"]
+
+
+def _fake_check(guard, step, operator, scores):
+    loss = next(scores)
+    guard.checks.append((step, loss))
+    if loss < guard.best_loss:
+        guard.best_loss, guard.best_step = loss, step
+        guard.best_state = {k: v.detach().clone() for k, v in operator.state_dict().items()}
+    return loss
+
+
+def test_default_recipe_warms_up_over_at_least_two_steps():
+    from ligo_core.growth import default_lr, fit_warmup
+
+    assert default_lr("ligo") == 1e-4
+    assert [fit_warmup(n) for n in (1, 4, 25, 100, 400)] == [1, 2, 2, 10, 40]
+    assert lr_at(0, 4, 1e-4, fit_warmup(4)) == 0.5e-4  # the first step at half the rate
+
+
+def test_one_paragraph_per_line_text_has_documents_and_a_heldout_set(tmp_path, gpt_tok):
+    from ligo_core.data import build_token_data, load_texts
+
+    paragraphs = default_corpus_texts()[:300]
+    path = tmp_path / "lines.txt"
+    path.write_text("\n".join(paragraphs) + "\n")
+    texts, _ = load_texts(path)
+    assert texts == paragraphs  # one document per line when the file has no blank line
+    data = build_token_data(path, gpt_tok, SEQ)
+    assert data.heldout.shape[0] >= 2 and data.train.shape[0] > 10 * data.heldout.shape[0]
+    # Blank-line paragraphs still split on blank lines, wrapped lines kept together.
+    wrapped = tmp_path / "wrapped.txt"
+    wrapped.write_text("first line\nof one paragraph\n\n  \nsecond paragraph\n")
+    assert load_texts(wrapped)[0] == ["first line\nof one paragraph", "second paragraph"]
+
+
+def test_one_long_document_is_cut_so_a_heldout_set_exists(tmp_path, gpt_tok):
+    from ligo_core.data import PIECE_CHARS, build_token_data, cut_document
+
+    book = " ".join(default_corpus_texts()[:200])  # one document, no line breaks
+    pieces = cut_document(book)
+    assert len(pieces) > 10 and all(len(p) <= PIECE_CHARS for p in pieces)
+    assert all(p.endswith(".") for p in pieces[:-1])  # cut at sentence ends
+    (tmp_path / "book.txt").write_text(book)
+    data = build_token_data(tmp_path / "book.txt", gpt_tok, SEQ)
+    assert data.heldout.shape[0] >= 2 and data.train.shape[0] > 0
+    held = set(map(tuple, data.heldout.tolist()))
+    assert not held & set(map(tuple, data.train.tolist()))
+
+
+def test_too_little_data_names_what_was_found_and_what_is_needed(tmp_path, gpt_tok):
+    from ligo_core.data import build_token_data
+    from ligo_core.errors import DataError
+
+    (tmp_path / "tiny.jsonl").write_text('{"text": "a few words"}\n{"text": "and a few more"}\n')
+    with pytest.raises(DataError, match=r"holds 2 documents \(2 pieces\), \d+ tokens .* at least 3 sequences of 32"):
+        build_token_data(tmp_path / "tiny.jsonl", gpt_tok, SEQ)
+
+
+def test_the_cli_prints_the_fit_outcome(checkpoint_dir, tmp_path, capsys):
+    from ligo_core.cli import main
+
+    assert main(["grow", str(checkpoint_dir("llama")), "--target", "layers=3", "--fit-steps", "2",
+                 "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "fit outcome: " in out and ("improved" in out or "kept_start" in out)

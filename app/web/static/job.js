@@ -27,6 +27,14 @@ function flatten(value, prefix, out) {
   return out;
 }
 
+// The fit's guard (ligo_core/fit_guard.py): what the written model is.
+const FIT_OUTCOMES = {
+  improved: "improved: the written model is the fit's best state, no worse on held-out text than its start",
+  kept_start: "kept the start: no fitted state beat the unfitted start on held-out text, so the start was written",
+  stopped_diverged: "stopped, diverged: the fit stopped early and the best state seen (the start unless a step beat it) was written",
+  unchecked: "unchecked: no held-out data to check the fit on",
+};
+
 // The growth report: what grew into what, the fitting run, and held-out losses; every field
 // is in the raw JSON underneath.
 function renderReport(report) {
@@ -40,6 +48,8 @@ function renderReport(report) {
     ["Operator parameters", report.operator_parameters !== undefined ? fmt.int(report.operator_parameters) : ""],
     ["Fitting", fit.steps !== undefined ? (fit.steps ? `${fit.steps} steps of ${fit.batch_size} × ${fit.seq_len} tokens` +
       (fit.lr ? `, peak learning rate ${fit.lr}` : "") + (fit.seconds !== undefined ? `, ${fit.seconds} s` : "") : "none (fixed operator)") : ""],
+    ["Fit outcome", fit.outcome ? (FIT_OUTCOMES[fit.outcome] || fit.outcome) + (fit.stop_reason ? ` (${fit.stop_reason})` : "") +
+      (fit.final_check ? ` (${fit.final_check})` : "") : ""],
     ["Fitting FLOPs", fit.flops !== undefined ? fmt.flops(fit.flops) : ""],
     ["Fitting data", fit.data ? (typeof fit.data === "string" ? fit.data : JSON.stringify(fit.data)) : ""],
     ["Largest logit change", report.function_gap_max_logit !== undefined && report.function_gap_max_logit !== null
@@ -52,7 +62,7 @@ function renderReport(report) {
   const hl = report.heldout_loss;
   if (hl && typeof hl === "object") {
     const rows = [["small", "Small model"], ["grown_before_fit", "Grown, before fitting"],
-      ["grown_after_fit", "Grown, as written (fitted, copies separated)"], ["random_large", "Large model, random weights"]]
+      ["fit_start", "Grown, fit's start (copies separated)"], ["grown_after_fit", "Grown, as written (fitted, copies separated)"], ["random_large", "Large model, random weights"]]
       .filter(([k]) => hl[k] !== undefined && hl[k] !== null);
     if (rows.length) {
       parts.push(h("table", { class: "report-table heldout" },
