@@ -1,7 +1,7 @@
 """One growth job, start to end: claim, download, ``ligo_core.grow``, upload, manifest, finish.
 
 Runs inside the Celery task (a fresh child process per job); ligo_core, and with it torch,
-is imported here only when a job runs. Job state changes go through ``app.store``.
+is imported here only when a job runs. Job state changes go through ``app.lifecycle``.
 
 Publication order: outputs under ``jobs/{id}/output/``, then ``jobs/{id}/manifest.json``
 last, then the row turns ``succeeded``. A re-run after a lost worker first removes whatever
@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from app import scratch, store
+from app import lifecycle, scratch
 from app.db import JOB_STAGES, Checkpoint, Database, Job, utcnow
 from app.schemas import iso
 from app.settings import Settings
@@ -50,7 +50,7 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self._stop_event.wait(self.lease / 3):
             try:
-                if not store.heartbeat(self.db, self.job_id, self.owner, self.lease):
+                if not lifecycle.heartbeat(self.db, self.job_id, self.owner, self.lease):
                     self.lost.set()
                     return
             except Exception:  # a database hiccup: try again next beat, the lease has slack
@@ -101,7 +101,7 @@ class Progress:
 
     def _write(self, stage: str, step: int, total: int, loss: float | None) -> None:
         self.stage = stage
-        ok = store.report_progress(self.db, self.job_id, self.owner, stage=stage, step=step, total=total,
+        ok = lifecycle.report_progress(self.db, self.job_id, self.owner, stage=stage, step=step, total=total,
                                    loss=loss, loss_history=list(self.history))
         if not ok:
             self.lost.set()
@@ -138,7 +138,7 @@ class JobRunner:
         """Run the job if it is queued; returns its final state, or 'skipped' / 'lost'."""
         s = self.settings
         owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        job = store.claim(self.db, job_id, owner, s.lease_seconds)
+        job = lifecycle.claim(self.db, job_id, owner, s.lease_seconds)
         if job is None:
             log.info("job %s is not queued; nothing to do", job_id)
             return "skipped"
@@ -170,11 +170,11 @@ class JobRunner:
                 return True
             now = time.monotonic()
             if now - polled["at"] >= s.cancel_poll_seconds:
-                polled["at"], polled["cancel"] = now, store.cancel_requested(self.db, job.id)
+                polled["at"], polled["cancel"] = now, lifecycle.cancel_requested(self.db, job.id)
             return polled["cancel"]
 
         def finish(state: str, **kw) -> str:
-            if beat.lost.is_set() or not store.finish(self.db, job.id, owner, state, **kw):
+            if beat.lost.is_set() or not lifecycle.finish(self.db, job.id, owner, state, **kw):
                 log.warning("job %s: lease lost; another worker has it", job.id)
                 return "lost"
             return state
@@ -209,7 +209,7 @@ class JobRunner:
             if should_cancel():
                 raise ligo_core.GrowthCancelled()
             progress.show_fit()
-            if not store.holds_lease(self.db, job.id, owner):
+            if not lifecycle.holds_lease(self.db, job.id, owner):
                 raise LeaseLost()
             manifest = plain_json(manifest)
             self.storage.put_bytes(prefix + "manifest.json", json.dumps(manifest, indent=1).encode())
@@ -291,7 +291,7 @@ class JobRunner:
         return files
 
     def _estimate(self, ckpt: Checkpoint, report: dict, job: Job) -> dict:
-        from app.engine import config_from_dict, estimate
+        from app.ligo_bridge import config_from_dict, estimate
 
         fit, plan = report.get("fit", {}), job.plan
         try:

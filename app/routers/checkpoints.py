@@ -24,9 +24,9 @@ from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Header, Query, Request
-from sqlalchemy import delete, select
+from sqlalchemy import select
 
-from app import limits, uploads
+from app import limits, presigned, uploads
 from app.auth import CurrentTenant
 from app.db import Checkpoint, Upload, new_id, utcnow
 from app.problems import Problem, field_problem, not_found
@@ -253,11 +253,6 @@ def _upload_of(svc: Services, tenant: str, upload_id: str) -> Upload:
     return row
 
 
-def _forget_upload(svc: Services, row: Upload) -> None:
-    with svc.db.write() as s:
-        s.execute(delete(Upload).where(Upload.id == row.id))
-
-
 def _download_hashed(fetch, dest: Path) -> tuple[int, str]:
     fetch(dest)
     sha, size = hashlib.sha256(), 0
@@ -282,7 +277,7 @@ async def complete_upload(upload_id: str, body: UploadComplete, tenant: CurrentT
             await anyio.to_thread.run_sync(s3.complete_multipart, row.object_key, row.s3_upload_id, parts)
         except StorageError as exc:
             raise field_problem("parts", str(exc)) from None
-        await anyio.to_thread.run_sync(_forget_upload, svc, row)
+        await anyio.to_thread.run_sync(presigned.forget_upload, svc.db, row.id)
         try:
             local = tmp / row.filename
             size, sha = await anyio.to_thread.run_sync(_download_hashed,
@@ -311,22 +306,7 @@ def abort_upload(upload_id: str, tenant: CurrentTenant, svc: Svc):
     s3 = _s3(svc, "a presigned upload")
     row = _upload_of(svc, tenant, upload_id)
     s3.abort_multipart(row.object_key, row.s3_upload_id)
-    _forget_upload(svc, row)
-
-
-def expire_uploads(svc: Services) -> int:
-    """Abort presigned uploads nobody completed in time (run by the maintenance loop)."""
-    if not isinstance(svc.storage, S3Storage):
-        return 0
-    with svc.db.read() as s:
-        rows = s.scalars(select(Upload).where(Upload.expires_at < utcnow())).all()
-    for row in rows:
-        try:
-            svc.storage.abort_multipart(row.object_key, row.s3_upload_id)
-            _forget_upload(svc, row)
-        except StorageError as exc:
-            log.warning("could not abort expired upload %s: %s", row.id, exc)
-    return len(rows)
+    presigned.forget_upload(svc.db, row.id)
 
 
 # --- registering an existing object ------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app import engine, limits
+from app import ligo_bridge, limits
 from app.auth import CurrentTenant
 from app.db import Checkpoint
 from app.problems import Problem, field_problem
@@ -27,23 +27,23 @@ def estimate(body: EstimateIn, tenant: CurrentTenant, svc: Svc):
                 ckpt = s.get(Checkpoint, body.checkpoint_id)
             if ckpt is None or ckpt.tenant != tenant:
                 raise field_problem("checkpoint_id", f"no checkpoint {body.checkpoint_id!r}")
-            source = engine.config_from_dict(ckpt.config)
+            source = ligo_bridge.config_from_dict(ckpt.config)
         else:
             limits.check_spec(body.source, "source")
-            source = _field("source", engine.resolve_source, body.source)
+            source = _field("source", ligo_bridge.resolve_source, body.source)
         limits.check_spec(body.target, "target")
-        target = _field("target", engine.resolve_target, body.target, source.to_dict())
+        target = _field("target", ligo_bridge.resolve_target, body.target, source.to_dict())
         limits.check_parameters(target, svc.settings.max_target_parameters)
-        result = engine.estimate(
+        result = ligo_bridge.estimate(
             source, target, strategy=body.strategy, fit_steps=body.fit_steps, fit_batch=body.fit_batch,
-            seq_len=min(body.seq_len, engine.max_positions(source)), tokens=body.tokens, gpu=body.gpu, price_per_gpu_hour=body.price_per_gpu_hour,
+            seq_len=min(body.seq_len, ligo_bridge.max_positions(source)), tokens=body.tokens, gpu=body.gpu, price_per_gpu_hour=body.price_per_gpu_hour,
             utilisation=body.utilisation,
         )
     except Problem:
         raise
     except Exception as exc:
-        if engine.is_ligo_error(exc):
-            raise field_problem(engine.estimate_field(str(exc)) or "target", str(exc)) from None
+        if ligo_bridge.is_ligo_error(exc):
+            raise field_problem(ligo_bridge.estimate_field(str(exc)) or "target", str(exc)) from None
         raise
     return JSONResponse(result)
 
@@ -52,6 +52,6 @@ def _field(name: str, fn, *args):
     try:
         return fn(*args)
     except Exception as exc:
-        if engine.is_ligo_error(exc):
+        if ligo_bridge.is_ligo_error(exc):
             raise field_problem(name, str(exc)) from None
         raise

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, Query, Request
 from sqlalchemy import select
 
-from app import engine, limits, store
+from app import lifecycle, ligo_bridge, limits
 from app.auth import CurrentTenant
 from app.db import TERMINAL_STATES, Checkpoint, Job, utcnow
 from app.problems import Problem, field_problem, not_found
@@ -49,11 +49,11 @@ def _engine_defaults() -> tuple[int, int]:
 def job_estimate(source_config: dict, target_config, job_fit: dict, plan: dict, strategy: str) -> dict:
     """The cost estimate for a job, with the fitting settings the engine will use."""
     batch, seq = _engine_defaults()
-    source = engine.config_from_dict(source_config)
-    return engine.estimate(
+    source = ligo_bridge.config_from_dict(source_config)
+    return ligo_bridge.estimate(
         source, target_config, strategy=strategy,
         fit_steps=job_fit["steps"] if strategy == "ligo" else 0, fit_batch=job_fit.get("batch_size") or batch,
-        seq_len=min(job_fit.get("seq_len") or seq, engine.max_positions(source)), tokens=plan.get("tokens"), gpu=plan.get("gpu", "H100"),
+        seq_len=min(job_fit.get("seq_len") or seq, ligo_bridge.max_positions(source)), tokens=plan.get("tokens"), gpu=plan.get("gpu", "H100"),
         price_per_gpu_hour=plan.get("price_per_gpu_hour"), utilisation=plan.get("utilisation"),
     )
 
@@ -78,9 +78,9 @@ def _validate(svc: Services, tenant: str, body: JobCreate) -> tuple[Checkpoint, 
         raise field_problem("checkpoint_id", f"no checkpoint {body.checkpoint_id!r}")
     limits.check_spec(body.target, "target")
     try:
-        target = engine.resolve_target(body.target, ckpt.config)
+        target = ligo_bridge.resolve_target(body.target, ckpt.config)
     except Exception as exc:
-        if engine.is_ligo_error(exc):
+        if ligo_bridge.is_ligo_error(exc):
             raise field_problem("target", str(exc)) from None
         raise
     limits.check_parameters(target, svc.settings.max_target_parameters)
@@ -99,8 +99,8 @@ def _validate(svc: Services, tenant: str, body: JobCreate) -> tuple[Checkpoint, 
     try:
         job_estimate(ckpt.config, target, body.fit.model_dump(), body.plan.model_dump(), body.strategy)
     except Exception as exc:
-        if engine.is_ligo_error(exc):
-            field = PLAN_FIELDS.get(engine.estimate_field(str(exc)) or "", "plan")
+        if ligo_bridge.is_ligo_error(exc):
+            field = PLAN_FIELDS.get(ligo_bridge.estimate_field(str(exc)) or "", "plan")
             raise field_problem(field, str(exc)) from None
         raise
     return ckpt, target.to_dict()
@@ -145,7 +145,7 @@ def create_job(body: JobCreate, tenant: CurrentTenant, svc: Svc,
         request_hash=request_hash, loss_history=[], attempts=0, cancel_requested=False,
         progress_step=0, progress_total=0, created_at=utcnow(),
     )
-    job, created = store.create_job(svc.db, job)
+    job, created = lifecycle.create_job(svc.db, job)
     if not created:
         return _replay(job, request_hash)
     svc.dispatcher.dispatch(job.id)
@@ -190,7 +190,7 @@ async def list_jobs(tenant: CurrentTenant, svc: Svc,
     rows = await svc.db.call(_scalars, svc, query.order_by(Job.id.desc()).limit(limit + 1))
     more = len(rows) > limit
     rows = rows[:limit]
-    hooks = await svc.db.call(store.webhook_deliveries, svc.db, rows)
+    hooks = await svc.db.call(lifecycle.webhook_deliveries, svc.db, rows)
     return JSONResponse({"items": [job_json(j, hooks.get(j.id)) for j in rows],
                          "next_cursor": _cursor(rows[-1].id) if more else None})
 
@@ -198,7 +198,7 @@ async def list_jobs(tenant: CurrentTenant, svc: Svc,
 @router.get("/{job_id}", response_model=JobOut, responses={404: {"description": "No such job"}})
 async def get_job(job_id: str, tenant: CurrentTenant, svc: Svc):
     job = _job_of(svc, tenant, job_id, await svc.db.call(_read_job, svc, job_id))
-    hooks = await svc.db.call(store.webhook_deliveries, svc.db, [job])
+    hooks = await svc.db.call(lifecycle.webhook_deliveries, svc.db, [job])
     return JSONResponse(job_json(job, hooks.get(job.id)))
 
 
@@ -209,7 +209,7 @@ def cancel_job(job_id: str, tenant: CurrentTenant, svc: Svc):
     job = _job_of(svc, tenant, job_id)
     if job.state in TERMINAL_STATES:
         raise Problem(409, "job-finished", f"job {job_id} has already {job.state}")
-    job = store.request_cancel(svc.db, tenant, job_id)
+    job = lifecycle.request_cancel(svc.db, tenant, job_id)
     return JSONResponse(job_json(job), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
 
 
