@@ -357,6 +357,18 @@ def test_estimate_matches_the_cost_model(alice, ckpt):
                    422, field="gpu")
 
 
+def test_engine_errors_name_their_field_whatever_their_message_says(alice, ckpt):
+    # The field comes from the error's `field`: a GPU named like another field (which the message
+    # then quotes) is still the GPU's fault, in an estimate and in a job.
+    for gpu in ("fit_steps", "tokens"):
+        r = alice.post("/v1/estimate", json={"source": "gpt2", "target": "gpt2-medium", "gpu": gpu})
+        assert [e["field"] for e in assert_problem(r, 422, match="unknown GPU")["errors"]] == ["gpu"]
+        r = alice.post("/v1/jobs", json={"checkpoint_id": ckpt["id"], "target": TARGET, "plan": {"gpu": gpu}})
+        assert [e["field"] for e in assert_problem(r, 422, match="unknown GPU")["errors"]] == ["plan.gpu"]
+    r = alice.post("/v1/estimate", json={"source": "gpt2-medium", "target": "gpt2"})  # field "layers": the target's
+    assert [e["field"] for e in assert_problem(r, 422, match="shrink")["errors"]] == ["target"]
+
+
 # --- operations ----------------------------------------------------------------------------------
 
 def test_readiness_metrics_and_openapi(svc, alice, ckpt):

@@ -194,6 +194,48 @@ def test_the_worker_parent_never_imports_torch():
     assert out.stdout.strip() == "[]"
 
 
+def test_engine_errors_carry_the_field_they_are_about():
+    import pickle
+
+    import ligo_core
+    from ligo_core.cost import EstimateError, estimate
+
+    source = ligo_core.resolve_target("gpt2")
+    cases = {"layers=6": "layers", "hidden=700,heads=12": "hidden", "family=bert,layers=24": "family",
+             "depth=24,colour=3": "colour", "layers=24,hidden=lots": "hidden"}
+    for spec, field in cases.items():
+        with pytest.raises(ligo_core.TargetError) as caught:
+            ligo_core.resolve_target(spec, source)
+        assert caught.value.field == field, spec
+    target = ligo_core.resolve_target("gpt2-medium", source)
+    for option, value in {"fit_steps": -1, "fit_batch": 0, "seq_len": 10**6, "tokens": 0, "gpu": "abacus",
+                          "utilisation": 2.0, "price_per_gpu_hour": -1.0, "strategy": "magic",
+                          "convention": "mine"}.items():
+        with pytest.raises(EstimateError) as caught:
+            estimate(source, target, **{option: value})
+        assert caught.value.field == option
+    again = pickle.loads(pickle.dumps(caught.value))  # a worker's error crosses processes intact
+    assert (type(again), str(again), again.field) == (EstimateError, str(caught.value), "convention")
+
+
+def test_a_ligo_error_becomes_a_problem_for_the_field_it_names():
+    from app.problems import Problem, fields_of_ligo_errors
+    from ligo_core.errors import LigoError
+
+    def problem(error, *mapping):
+        with pytest.raises(Problem) as caught, fields_of_ligo_errors(*mapping):
+            raise error
+        return caught.value.errors, caught.value.status
+
+    fields = {"gpu": "plan.gpu"}
+    assert problem(LigoError("tokens: unknown GPU", field="gpu"), "plan", fields) == (
+        [{"field": "plan.gpu", "message": "tokens: unknown GPU"}], 422)
+    assert problem(LigoError("hidden is odd", field="hidden"), "plan", fields)[0][0]["field"] == "plan"
+    assert problem(LigoError("no field"), "target")[0][0]["field"] == "target"
+    with pytest.raises(KeyError), fields_of_ligo_errors("target"):  # not the engine's: not the client's fault
+        raise KeyError("x")
+
+
 def _app_imports() -> dict[str, set[str]]:
     """Each module of the ``app`` package -> the modules it imports (lazy imports inside functions too)."""
     modules = {}

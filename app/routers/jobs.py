@@ -15,7 +15,7 @@ from sqlalchemy import select
 from app import lifecycle, ligo_bridge, limits
 from app.auth import CurrentTenant
 from app.db import TERMINAL_STATES, Checkpoint, Job, utcnow
-from app.problems import Problem, field_problem, not_found
+from app.problems import Problem, field_problem, fields_of_ligo_errors, not_found
 from app.responses import JSONResponse
 from app.routers.checkpoints import check_external_uri
 from app.schemas import JobCreate, JobList, JobOut, JobResult, iso, job_json
@@ -24,9 +24,10 @@ from app.services import Services, Svc
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 DATA_SUFFIXES = (".txt", ".jsonl")
-PLAN_FIELDS = {"fit_steps": "fit.steps", "fit_batch": "fit.batch_size", "seq_len": "fit.seq_len",
-               "tokens": "plan.tokens", "gpu": "plan.gpu", "price_per_gpu_hour": "plan.price_per_gpu_hour",
-               "utilisation": "plan.utilisation", "strategy": "strategy"}
+# The cost estimate's parameters (an EstimateError's field) -> where a job request sets them.
+ESTIMATE_FIELDS = {"fit_steps": "fit.steps", "fit_batch": "fit.batch_size", "seq_len": "fit.seq_len",
+                   "tokens": "plan.tokens", "gpu": "plan.gpu", "price_per_gpu_hour": "plan.price_per_gpu_hour",
+                   "utilisation": "plan.utilisation", "strategy": "strategy"}
 
 
 def _read_job(svc: Services, job_id: str):
@@ -77,12 +78,8 @@ def _validate(svc: Services, tenant: str, body: JobCreate) -> tuple[Checkpoint, 
     if ckpt is None or ckpt.tenant != tenant:
         raise field_problem("checkpoint_id", f"no checkpoint {body.checkpoint_id!r}")
     limits.check_spec(body.target, "target")
-    try:
+    with fields_of_ligo_errors("target"):
         target = ligo_bridge.resolve_target(body.target, ckpt.config)
-    except Exception as exc:
-        if ligo_bridge.is_ligo_error(exc):
-            raise field_problem("target", str(exc)) from None
-        raise
     limits.check_parameters(target, svc.settings.max_target_parameters)
     if body.strategy == "ligo" and body.fit.steps > 0 and not ckpt.has_tokenizer:
         raise field_problem("checkpoint_id", "the checkpoint has no tokenizer files, which fitting 'ligo' needs; "
@@ -96,13 +93,8 @@ def _validate(svc: Services, tenant: str, body: JobCreate) -> tuple[Checkpoint, 
             svc.storage.head_uri(_bucket, key)
         except Exception as exc:
             raise field_problem("fit.data_uri", f"cannot read {body.fit.data_uri}: {exc}") from None
-    try:
+    with fields_of_ligo_errors("plan", ESTIMATE_FIELDS):
         job_estimate(ckpt.config, target, body.fit.model_dump(), body.plan.model_dump(), body.strategy)
-    except Exception as exc:
-        if ligo_bridge.is_ligo_error(exc):
-            field = PLAN_FIELDS.get(ligo_bridge.estimate_field(str(exc)) or "", "plan")
-            raise field_problem(field, str(exc)) from None
-        raise
     return ckpt, target.to_dict()
 
 
