@@ -162,6 +162,25 @@ def test_local_storage_commits_or_leaves_nothing(tmp_path):
             storage.path_of(bad)
 
 
+def test_putting_a_file_closes_it_and_hashing_reads_all_of_it(tmp_path):
+    import gc
+    import hashlib
+    import warnings
+
+    from app.storage import file_sha256
+
+    source = tmp_path / "model.safetensors"
+    source.write_bytes(bytes(range(256)) * 40_000)  # ~10 MiB: more than one read
+    storage = LocalStorage(tmp_path / "objects", b"secret")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        storage.put_file("jobs/j/output/model.safetensors", source)
+        gc.collect()
+    assert [w.message for w in caught if issubclass(w.category, ResourceWarning)] == []  # an unclosed file
+    assert file_sha256(storage.path_of("jobs/j/output/model.safetensors")) == (
+        10_240_000, hashlib.sha256(source.read_bytes()).hexdigest())
+
+
 def test_signed_links_expire_and_resist_tampering():
     token = sign_token(b"k1", "jobs/j/output/model.safetensors", "model.safetensors", ttl=60, now=1000)
     assert verify_token(b"k1", token, now=1059) == ("jobs/j/output/model.safetensors", "model.safetensors")

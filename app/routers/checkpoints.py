@@ -42,7 +42,7 @@ from app.schemas import (
     iso,
 )
 from app.services import Services, Svc
-from app.storage import S3_MAX_PARTS, S3_MIN_PART, S3Storage, StorageError, parse_s3_uri
+from app.storage import S3_MAX_PARTS, S3_MIN_PART, S3Storage, StorageError, file_sha256, parse_s3_uri
 from app.validator import ValidationFailed, ValidatorUnavailable
 
 log = logging.getLogger("ligo.api")
@@ -255,12 +255,7 @@ def _upload_of(svc: Services, tenant: str, upload_id: str) -> Upload:
 
 def _download_hashed(fetch, dest: Path) -> tuple[int, str]:
     fetch(dest)
-    sha, size = hashlib.sha256(), 0
-    with open(dest, "rb") as f:
-        while chunk := f.read(4 * 2**20):
-            sha.update(chunk)
-            size += len(chunk)
-    return size, sha.hexdigest()
+    return file_sha256(dest)
 
 
 @router.post("/uploads/{upload_id}/complete", status_code=201, response_model=CheckpointOut, responses=ERRORS)
