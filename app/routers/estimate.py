@@ -14,8 +14,8 @@ from app.services import Svc
 router = APIRouter(prefix="/v1", tags=["estimate"])
 
 # The estimate's parameters (an EstimateError's field) are this request's fields of the same name.
-ESTIMATE_FIELDS = {name: name for name in ("fit_steps", "fit_batch", "seq_len", "tokens", "gpu",
-                                           "price_per_gpu_hour", "utilisation", "strategy", "convention")}
+ESTIMATE_PARAMETERS = {name: name for name in ("fit_steps", "fit_batch", "seq_len", "tokens", "gpu",
+                                               "price_per_gpu_hour", "utilisation", "strategy", "convention")}
 
 
 @router.post("/estimate", responses={401: {"description": "No or wrong API key"},
@@ -24,7 +24,7 @@ def estimate(body: EstimateIn, tenant: CurrentTenant, svc: Svc):
     """FLOPs, GPU-hours and cost of fitting, training the grown model, and training from scratch."""
     if (body.source is None) == (body.checkpoint_id is None):
         raise field_problem("source", "give either `source` (a preset, fields or a config) or `checkpoint_id`")
-    with fields_of_ligo_errors("target", ESTIMATE_FIELDS):
+    with fields_of_ligo_errors("target", ESTIMATE_PARAMETERS):
         if body.checkpoint_id is not None:
             with svc.db.read() as s:
                 ckpt = s.get(Checkpoint, body.checkpoint_id)

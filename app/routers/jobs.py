@@ -24,9 +24,11 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 DATA_SUFFIXES = (".txt", ".jsonl")
 # The cost estimate's parameters (an EstimateError's field) -> where a job request sets them.
-ESTIMATE_FIELDS = {"fit_steps": "fit.steps", "fit_batch": "fit.batch_size", "seq_len": "fit.seq_len",
-                   "tokens": "plan.tokens", "gpu": "plan.gpu", "price_per_gpu_hour": "plan.price_per_gpu_hour",
-                   "utilisation": "plan.utilisation", "strategy": "strategy"}
+ESTIMATE_PARAMETERS_IN_JOB = {
+    "fit_steps": "fit.steps", "fit_batch": "fit.batch_size", "seq_len": "fit.seq_len", "tokens": "plan.tokens",
+    "gpu": "plan.gpu", "price_per_gpu_hour": "plan.price_per_gpu_hour", "utilisation": "plan.utilisation",
+    "strategy": "strategy",
+}
 
 
 def _read_job(svc: Services, job_id: str):
@@ -92,7 +94,7 @@ def _validate(svc: Services, tenant: str, body: JobCreate) -> tuple[Checkpoint, 
             svc.storage.head_uri(_bucket, key)
         except Exception as exc:
             raise field_problem("fit.data_uri", f"cannot read {body.fit.data_uri}: {exc}") from None
-    with fields_of_ligo_errors("plan", ESTIMATE_FIELDS):
+    with fields_of_ligo_errors("plan", ESTIMATE_PARAMETERS_IN_JOB):
         job_estimate(ckpt.config, target, body.fit.model_dump(), body.plan.model_dump(), body.strategy)
     return ckpt, target.to_dict()
 
