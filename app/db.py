@@ -1,7 +1,7 @@
 """The job store's tables (SQLAlchemy 2) and engine set-up for SQLite and PostgreSQL.
 
 The schema itself is created by the Alembic migrations in ``app/migrations``; these classes
-must match them (``tests/test_service_store.py`` checks that they do).
+must match them (``tests/test_service_units.py`` checks that they do).
 """
 
 from __future__ import annotations

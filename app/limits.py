@@ -84,7 +84,7 @@ def check_spec(spec: Any, field: str) -> None:
 
 def check_parameters(config, cap: int, field: str = "target") -> None:
     """Refuse a model of more than ``cap`` parameters (counted from the config, nothing built)."""
-    from app.engine import num_parameters
+    from app.ligo_bridge import num_parameters
 
     params = num_parameters(config)
     if params > cap:

@@ -7,6 +7,9 @@ where ``field`` is a dotted path into the request (``target``, ``fit.steps``, ``
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -40,6 +43,21 @@ class Problem(Exception):
 
 def field_problem(field: str, message: str, slug: str = "validation", status: int = 422) -> Problem:
     return Problem(status, slug, message, title="Invalid request", errors=[{"field": field, "message": message}])
+
+
+@contextmanager
+def fields_of_ligo_errors(field: str, fields: Mapping[str, str] | None = None) -> Iterator[None]:
+    """Answer a ``ligo_core`` error raised inside as a 422 field problem: ``fields`` maps the
+    error's own ``field`` (an estimate's parameter) to the request's name for it; any other error
+    concerns ``field``. Other exceptions pass through."""
+    try:
+        yield
+    except Exception as exc:
+        # A LigoError comes from a loaded ligo_core: looked up here, it costs this module no import.
+        errors = sys.modules.get("ligo_core.errors")
+        if errors is None or not isinstance(exc, errors.LigoError):
+            raise
+        raise field_problem((fields or {}).get(exc.field, field), str(exc)) from None
 
 
 def not_found(what: str, ident: str) -> Problem:

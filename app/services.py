@@ -9,8 +9,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app import store
+from app import lifecycle, presigned
 from app.auth import Authenticator
+from app.broker import Dispatcher
 from app.db import Database
 from app.sealing import seal_plaintext
 from app.settings import Settings
@@ -19,46 +20,6 @@ from app.validator import Validator
 from app.webhooks import WebhookSender
 
 log = logging.getLogger("ligo.api")
-
-
-class Dispatcher:
-    """Sends job ids to the workers' queue; the job row, not the message, holds the job."""
-
-    def __init__(self, settings: Settings, db: Database):
-        from worker.celery_app import GROW_TASK, ensure_broker_folders, make_celery
-
-        ensure_broker_folders(settings)
-        self.settings, self.db = settings, db
-        self.celery = make_celery(settings)
-        self.task = GROW_TASK
-
-    def dispatch(self, job_id: str) -> bool:
-        try:
-            self.celery.send_task(self.task, args=[job_id], queue=self.settings.gpu_queue,
-                                  retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
-        except Exception as exc:  # broker down: the maintenance loop sends it later
-            log.warning("could not send job %s to the broker: %s", job_id, exc)
-            return False
-        store.mark_dispatched(self.db, job_id)
-        return True
-
-    def check(self) -> None:
-        with self.celery.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, timeout=2)
-
-    def queue_depth(self) -> int | None:
-        """Messages waiting in the gpu queue (Redis only; None when the broker cannot say)."""
-        url = self.settings.resolved_broker_url
-        if not url.startswith(("redis://", "rediss://")):
-            return None
-        try:
-            with self.celery.connection_for_read() as conn:
-                return int(conn.default_channel.client.llen(self.settings.gpu_queue))
-        except Exception:
-            return None
-
-    def close(self) -> None:
-        self.celery.close()
 
 
 @dataclass
@@ -95,15 +56,13 @@ class Services:
     # --- maintenance: leases, lost dispatches, webhooks, stale uploads ---------------------
 
     def maintain_once(self) -> None:
-        for job_id in store.requeue_expired(self.db, self.settings.max_attempts):
+        for job_id in lifecycle.requeue_expired(self.db, self.settings.max_attempts):
             log.warning("job %s lost its worker; queued again", job_id)
             self.dispatcher.dispatch(job_id)
-        for job_id in store.undispatched(self.db, self.settings.redispatch_after_seconds):
+        for job_id in lifecycle.undispatched(self.db, self.settings.redispatch_after_seconds):
             self.dispatcher.dispatch(job_id)
         self.webhooks.deliver_due()
-        from app.routers.checkpoints import expire_uploads
-
-        expire_uploads(self)
+        presigned.expire_uploads(self.db, self.storage)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.settings.maintenance_interval_seconds):

@@ -36,6 +36,13 @@ class ObjectNotFound(StorageError):
     pass
 
 
+def file_sha256(path: Path) -> tuple[int, str]:
+    """(size in bytes, SHA-256 hex digest) of a file: what a checkpoint row and a result's manifest record."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256")
+        return f.tell(), digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
@@ -207,7 +214,8 @@ class LocalStorage(Storage):
             raise
 
     def put_file(self, key: str, path: Path) -> None:
-        self._atomic_write(key, lambda f: shutil.copyfileobj(open(path, "rb"), f, 4 * MiB))
+        with open(path, "rb") as source:
+            self._atomic_write(key, lambda f: shutil.copyfileobj(source, f, 4 * MiB))
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._atomic_write(key, lambda f: f.write(data))

@@ -33,7 +33,8 @@ from ligo_core.targets import check_growth, family_of, sizes_of
 
 
 class EstimateError(LigoError):
-    """An estimate's inputs are out of range (unknown GPU, negative tokens, ...)."""
+    """An estimate's inputs are out of range (unknown GPU, negative tokens, ...); ``field`` is the
+    parameter's name (``fit_steps``, ``gpu``, ``price_per_gpu_hour``, ...)."""
 
 
 # --- how each family's matrices are laid out ----------------------------------------------------
@@ -247,7 +248,7 @@ def expected_savings(
 
     pool = [r for r in records if r.strategy == used]
     if not pool:
-        raise EstimateError(f"no calibration data for strategy {strategy!r}")
+        raise EstimateError(f"no calibration data for strategy {strategy!r}", field="strategy")
     anchors = sorted({r.family for r in pool if r.family != family and of(r.family, "ligo")})
     if of(family, used):
         est = _interpolate(of(family, used), query, scale)
@@ -331,7 +332,7 @@ def accelerator(name: str) -> Accelerator:
 
     found = {key(a.name): a for a in ACCELERATORS.values()}.get(key(str(name)))
     if found is None:
-        raise EstimateError(f"unknown GPU {name!r}; known: {', '.join(ACCELERATORS)}")
+        raise EstimateError(f"unknown GPU {name!r}; known: {', '.join(ACCELERATORS)}", field="gpu")
     return found
 
 
@@ -360,7 +361,8 @@ def estimate(
     import ligo_core
 
     if strategy not in ligo_core.STRATEGIES:
-        raise EstimateError(f"unknown strategy {strategy!r}; known: {', '.join(ligo_core.STRATEGIES)}")
+        raise EstimateError(f"unknown strategy {strategy!r}; known: {', '.join(ligo_core.STRATEGIES)}",
+                            field="strategy")
     conv = _convention(convention)
     _check_int("fit_steps", fit_steps, minimum=0)
     _check_int("fit_batch", fit_batch, minimum=1)
@@ -370,14 +372,16 @@ def estimate(
     acc = accelerator(gpu)
     util = DEFAULT_UTILISATION if utilisation is None else utilisation
     if not (isinstance(util, (int, float)) and 0 < util <= 1):
-        raise EstimateError(f"utilisation must be in (0, 1], got {util!r}")
+        raise EstimateError(f"utilisation must be in (0, 1], got {util!r}", field="utilisation")
     price = acc.price if price_per_gpu_hour is None else price_per_gpu_hour
     if not (isinstance(price, (int, float)) and math.isfinite(price) and price >= 0):
-        raise EstimateError(f"price per GPU-hour must be a non-negative number, got {price!r}")
+        raise EstimateError(f"price per GPU-hour must be a non-negative number, got {price!r}",
+                            field="price_per_gpu_hour")
     check_growth(source_config, target_config)  # TargetError when the target shrinks or differs
     positions = SHAPES[family_of(target_config).name].positions
     if positions and seq_len > getattr(target_config, positions):
-        raise EstimateError(f"seq_len {seq_len} exceeds the model's {positions}={getattr(target_config, positions)}")
+        raise EstimateError(f"seq_len {seq_len} exceeds the model's {positions}={getattr(target_config, positions)}",
+                            field="seq_len")
 
     family = family_of(target_config).name
     small, large = sizes_of(source_config), sizes_of(target_config)
@@ -447,13 +451,13 @@ def estimate(
 
 def _convention(name: str) -> Convention:
     if name not in CONVENTIONS:
-        raise EstimateError(f"unknown convention {name!r}; known: {', '.join(CONVENTIONS)}")
+        raise EstimateError(f"unknown convention {name!r}; known: {', '.join(CONVENTIONS)}", field="convention")
     return CONVENTIONS[name]
 
 
 def _check_int(name: str, value, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise EstimateError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+        raise EstimateError(f"{name} must be a whole number >= {minimum}, got {value!r}", field=name)
 
 
 # --- measured probe -----------------------------------------------------------------------------

@@ -2,7 +2,13 @@
 
 
 class LigoError(ValueError):
-    """Base class: the message is one line a user can act on."""
+    """Base class: the message is one line a user can act on; ``field``, when known, names the
+    input it is about (a target's size field, an estimate's parameter), so that a caller can
+    point at that input without reading the message."""
+
+    def __init__(self, *args, field: str | None = None):
+        super().__init__(*args)
+        self.field = field
 
 
 class CheckpointError(LigoError):

@@ -3,6 +3,10 @@
 A target only names sizes (layers, hidden, heads, kv_heads, ffn, head_dim); everything else
 (vocabulary, positions, activation, norm epsilon) comes from the source config, so that the
 grown model is the same kind of model, only larger.
+
+A ``TargetError``'s ``field`` names what it is about: a size field (``layers``, ``hidden``, ...),
+``family``, a config key (``model_type``, ``vocab_size``, ``n_positions``, ...), or the unknown
+key a field list gave.
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ def family_of(config: PretrainedConfig) -> Family:
     family = family_for_model_type(getattr(config, "model_type", ""))
     if family is None:
         supported = ", ".join(sorted(t for f in FAMILIES for t in f.model_types))
-        raise TargetError(f"unsupported model_type {config.model_type!r}; supported: {supported}")
+        raise TargetError(f"unsupported model_type {config.model_type!r}; supported: {supported}", field="model_type")
     return family
 
 
@@ -106,16 +110,16 @@ def parse_fields(text: str) -> dict[str, Any]:
         key, value = (s.strip() for s in part.split("=", 1))
         name = FIELD_ALIASES.get(key.lower())
         if name is None:
-            raise TargetError(f"unknown target field {key!r}; known: {', '.join(SIZE_FIELDS)}, family")
+            raise TargetError(f"unknown target field {key!r}; known: {', '.join(SIZE_FIELDS)}, family", field=key)
         if name == "family":
             fields[name] = value
             continue
         try:
             fields[name] = int(value)
         except ValueError:
-            raise TargetError(f"target field {key!r} must be a whole number, got {value!r}") from None
+            raise TargetError(f"target field {key!r} must be a whole number, got {value!r}", field=name) from None
         if fields[name] <= 0:
-            raise TargetError(f"target field {key!r} must be positive, got {value}")
+            raise TargetError(f"target field {key!r} must be positive, got {value}", field=name)
     return fields
 
 
@@ -196,28 +200,29 @@ def resolve_target(spec: Any, source: PretrainedConfig | None = None) -> Pretrai
         if full is not None:
             return validate_config(full)
         if model_type is None:
-            raise TargetError("target fields need family=NAME (gpt2, bert, roberta, llama, ...) without a source")
+            raise TargetError("target fields need family=NAME (gpt2, bert, roberta, llama, ...) without a source",
+                              field="family")
         if family_for_model_type(model_type) is None:
-            raise TargetError(f"unknown family {model_type!r}")
+            raise TargetError(f"unknown family {model_type!r}", field="family")
         preset_vocab = PRESETS[spec].vocab if isinstance(spec, str) and spec in PRESETS else None
         base = _base_config(model_type, preset_vocab)
         return validate_config(_apply_sizes(base, sizes))
 
     src_family = family_of(source)
     if model_type is not None and family_for_model_type(model_type) is not src_family:
-        raise TargetError(
-            f"target family {model_type!r} does not match the source's {source.model_type!r}"
-        )
+        raise TargetError(f"target family {model_type!r} does not match the source's {source.model_type!r}",
+                          field="family")
     if full is not None:
         if full.vocab_size != source.vocab_size:
-            raise TargetError(f"vocab_size: target has {full.vocab_size}, source has {source.vocab_size}")
+            raise TargetError(f"vocab_size: target has {full.vocab_size}, source has {source.vocab_size}",
+                              field="vocab_size")
         target = _apply_sizes(source, sizes_of(full))
     else:
         unknown = [k for k in sizes if k not in src_family.config_keys]
         if unknown == ["kv_heads"] and sizes["kv_heads"] == sizes.get("heads"):
             sizes = {k: v for k, v in sizes.items() if k != "kv_heads"}
         elif unknown:
-            raise TargetError(f"field {unknown[0]!r} does not apply to the {src_family.name} family")
+            raise TargetError(f"field {unknown[0]!r} does not apply to the {src_family.name} family", field=unknown[0])
         src = sizes_of(source)
         merged = {**src, **sizes}
         # Fields left out keep the source's proportions: the FFN its multiple of the width
@@ -229,7 +234,7 @@ def resolve_target(spec: Any, source: PretrainedConfig | None = None) -> Pretrai
         elif "hidden" in sizes and "heads" not in sizes and "head_dim" not in sizes:
             if merged["hidden"] % src["head_dim"] and "head_dim" not in src_family.config_keys:
                 raise TargetError(f"hidden={merged['hidden']} is not a multiple of the source's head size "
-                                  f"{src['head_dim']}: give heads= too")
+                                  f"{src['head_dim']}: give heads= too", field="hidden")
             merged["heads"] = merged["hidden"] // src["head_dim"]
             merged["head_dim"] = src["head_dim"]
         if "kv_heads" not in sizes and "kv_heads" in src_family.config_keys and merged["heads"] != src["heads"]:
@@ -243,6 +248,12 @@ def resolve_target(spec: Any, source: PretrainedConfig | None = None) -> Pretrai
     validate_config(target)
     check_growth(source, target)
     return target
+
+
+def max_positions(config: PretrainedConfig) -> int:
+    """The longest sequence the model takes (2048 when its config does not say): the fitting's
+    sequence length, and an estimate's, is capped at it."""
+    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
 
 
 def target_summary(config: PretrainedConfig) -> dict[str, int]:
@@ -263,33 +274,38 @@ def validate_config(config: PretrainedConfig) -> PretrainedConfig:
     keys = family.config_keys
     s = sizes_of(config)
     if "head_dim" not in keys and s["hidden"] % s["heads"]:
-        raise TargetError(f"{keys['hidden']}={s['hidden']} is not divisible by {keys['heads']}={s['heads']}")
+        raise TargetError(f"{keys['hidden']}={s['hidden']} is not divisible by {keys['heads']}={s['heads']}",
+                          field="hidden")
     if "head_dim" in keys and getattr(config, "head_dim", None) is None:
         config.head_dim = s["hidden"] // s["heads"]
     if s["heads"] % s["kv_heads"]:
-        raise TargetError(f"{keys['heads']}={s['heads']} is not divisible by {keys['kv_heads']}={s['kv_heads']}")
+        raise TargetError(f"{keys['heads']}={s['heads']} is not divisible by {keys['kv_heads']}={s['kv_heads']}",
+                          field="heads")
     if family.rotary and s["head_dim"] % 2:
-        raise TargetError(f"head_dim={s['head_dim']} must be even for rotary positions")
+        raise TargetError(f"head_dim={s['head_dim']} must be even for rotary positions", field="head_dim")
     return config
 
 
 def check_growth(source: PretrainedConfig, target: PretrainedConfig) -> None:
     """A target may only grow: every size at least the source's, the rest identical."""
     if family_of(source) is not family_of(target):
-        raise TargetError(f"model_type: target is {target.model_type!r}, source is {source.model_type!r}")
+        raise TargetError(f"model_type: target is {target.model_type!r}, source is {source.model_type!r}",
+                          field="model_type")
     keys = family_of(source).config_keys
     a, b = sizes_of(source), sizes_of(target)
     for field_name in SIZE_FIELDS:
         if b[field_name] < a[field_name]:
             key = keys.get(field_name, field_name)
             raise TargetError(
-                f"{key}: target {b[field_name]} is smaller than the source's {a[field_name]}; growth cannot shrink"
+                f"{key}: target {b[field_name]} is smaller than the source's {a[field_name]}; growth cannot shrink",
+                field=field_name,
             )
     if target.vocab_size != source.vocab_size:
-        raise TargetError(f"vocab_size: target has {target.vocab_size}, source has {source.vocab_size}")
+        raise TargetError(f"vocab_size: target has {target.vocab_size}, source has {source.vocab_size}",
+                          field="vocab_size")
     for key in ("max_position_embeddings", "n_positions"):
         if getattr(source, key, None) != getattr(target, key, None):
             raise TargetError(f"{key}: target {getattr(target, key, None)} differs from the source's "
-                              f"{getattr(source, key, None)}")
+                              f"{getattr(source, key, None)}", field=key)
     if a == b:
         raise TargetError("target has the same sizes as the source: nothing to grow")

@@ -2,7 +2,7 @@
 
 No worker runs here: these tests cover authentication, tenancy, uploads and their error
 paths, job submission and validation, idempotency, cancellation of queued jobs, listing,
-estimates and the operational endpoints. Every refused request must leave no row and no
+estimates and the operational endpoints (and one job, run by the worker's runner in-process). Every refused request must leave no row and no
 stored object behind.
 """
 
@@ -17,7 +17,7 @@ import tarfile
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from app.db import Checkpoint, Job
 from tests.service_fixtures import TARGET, Api, make_keys
@@ -304,6 +304,30 @@ def test_the_same_idempotency_key_gives_the_same_job(svc, alice, bob, ckpt):
     assert bob.submit(bob_ckpt["id"], headers={"Idempotency-Key": "run-42"}).status_code == 202
 
 
+def test_the_worker_grows_to_the_target_resolved_at_submission(svc, alice, ckpt):
+    from app.ligo_bridge import config_from_dict
+    from worker.runner import JobRunner
+
+    services = svc["services"]
+    job = alice.submit(ckpt["id"], strategy="stack", fit={"steps": 0}).json()
+    # The spec would resolve to another shape now (as after an engine upgrade): the job grows to
+    # the config its answers have shown since submission.
+    with services.db.write() as s:
+        s.execute(update(Job).where(Job.id == job["id"]).values(target="layers=3,hidden=64,heads=4"))
+    assert JobRunner(services.settings, services.db, services.storage).run(job["id"]) == "succeeded"
+    written = json.loads(services.storage.get_bytes(f"jobs/{job['id']}/output/config.json"))
+    assert (written["n_layer"], written["n_embd"], written["n_head"], written["n_inner"]) == (4, 48, 6, 192)
+
+    def config(data: dict) -> dict:  # every field, defaults included (config.json leaves them out)
+        out = config_from_dict(data).to_dict()
+        # The engine scales the norm's epsilon with the width, which keeps the grown function exact.
+        return {k: v for k, v in out.items()
+                if k not in ("transformers_version", "architectures", "dtype", "layer_norm_epsilon")}
+
+    assert config(written) == config(job["target_config"])
+    assert alice.job(job["id"])["target_config"] == job["target_config"]
+
+
 def test_cancelling_a_queued_job_is_immediate(alice, ckpt):
     job = alice.submit(ckpt["id"]).json()
     r = alice.delete(f"/v1/jobs/{job['id']}")
@@ -355,6 +379,18 @@ def test_estimate_matches_the_cost_model(alice, ckpt):
     assert_problem(alice.post("/v1/estimate", json={"source": "gpt2", "target": "bert-base"}), 422, field="target")
     assert_problem(alice.post("/v1/estimate", json={"source": "gpt2", "target": "gpt2-medium", "gpu": "abacus"}),
                    422, field="gpu")
+
+
+def test_engine_errors_name_their_field_whatever_their_message_says(alice, ckpt):
+    # The field comes from the error's `field`: a GPU named like another field (which the message
+    # then quotes) is still the GPU's fault, in an estimate and in a job.
+    for gpu in ("fit_steps", "tokens"):
+        r = alice.post("/v1/estimate", json={"source": "gpt2", "target": "gpt2-medium", "gpu": gpu})
+        assert [e["field"] for e in assert_problem(r, 422, match="unknown GPU")["errors"]] == ["gpu"]
+        r = alice.post("/v1/jobs", json={"checkpoint_id": ckpt["id"], "target": TARGET, "plan": {"gpu": gpu}})
+        assert [e["field"] for e in assert_problem(r, 422, match="unknown GPU")["errors"]] == ["plan.gpu"]
+    r = alice.post("/v1/estimate", json={"source": "gpt2-medium", "target": "gpt2"})  # field "layers": the target's
+    assert [e["field"] for e in assert_problem(r, 422, match="shrink")["errors"]] == ["target"]
 
 
 # --- operations ----------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
-from app import store
+from app import lifecycle
 from app.auth import create_key, ensure_tenant
 from app.db import Checkpoint, Database, Job, WebhookDelivery, utcnow
 from app.migrate import alembic_config, upgrade
@@ -37,7 +38,7 @@ def new_job(db, job_id="j1", callback=None) -> Job:
     job = Job(id=job_id, tenant="alice", checkpoint_id="c1", state="queued", target="gpt2-medium", target_config={},
               strategy="ligo", fit={"steps": 1}, plan={}, seed=0, loss_history=[], attempts=0,
               cancel_requested=False, progress_step=0, progress_total=0, callback_url=callback, created_at=utcnow())
-    return store.create_job(db, job)[0]
+    return lifecycle.create_job(db, job)[0]
 
 
 def state(db, job_id="j1") -> Job:
@@ -64,24 +65,24 @@ def test_migrations_match_the_models(db):
 
 def test_a_job_is_claimed_once_and_only_its_owner_can_finish_it(db):
     new_job(db)
-    first = store.claim(db, "j1", "w1", 30)
+    first = lifecycle.claim(db, "j1", "w1", 30)
     assert first is not None and first.state == "running" and first.attempts == 1
-    assert store.claim(db, "j1", "w2", 30) is None  # a duplicate delivery does nothing
-    assert store.report_progress(db, "j1", "w1", stage="fitting", step=2, total=5, loss=3.5, loss_history=[[2, 3.5]])
-    assert not store.report_progress(db, "j1", "w2", stage="fitting", step=9, total=9, loss=0.0)
-    assert not store.finish(db, "j1", "w2", "succeeded", manifest={})
-    assert store.finish(db, "j1", "w1", "succeeded", manifest={"files": []})
+    assert lifecycle.claim(db, "j1", "w2", 30) is None  # a duplicate delivery does nothing
+    assert lifecycle.report_progress(db, "j1", "w1", stage="fitting", step=2, total=5, loss=3.5, loss_history=[[2, 3.5]])
+    assert not lifecycle.report_progress(db, "j1", "w2", stage="fitting", step=9, total=9, loss=0.0)
+    assert not lifecycle.finish(db, "j1", "w2", "succeeded", manifest={})
+    assert lifecycle.finish(db, "j1", "w1", "succeeded", manifest={"files": []})
     job = state(db)
     assert (job.state, job.lease_owner, job.manifest, job.loss_history) == ("succeeded", None, {"files": []}, [[2, 3.5]])
-    assert not store.finish(db, "j1", "w1", "failed", error_type="x")  # terminal is final
+    assert not lifecycle.finish(db, "j1", "w1", "failed", error_type="x")  # terminal is final
 
 
 def test_the_fast_row_reader_matches_the_orm(db):
     from app.schemas import job_json
 
     new_job(db, callback="https://example.com/hook")
-    store.claim(db, "j1", "w1", 30)
-    store.report_progress(db, "j1", "w1", stage="fitting", step=1, total=2, loss=None, loss_history=[[1, 2.5]])
+    lifecycle.claim(db, "j1", "w1", 30)
+    lifecycle.report_progress(db, "j1", "w1", stage="fitting", step=1, total=2, loss=None, loss_history=[[1, 2.5]])
     fast, orm = db.jobs.get("j1"), state(db)
     assert job_json(fast) == job_json(orm) and fast.lease_expires_at == orm.lease_expires_at
     assert fast.started_at.tzinfo is not None and fast.cancel_requested is False
@@ -91,28 +92,28 @@ def test_the_fast_row_reader_matches_the_orm(db):
 def test_an_expired_lease_requeues_then_fails_after_max_attempts(db):
     new_job(db)
     for attempt in (1, 2):
-        assert store.claim(db, "j1", f"w{attempt}", 30).attempts == attempt
-        assert store.requeue_expired(db, max_attempts=2) == []  # lease still valid
+        assert lifecycle.claim(db, "j1", f"w{attempt}", 30).attempts == attempt
+        assert lifecycle.requeue_expired(db, max_attempts=2) == []  # lease still valid
         expire_lease(db)
-        requeued = store.requeue_expired(db, max_attempts=2)
+        requeued = lifecycle.requeue_expired(db, max_attempts=2)
         if attempt == 1:
             assert requeued == ["j1"] and state(db).state == "queued"
-            assert not store.heartbeat(db, "j1", "w1", 30)  # the old owner has lost it
+            assert not lifecycle.heartbeat(db, "j1", "w1", 30)  # the old owner has lost it
     job = state(db)
     assert (job.state, job.error_type, job.attempts) == ("failed", "worker_lost", 2)
 
 
 def test_cancel_queued_is_immediate_and_running_is_cooperative(db):
     new_job(db, "q", callback="https://example.com/hook")
-    job = store.request_cancel(db, "alice", "q")
+    job = lifecycle.request_cancel(db, "alice", "q")
     assert (job.state, job.cancel_requested) == ("cancelled", True)
-    assert store.claim(db, "q", "w", 30) is None
+    assert lifecycle.claim(db, "q", "w", 30) is None
     new_job(db, "r")
-    store.claim(db, "r", "w", 30)
-    job = store.request_cancel(db, "alice", "r")
+    lifecycle.claim(db, "r", "w", 30)
+    job = lifecycle.request_cancel(db, "alice", "r")
     assert (job.state, job.cancel_requested) == ("running", True)
-    assert store.cancel_requested(db, "r")
-    assert store.request_cancel(db, "bob", "r").tenant == "alice"  # row unchanged for another tenant
+    assert lifecycle.cancel_requested(db, "r")
+    assert lifecycle.request_cancel(db, "bob", "r").tenant == "alice"  # row unchanged for another tenant
     with db.read() as s:
         hooks = s.query(WebhookDelivery).all()
     assert [(h.job_id, h.event_type) for h in hooks] == [("q", "job.cancelled")]
@@ -123,8 +124,8 @@ def test_idempotency_key_returns_the_first_job(db):
             plan={}, idempotency_key="k", loss_history=[], created_at=utcnow())
     b = Job(id="b", tenant="alice", checkpoint_id="c1", target="t", target_config={}, strategy="ligo", fit={},
             plan={}, idempotency_key="k", loss_history=[], created_at=utcnow())
-    assert store.create_job(db, a) == (a, True)
-    job, created = store.create_job(db, b)
+    assert lifecycle.create_job(db, a) == (a, True)
+    job, created = lifecycle.create_job(db, b)
     assert (job.id, created) == ("a", False)
 
 
@@ -161,6 +162,25 @@ def test_local_storage_commits_or_leaves_nothing(tmp_path):
             storage.path_of(bad)
 
 
+def test_putting_a_file_closes_it_and_hashing_reads_all_of_it(tmp_path):
+    import gc
+    import hashlib
+    import warnings
+
+    from app.storage import file_sha256
+
+    source = tmp_path / "model.safetensors"
+    source.write_bytes(bytes(range(256)) * 40_000)  # ~10 MiB: more than one read
+    storage = LocalStorage(tmp_path / "objects", b"secret")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        storage.put_file("jobs/j/output/model.safetensors", source)
+        gc.collect()
+    assert [w.message for w in caught if issubclass(w.category, ResourceWarning)] == []  # an unclosed file
+    assert file_sha256(storage.path_of("jobs/j/output/model.safetensors")) == (
+        10_240_000, hashlib.sha256(source.read_bytes()).hexdigest())
+
+
 def test_signed_links_expire_and_resist_tampering():
     token = sign_token(b"k1", "jobs/j/output/model.safetensors", "model.safetensors", ttl=60, now=1000)
     assert verify_token(b"k1", token, now=1059) == ("jobs/j/output/model.safetensors", "model.safetensors")
@@ -187,15 +207,96 @@ def test_webhook_signature_matches_the_standard_webhooks_test_vector():
 
 
 def test_the_worker_parent_never_imports_torch():
-    code = ("import sys, worker.celery_app, worker.tasks, worker.runner, app.store, app.storage; "
+    code = ("import sys, worker.celery_app, worker.tasks, worker.runner, app.lifecycle, app.storage; "
             "print(sorted(m for m in ('torch', 'transformers', 'ligo_core') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
+def test_engine_errors_carry_the_field_they_are_about():
+    import pickle
+
+    import ligo_core
+    from ligo_core.cost import EstimateError, estimate
+
+    source = ligo_core.resolve_target("gpt2")
+    cases = {"layers=6": "layers", "hidden=700,heads=12": "hidden", "family=bert,layers=24": "family",
+             "depth=24,colour=3": "colour", "layers=24,hidden=lots": "hidden"}
+    for spec, field in cases.items():
+        with pytest.raises(ligo_core.TargetError) as caught:
+            ligo_core.resolve_target(spec, source)
+        assert caught.value.field == field, spec
+    target = ligo_core.resolve_target("gpt2-medium", source)
+    for option, value in {"fit_steps": -1, "fit_batch": 0, "seq_len": 10**6, "tokens": 0, "gpu": "abacus",
+                          "utilisation": 2.0, "price_per_gpu_hour": -1.0, "strategy": "magic",
+                          "convention": "mine"}.items():
+        with pytest.raises(EstimateError) as caught:
+            estimate(source, target, **{option: value})
+        assert caught.value.field == option
+    again = pickle.loads(pickle.dumps(caught.value))  # a worker's error crosses processes intact
+    assert (type(again), str(again), again.field) == (EstimateError, str(caught.value), "convention")
+
+
+def test_a_ligo_error_becomes_a_problem_for_the_field_it_names():
+    from app.problems import Problem, fields_of_ligo_errors
+    from ligo_core.errors import LigoError
+
+    def problem(error, *mapping):
+        with pytest.raises(Problem) as caught, fields_of_ligo_errors(*mapping):
+            raise error
+        return caught.value.errors, caught.value.status
+
+    fields = {"gpu": "plan.gpu"}
+    assert problem(LigoError("tokens: unknown GPU", field="gpu"), "plan", fields) == (
+        [{"field": "plan.gpu", "message": "tokens: unknown GPU"}], 422)
+    assert problem(LigoError("hidden is odd", field="hidden"), "plan", fields)[0][0]["field"] == "plan"
+    assert problem(LigoError("no field"), "target")[0][0]["field"] == "target"
+    with pytest.raises(KeyError), fields_of_ligo_errors("target"):  # not the engine's: not the client's fault
+        raise KeyError("x")
+
+
+def _app_imports() -> dict[str, set[str]]:
+    """Each module of the ``app`` package -> the modules it imports (lazy imports inside functions too)."""
+    modules = {}
+    for path in sorted((ROOT / "app").rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:  # `from app import x`: x may be a module
+                imported.add(node.module)
+                imported.update(f"{node.module}.{alias.name}" for alias in node.names)
+        graph[name] = {m for m in imported if m in modules or m.split(".")[0] == "worker"} - {name}
+    return graph
+
+
+def test_the_app_imports_no_worker_module_and_has_no_import_cycle():
+    graph = _app_imports()
+    assert {"app.lifecycle", "app.broker", "app.presigned"} <= graph.keys()
+    assert {name: sorted(m for m in imports if m.startswith("worker")) for name, imports in graph.items()
+            if any(m.startswith("worker") for m in imports)} == {}
+    cycles, done = [], set()
+
+    def visit(name, path):
+        for dep in sorted(graph.get(name, ())):
+            if dep in path:
+                cycles.append(path[path.index(dep):] + [dep])
+            elif dep not in done:
+                visit(dep, path + [dep])
+        done.add(name)
+
+    for name in graph:
+        visit(name, [name])
+    assert cycles == []
+
+
 def test_celery_is_configured_for_long_gpu_jobs():
+    from app.broker import GROW_TASK, make_celery
     from app.settings import Settings
-    from worker.celery_app import GROW_TASK, make_celery
 
     conf = make_celery(Settings(broker_url="redis://127.0.0.1:6379/0", job_time_limit_seconds=7200)).conf
     assert conf.task_routes[GROW_TASK] == {"queue": "gpu"}

@@ -1,7 +1,7 @@
 """One growth job, start to end: claim, download, ``ligo_core.grow``, upload, manifest, finish.
 
 Runs inside the Celery task (a fresh child process per job); ligo_core, and with it torch,
-is imported here only when a job runs. Job state changes go through ``app.store``.
+is imported here only when a job runs. Job state changes go through ``app.lifecycle``.
 
 Publication order: outputs under ``jobs/{id}/output/``, then ``jobs/{id}/manifest.json``
 last, then the row turns ``succeeded``. A re-run after a lost worker first removes whatever
@@ -10,7 +10,6 @@ an earlier attempt left under ``jobs/{id}/``, so a job has one result.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -22,11 +21,11 @@ import threading
 import time
 from pathlib import Path
 
-from app import scratch, store
+from app import lifecycle, ligo_bridge, scratch
 from app.db import JOB_STAGES, Checkpoint, Database, Job, utcnow
 from app.schemas import iso
 from app.settings import Settings
-from app.storage import S3Storage, Storage, StorageError, make_storage, parse_s3_uri
+from app.storage import S3Storage, Storage, StorageError, file_sha256, make_storage, parse_s3_uri
 from app.validator import ALLOCATOR_WORDS, scrub
 from worker.celery_app import sweep_scratch
 
@@ -50,7 +49,7 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self._stop_event.wait(self.lease / 3):
             try:
-                if not store.heartbeat(self.db, self.job_id, self.owner, self.lease):
+                if not lifecycle.heartbeat(self.db, self.job_id, self.owner, self.lease):
                     self.lost.set()
                     return
             except Exception:  # a database hiccup: try again next beat, the lease has slack
@@ -101,18 +100,10 @@ class Progress:
 
     def _write(self, stage: str, step: int, total: int, loss: float | None) -> None:
         self.stage = stage
-        ok = store.report_progress(self.db, self.job_id, self.owner, stage=stage, step=step, total=total,
+        ok = lifecycle.report_progress(self.db, self.job_id, self.owner, stage=stage, step=step, total=total,
                                    loss=loss, loss_history=list(self.history))
         if not ok:
             self.lost.set()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * 2**20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def plain_json(value):
@@ -138,7 +129,7 @@ class JobRunner:
         """Run the job if it is queued; returns its final state, or 'skipped' / 'lost'."""
         s = self.settings
         owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        job = store.claim(self.db, job_id, owner, s.lease_seconds)
+        job = lifecycle.claim(self.db, job_id, owner, s.lease_seconds)
         if job is None:
             log.info("job %s is not queued; nothing to do", job_id)
             return "skipped"
@@ -170,11 +161,11 @@ class JobRunner:
                 return True
             now = time.monotonic()
             if now - polled["at"] >= s.cancel_poll_seconds:
-                polled["at"], polled["cancel"] = now, store.cancel_requested(self.db, job.id)
+                polled["at"], polled["cancel"] = now, lifecycle.cancel_requested(self.db, job.id)
             return polled["cancel"]
 
         def finish(state: str, **kw) -> str:
-            if beat.lost.is_set() or not store.finish(self.db, job.id, owner, state, **kw):
+            if beat.lost.is_set() or not lifecycle.finish(self.db, job.id, owner, state, **kw):
                 log.warning("job %s: lease lost; another worker has it", job.id)
                 return "lost"
             return state
@@ -195,8 +186,8 @@ class JobRunner:
                 raise ligo_core.GrowthCancelled()
             out = work / "out"
             with opened_source(src, max_bytes=s.resolved_max_extract_bytes, tmp_dir=work) as directory:
-                report = ligo_core.grow(
-                    directory, job.target, out, strategy=job.strategy, fit_steps=job.fit["steps"], data=data,
+                report = ligo_core.grow(  # the target resolved at submission, which the job's answers show
+                    directory, ligo_bridge.config_from_dict(job.target_config), out, strategy=job.strategy, fit_steps=job.fit["steps"], data=data,
                     seed=job.seed, device=s.worker_device, lr=job.fit.get("lr"), batch_size=job.fit.get("batch_size"),
                     seq_len=job.fit.get("seq_len"), progress=progress, should_cancel=should_cancel,
                     **(job.growth or {}),  # GrowthOptions set on the job; the rest are the engine defaults
@@ -209,7 +200,7 @@ class JobRunner:
             if should_cancel():
                 raise ligo_core.GrowthCancelled()
             progress.show_fit()
-            if not store.holds_lease(self.db, job.id, owner):
+            if not lifecycle.holds_lease(self.db, job.id, owner):
                 raise LeaseLost()
             manifest = plain_json(manifest)
             self.storage.put_bytes(prefix + "manifest.json", json.dumps(manifest, indent=1).encode())
@@ -285,18 +276,18 @@ class JobRunner:
             if should_cancel():
                 raise ligo_core.GrowthCancelled()
             rel = path.relative_to(out).as_posix()
-            files.append({"path": rel, "size_bytes": path.stat().st_size, "sha256": _sha256(path)})
+            size, sha256 = file_sha256(path)
+            files.append({"path": rel, "size_bytes": size, "sha256": sha256})
             self.storage.put_file(prefix + rel, path)
             progress.set("uploading", i, len(paths))
         return files
 
     def _estimate(self, ckpt: Checkpoint, report: dict, job: Job) -> dict:
-        from app.engine import config_from_dict, estimate
-
         fit, plan = report.get("fit", {}), job.plan
         try:
-            return estimate(
-                config_from_dict(ckpt.config), config_from_dict(report["target"]["config"]), strategy=job.strategy,
+            return ligo_bridge.estimate(
+                ligo_bridge.config_from_dict(ckpt.config), ligo_bridge.config_from_dict(report["target"]["config"]),
+                strategy=job.strategy,
                 fit_steps=int(fit.get("steps") or 0), fit_batch=int(fit.get("batch_size") or 1),
                 seq_len=int(fit.get("seq_len") or 1), tokens=plan.get("tokens"), gpu=plan.get("gpu", "H100"),
                 price_per_gpu_hour=plan.get("price_per_gpu_hour"), utilisation=plan.get("utilisation"),

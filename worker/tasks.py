@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 
+from app.broker import GROW_TASK
 from app.settings import get_settings
-from worker.celery_app import GROW_TASK, celery
+from worker.celery_app import celery
 
 log = logging.getLogger("ligo.worker")
 

@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Header, Query, Request
-from sqlalchemy import delete, select
+from fastapi import APIRouter, Header, Query, Request, Response
+from sqlalchemy import select
 
-from app import limits, uploads
+from app import limits, presigned, uploads
 from app.auth import CurrentTenant
 from app.db import Checkpoint, Upload, new_id, utcnow
 from app.problems import Problem, field_problem, not_found
-from app.responses import JSONResponse
 from app.schemas import (
     CheckpointList,
     CheckpointOut,
@@ -38,11 +37,12 @@ from app.schemas import (
     UploadComplete,
     UploadCreate,
     UploadOut,
+    UploadPart,
     checkpoint_json,
     iso,
 )
 from app.services import Services, Svc
-from app.storage import S3_MAX_PARTS, S3_MIN_PART, S3Storage, StorageError, parse_s3_uri
+from app.storage import S3_MAX_PARTS, S3_MIN_PART, S3Storage, StorageError, file_sha256, parse_s3_uri
 from app.validator import ValidationFailed, ValidatorUnavailable
 
 log = logging.getLogger("ligo.api")
@@ -131,8 +131,13 @@ def _save_row(svc: Services, row: Checkpoint, cleanup) -> Checkpoint:
     return row
 
 
-def _created(row: Checkpoint) -> JSONResponse:
-    return JSONResponse(checkpoint_json(row), status_code=201, headers={"Location": f"/v1/checkpoints/{row.id}"})
+def _checkpoint_out(row: Checkpoint) -> CheckpointOut:
+    return CheckpointOut.model_validate(checkpoint_json(row))
+
+
+def _created(row: Checkpoint, response: Response) -> CheckpointOut:
+    response.headers["Location"] = f"/v1/checkpoints/{row.id}"
+    return _checkpoint_out(row)
 
 
 @router.post("", status_code=201, response_model=CheckpointOut, responses=ERRORS,
@@ -142,12 +147,13 @@ def _created(row: Checkpoint) -> JSONResponse:
                      uploads.FILE_FIELD: {"type": "string", "format": "binary"}}}}}}})
 async def upload_checkpoint(
     request: Request,
+    response: Response,
     tenant: CurrentTenant,
     svc: Svc,
     x_ligo_config: Annotated[str | None, Header(max_length=65_536, description="base64 config.json, for a .safetensors upload")] = None,
     filename: Annotated[str | None, Query(min_length=1, max_length=255, description=(
         "model.tar.gz, model.zip, ... or model.safetensors (default for a form: its file's name)"))] = None,
-):
+) -> CheckpointOut:
     """Stream the raw request body, or a form's `file` part, to storage (sha256 and size cap on the
     way), then check it."""
     body = await uploads.upload_body(request)
@@ -201,7 +207,7 @@ async def upload_checkpoint(
             else:
                 await anyio.to_thread.run_sync(writer.abort)
         raise
-    return _created(row)
+    return _created(row, response)
 
 
 # --- presigned multipart upload (S3) -----------------------------------------------------------
@@ -215,7 +221,7 @@ def _s3(svc: Services, what: str) -> S3Storage:
 
 
 @router.post("/uploads", status_code=201, response_model=UploadOut, responses=ERRORS)
-def create_upload(body: UploadCreate, tenant: CurrentTenant, svc: Svc):
+def create_upload(body: UploadCreate, tenant: CurrentTenant, svc: Svc) -> UploadOut:
     """Start a multipart upload straight to S3: PUT each part to its URL, then call .../complete."""
     s3 = _s3(svc, "a presigned upload")
     name, kind = clean_filename(body.filename)
@@ -240,9 +246,9 @@ def create_upload(body: UploadCreate, tenant: CurrentTenant, svc: Svc):
     except Exception:
         s3.abort_multipart(key, s3_upload)
         raise
-    parts = [{"part_number": n, "url": s3.presign_part(key, s3_upload, n, ttl)} for n in range(1, count + 1)]
-    return JSONResponse({"id": upload_id, "filename": name, "size_bytes": body.size_bytes, "part_size": part_size,
-                         "parts": parts, "expires_at": iso(row.expires_at)}, status_code=201)
+    parts = [UploadPart(part_number=n, url=s3.presign_part(key, s3_upload, n, ttl)) for n in range(1, count + 1)]
+    return UploadOut(id=upload_id, filename=name, size_bytes=body.size_bytes, part_size=part_size, parts=parts,
+                     expires_at=iso(row.expires_at))
 
 
 def _upload_of(svc: Services, tenant: str, upload_id: str) -> Upload:
@@ -253,24 +259,14 @@ def _upload_of(svc: Services, tenant: str, upload_id: str) -> Upload:
     return row
 
 
-def _forget_upload(svc: Services, row: Upload) -> None:
-    with svc.db.write() as s:
-        s.execute(delete(Upload).where(Upload.id == row.id))
-
-
 def _download_hashed(fetch, dest: Path) -> tuple[int, str]:
     fetch(dest)
-    sha, size = hashlib.sha256(), 0
-    with open(dest, "rb") as f:
-        while chunk := f.read(4 * 2**20):
-            sha.update(chunk)
-            size += len(chunk)
-    return size, sha.hexdigest()
+    return file_sha256(dest)
 
 
 @router.post("/uploads/{upload_id}/complete", status_code=201, response_model=CheckpointOut, responses=ERRORS)
-async def complete_upload(upload_id: str, body: UploadComplete, tenant: CurrentTenant,
-                          svc: Svc):
+async def complete_upload(upload_id: str, body: UploadComplete, tenant: CurrentTenant, svc: Svc,
+                          response: Response) -> CheckpointOut:
     """Finish the multipart upload, check the object, and create the checkpoint."""
     s3 = _s3(svc, "a presigned upload")
     row = await anyio.to_thread.run_sync(_upload_of, svc, tenant, upload_id)
@@ -282,7 +278,7 @@ async def complete_upload(upload_id: str, body: UploadComplete, tenant: CurrentT
             await anyio.to_thread.run_sync(s3.complete_multipart, row.object_key, row.s3_upload_id, parts)
         except StorageError as exc:
             raise field_problem("parts", str(exc)) from None
-        await anyio.to_thread.run_sync(_forget_upload, svc, row)
+        await anyio.to_thread.run_sync(presigned.forget_upload, svc.db, row.id)
         try:
             local = tmp / row.filename
             size, sha = await anyio.to_thread.run_sync(_download_hashed,
@@ -303,7 +299,7 @@ async def complete_upload(upload_id: str, body: UploadComplete, tenant: CurrentT
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return _created(ckpt)
+    return _created(ckpt, response)
 
 
 @router.delete("/uploads/{upload_id}", status_code=204, responses={404: {"description": "No such upload"}})
@@ -311,22 +307,7 @@ def abort_upload(upload_id: str, tenant: CurrentTenant, svc: Svc):
     s3 = _s3(svc, "a presigned upload")
     row = _upload_of(svc, tenant, upload_id)
     s3.abort_multipart(row.object_key, row.s3_upload_id)
-    _forget_upload(svc, row)
-
-
-def expire_uploads(svc: Services) -> int:
-    """Abort presigned uploads nobody completed in time (run by the maintenance loop)."""
-    if not isinstance(svc.storage, S3Storage):
-        return 0
-    with svc.db.read() as s:
-        rows = s.scalars(select(Upload).where(Upload.expires_at < utcnow())).all()
-    for row in rows:
-        try:
-            svc.storage.abort_multipart(row.object_key, row.s3_upload_id)
-            _forget_upload(svc, row)
-        except StorageError as exc:
-            log.warning("could not abort expired upload %s: %s", row.id, exc)
-    return len(rows)
+    presigned.forget_upload(svc.db, row.id)
 
 
 # --- registering an existing object ------------------------------------------------------------
@@ -364,8 +345,8 @@ def _tmp(svc: Services) -> Path:
 
 
 @router.post("/register", status_code=201, response_model=CheckpointOut, responses=ERRORS)
-async def register_checkpoint(body: RegisterIn, tenant: CurrentTenant,
-                              svc: Svc):
+async def register_checkpoint(body: RegisterIn, tenant: CurrentTenant, svc: Svc,
+                              response: Response) -> CheckpointOut:
     """Create a checkpoint from an archive already in S3 (read in place, never modified)."""
     _s3(svc, "registering an object")
     bucket, key = check_external_uri(svc, body.uri, "uri")
@@ -388,7 +369,7 @@ async def register_checkpoint(body: RegisterIn, tenant: CurrentTenant,
         row = await anyio.to_thread.run_sync(_save_row, svc, row, lambda: None)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return _created(row)
+    return _created(row, response)
 
 
 def _read_checkpoint(svc: Services, checkpoint_id: str) -> Checkpoint | None:
@@ -411,18 +392,18 @@ async def list_checkpoints(
         "Only the checkpoints made from a file with this SHA-256 (lowercase hex): a pipeline that "
         "re-runs a step finds the upload it made before instead of sending the bytes again."))] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-):
+) -> CheckpointList:
     """The tenant's checkpoints, newest first."""
     rows = await svc.db.call(_find_checkpoints, svc, tenant, sha256, limit)
-    return JSONResponse({"items": [checkpoint_json(r) for r in rows]})
+    return CheckpointList(items=[_checkpoint_out(r) for r in rows])
 
 
 @router.get("/{checkpoint_id}", response_model=CheckpointOut, responses={404: {"description": "No such checkpoint"}})
-async def get_checkpoint(checkpoint_id: str, tenant: CurrentTenant, svc: Svc):
+async def get_checkpoint(checkpoint_id: str, tenant: CurrentTenant, svc: Svc) -> CheckpointOut:
     row = await svc.db.call(_read_checkpoint, svc, checkpoint_id)
     if row is None or row.tenant != tenant:
         raise not_found("checkpoint", checkpoint_id)
-    return JSONResponse(checkpoint_json(row))
+    return _checkpoint_out(row)
 
 
 S3_ONLY = (create_upload, complete_upload, abort_upload, register_checkpoint)  # left out of local storage's OpenAPI

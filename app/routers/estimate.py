@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app import engine, limits
+from app import ligo_bridge, limits
 from app.auth import CurrentTenant
 from app.db import Checkpoint
-from app.problems import Problem, field_problem
-from app.responses import JSONResponse
+from app.problems import field_problem, fields_of_ligo_errors
 from app.schemas import EstimateIn
 from app.services import Svc
 
 router = APIRouter(prefix="/v1", tags=["estimate"])
+
+# The estimate's parameters (an EstimateError's field) are this request's fields of the same name.
+ESTIMATE_PARAMETERS = {name: name for name in ("fit_steps", "fit_batch", "seq_len", "tokens", "gpu",
+                                               "price_per_gpu_hour", "utilisation", "strategy", "convention")}
 
 
 @router.post("/estimate", responses={401: {"description": "No or wrong API key"},
@@ -21,37 +24,23 @@ def estimate(body: EstimateIn, tenant: CurrentTenant, svc: Svc):
     """FLOPs, GPU-hours and cost of fitting, training the grown model, and training from scratch."""
     if (body.source is None) == (body.checkpoint_id is None):
         raise field_problem("source", "give either `source` (a preset, fields or a config) or `checkpoint_id`")
-    try:
+    with fields_of_ligo_errors("target", ESTIMATE_PARAMETERS):
         if body.checkpoint_id is not None:
             with svc.db.read() as s:
                 ckpt = s.get(Checkpoint, body.checkpoint_id)
             if ckpt is None or ckpt.tenant != tenant:
                 raise field_problem("checkpoint_id", f"no checkpoint {body.checkpoint_id!r}")
-            source = engine.config_from_dict(ckpt.config)
+            source = ligo_bridge.config_from_dict(ckpt.config)
         else:
             limits.check_spec(body.source, "source")
-            source = _field("source", engine.resolve_source, body.source)
+            with fields_of_ligo_errors("source"):
+                source = ligo_bridge.resolve_source(body.source)
         limits.check_spec(body.target, "target")
-        target = _field("target", engine.resolve_target, body.target, source.to_dict())
+        with fields_of_ligo_errors("target"):
+            target = ligo_bridge.resolve_target(body.target, source.to_dict())
         limits.check_parameters(target, svc.settings.max_target_parameters)
-        result = engine.estimate(
+        return ligo_bridge.estimate(
             source, target, strategy=body.strategy, fit_steps=body.fit_steps, fit_batch=body.fit_batch,
-            seq_len=min(body.seq_len, engine.max_positions(source)), tokens=body.tokens, gpu=body.gpu, price_per_gpu_hour=body.price_per_gpu_hour,
-            utilisation=body.utilisation,
+            seq_len=min(body.seq_len, ligo_bridge.max_positions(source)), tokens=body.tokens, gpu=body.gpu,
+            price_per_gpu_hour=body.price_per_gpu_hour, utilisation=body.utilisation,
         )
-    except Problem:
-        raise
-    except Exception as exc:
-        if engine.is_ligo_error(exc):
-            raise field_problem(engine.estimate_field(str(exc)) or "target", str(exc)) from None
-        raise
-    return JSONResponse(result)
-
-
-def _field(name: str, fn, *args):
-    try:
-        return fn(*args)
-    except Exception as exc:
-        if engine.is_ligo_error(exc):
-            raise field_problem(name, str(exc)) from None
-        raise

@@ -9,24 +9,26 @@ import re
 from datetime import timedelta
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy import select
 
-from app import engine, limits, store
+from app import lifecycle, ligo_bridge, limits
 from app.auth import CurrentTenant
 from app.db import TERMINAL_STATES, Checkpoint, Job, utcnow
-from app.problems import Problem, field_problem, not_found
-from app.responses import JSONResponse
+from app.problems import Problem, field_problem, fields_of_ligo_errors, not_found
 from app.routers.checkpoints import check_external_uri
-from app.schemas import JobCreate, JobList, JobOut, JobResult, iso, job_json
+from app.schemas import JobCreate, JobList, JobOut, JobResult, ResultFile, iso, job_json
 from app.services import Services, Svc
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 DATA_SUFFIXES = (".txt", ".jsonl")
-PLAN_FIELDS = {"fit_steps": "fit.steps", "fit_batch": "fit.batch_size", "seq_len": "fit.seq_len",
-               "tokens": "plan.tokens", "gpu": "plan.gpu", "price_per_gpu_hour": "plan.price_per_gpu_hour",
-               "utilisation": "plan.utilisation", "strategy": "strategy"}
+# The cost estimate's parameters (an EstimateError's field) -> where a job request sets them.
+ESTIMATE_PARAMETERS_IN_JOB = {
+    "fit_steps": "fit.steps", "fit_batch": "fit.batch_size", "seq_len": "fit.seq_len", "tokens": "plan.tokens",
+    "gpu": "plan.gpu", "price_per_gpu_hour": "plan.price_per_gpu_hour", "utilisation": "plan.utilisation",
+    "strategy": "strategy",
+}
 
 
 def _read_job(svc: Services, job_id: str):
@@ -49,11 +51,11 @@ def _engine_defaults() -> tuple[int, int]:
 def job_estimate(source_config: dict, target_config, job_fit: dict, plan: dict, strategy: str) -> dict:
     """The cost estimate for a job, with the fitting settings the engine will use."""
     batch, seq = _engine_defaults()
-    source = engine.config_from_dict(source_config)
-    return engine.estimate(
+    source = ligo_bridge.config_from_dict(source_config)
+    return ligo_bridge.estimate(
         source, target_config, strategy=strategy,
         fit_steps=job_fit["steps"] if strategy == "ligo" else 0, fit_batch=job_fit.get("batch_size") or batch,
-        seq_len=min(job_fit.get("seq_len") or seq, engine.max_positions(source)), tokens=plan.get("tokens"), gpu=plan.get("gpu", "H100"),
+        seq_len=min(job_fit.get("seq_len") or seq, ligo_bridge.max_positions(source)), tokens=plan.get("tokens"), gpu=plan.get("gpu", "H100"),
         price_per_gpu_hour=plan.get("price_per_gpu_hour"), utilisation=plan.get("utilisation"),
     )
 
@@ -77,12 +79,8 @@ def _validate(svc: Services, tenant: str, body: JobCreate) -> tuple[Checkpoint, 
     if ckpt is None or ckpt.tenant != tenant:
         raise field_problem("checkpoint_id", f"no checkpoint {body.checkpoint_id!r}")
     limits.check_spec(body.target, "target")
-    try:
-        target = engine.resolve_target(body.target, ckpt.config)
-    except Exception as exc:
-        if engine.is_ligo_error(exc):
-            raise field_problem("target", str(exc)) from None
-        raise
+    with fields_of_ligo_errors("target"):
+        target = ligo_bridge.resolve_target(body.target, ckpt.config)
     limits.check_parameters(target, svc.settings.max_target_parameters)
     if body.strategy == "ligo" and body.fit.steps > 0 and not ckpt.has_tokenizer:
         raise field_problem("checkpoint_id", "the checkpoint has no tokenizer files, which fitting 'ligo' needs; "
@@ -96,13 +94,8 @@ def _validate(svc: Services, tenant: str, body: JobCreate) -> tuple[Checkpoint, 
             svc.storage.head_uri(_bucket, key)
         except Exception as exc:
             raise field_problem("fit.data_uri", f"cannot read {body.fit.data_uri}: {exc}") from None
-    try:
+    with fields_of_ligo_errors("plan", ESTIMATE_PARAMETERS_IN_JOB):
         job_estimate(ckpt.config, target, body.fit.model_dump(), body.plan.model_dump(), body.strategy)
-    except Exception as exc:
-        if engine.is_ligo_error(exc):
-            field = PLAN_FIELDS.get(engine.estimate_field(str(exc)) or "", "plan")
-            raise field_problem(field, str(exc)) from None
-        raise
     return ckpt, target.to_dict()
 
 
@@ -117,25 +110,35 @@ def _existing(svc: Services, tenant: str, key: str) -> Job | None:
         return s.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key))
 
 
-def _replay(job: Job, request_hash: str) -> JSONResponse:
+def _job_out(job, delivery=None) -> JobOut:
+    return JobOut.model_validate(job_json(job, delivery))
+
+
+def _located(job, response: Response) -> JobOut:
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return _job_out(job)
+
+
+def _replay(job: Job, request_hash: str, response: Response) -> JobOut:
     if job.request_hash != request_hash:
         raise Problem(422, "idempotency-key-reused", "this Idempotency-Key was used for a different request",
                       errors=[{"field": "Idempotency-Key", "message": "already used with another request body"}])
-    return JSONResponse(job_json(job), status_code=200, headers={"Location": f"/v1/jobs/{job.id}"})
+    response.status_code = 200  # the job made earlier, not a new one
+    return _located(job, response)
 
 
 @router.post("", status_code=202, response_model=JobOut, responses={
     200: {"model": JobOut, "description": "The job made earlier with the same Idempotency-Key"},
     401: {"description": "No or wrong API key"},
     422: {"description": "A field is invalid; `errors[].field` names it"}})
-def create_job(body: JobCreate, tenant: CurrentTenant, svc: Svc,
-               idempotency_key: Annotated[str | None, Header(max_length=255)] = None):
+def create_job(body: JobCreate, tenant: CurrentTenant, svc: Svc, response: Response,
+               idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> JobOut:
     """Queue a growth job. Answers 202 with `Location: /v1/jobs/{id}`."""
     request_hash = _request_hash(body)
     if idempotency_key is not None:
         existing = _existing(svc, tenant, idempotency_key)
         if existing is not None:
-            return _replay(existing, request_hash)
+            return _replay(existing, request_hash, response)
     ckpt, target_config = _validate(svc, tenant, body)
     job = Job(
         tenant=tenant, checkpoint_id=ckpt.id, state="queued", target=body.target, target_config=target_config,
@@ -145,11 +148,11 @@ def create_job(body: JobCreate, tenant: CurrentTenant, svc: Svc,
         request_hash=request_hash, loss_history=[], attempts=0, cancel_requested=False,
         progress_step=0, progress_total=0, created_at=utcnow(),
     )
-    job, created = store.create_job(svc.db, job)
+    job, created = lifecycle.create_job(svc.db, job)
     if not created:
-        return _replay(job, request_hash)
+        return _replay(job, request_hash, response)
     svc.dispatcher.dispatch(job.id)
-    return JSONResponse(job_json(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+    return _located(job, response)
 
 
 def _scalars(svc: Services, query) -> list:
@@ -180,7 +183,7 @@ def _uncursor(cursor: str) -> str:
 async def list_jobs(tenant: CurrentTenant, svc: Svc,
               state: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
               cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,
-              limit: Annotated[int, Query(ge=1, le=100)] = 20):
+              limit: Annotated[int, Query(ge=1, le=100)] = 20) -> JobList:
     """The tenant's jobs, newest first; pass `next_cursor` back as `cursor` for the next page."""
     query = select(Job).where(Job.tenant == tenant)
     if state:
@@ -190,33 +193,32 @@ async def list_jobs(tenant: CurrentTenant, svc: Svc,
     rows = await svc.db.call(_scalars, svc, query.order_by(Job.id.desc()).limit(limit + 1))
     more = len(rows) > limit
     rows = rows[:limit]
-    hooks = await svc.db.call(store.webhook_deliveries, svc.db, rows)
-    return JSONResponse({"items": [job_json(j, hooks.get(j.id)) for j in rows],
-                         "next_cursor": _cursor(rows[-1].id) if more else None})
+    hooks = await svc.db.call(lifecycle.webhook_deliveries, svc.db, rows)
+    return JobList(items=[_job_out(j, hooks.get(j.id)) for j in rows],
+                   next_cursor=_cursor(rows[-1].id) if more else None)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses={404: {"description": "No such job"}})
-async def get_job(job_id: str, tenant: CurrentTenant, svc: Svc):
+async def get_job(job_id: str, tenant: CurrentTenant, svc: Svc) -> JobOut:
     job = _job_of(svc, tenant, job_id, await svc.db.call(_read_job, svc, job_id))
-    hooks = await svc.db.call(store.webhook_deliveries, svc.db, [job])
-    return JSONResponse(job_json(job, hooks.get(job.id)))
+    hooks = await svc.db.call(lifecycle.webhook_deliveries, svc.db, [job])
+    return _job_out(job, hooks.get(job.id))
 
 
 @router.delete("/{job_id}", status_code=202, response_model=JobOut, responses={
     404: {"description": "No such job"}, 409: {"description": "The job has already finished"}})
-def cancel_job(job_id: str, tenant: CurrentTenant, svc: Svc):
+def cancel_job(job_id: str, tenant: CurrentTenant, svc: Svc, response: Response) -> JobOut:
     """Cancel: a queued job at once, a running one at its next step (partial outputs removed)."""
     job = _job_of(svc, tenant, job_id)
     if job.state in TERMINAL_STATES:
         raise Problem(409, "job-finished", f"job {job_id} has already {job.state}")
-    job = store.request_cancel(svc.db, tenant, job_id)
-    return JSONResponse(job_json(job), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
+    job = lifecycle.request_cancel(svc.db, tenant, job_id)
+    return _located(job, response)
 
 
 @router.get("/{job_id}/result", response_model=JobResult, responses={
     404: {"description": "No such job"}, 409: {"description": "The job has not succeeded"}})
-def job_result(job_id: str, request: Request, tenant: CurrentTenant,
-               svc: Svc):
+def job_result(job_id: str, request: Request, tenant: CurrentTenant, svc: Svc) -> JobResult:
     """Download links (expiring) for every output file, the growth report and the cost estimate."""
     job = _job_of(svc, tenant, job_id)
     if job.state != "succeeded" or not job.manifest:
@@ -224,9 +226,9 @@ def job_result(job_id: str, request: Request, tenant: CurrentTenant,
     ttl = svc.settings.url_ttl_seconds
     base = svc.settings.public_url or str(request.base_url)
     manifest = job.manifest
-    files = [{"path": f["path"], "size_bytes": f["size_bytes"], "sha256": f.get("sha256"),
-              "url": svc.storage.download_url(f"jobs/{job_id}/output/{f['path']}", f["path"].rsplit("/", 1)[-1],
-                                              ttl, base)}
+    files = [ResultFile(path=f["path"], size_bytes=f["size_bytes"], sha256=f.get("sha256"),
+                        url=svc.storage.download_url(f"jobs/{job_id}/output/{f['path']}",
+                                                     f["path"].rsplit("/", 1)[-1], ttl, base))
              for f in manifest["files"]]
-    return JSONResponse({"files": files, "report": manifest["report"], "estimate": manifest["estimate"],
-                         "expires_at": iso(utcnow() + timedelta(seconds=ttl))})
+    return JobResult(files=files, report=manifest["report"], estimate=manifest["estimate"],
+                     expires_at=iso(utcnow() + timedelta(seconds=ttl)))

@@ -8,13 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-# Words in an estimator error message -> the request field it concerns.
-ESTIMATE_FIELDS = (
-    ("fit_steps", "fit_steps"), ("fit_batch", "fit_batch"), ("seq_len", "seq_len"), ("tokens", "tokens"),
-    ("utilisation", "utilisation"), ("price", "price_per_gpu_hour"), ("gpu", "gpu"), ("strategy", "strategy"),
-    ("convention", "convention"),
-)
-
 
 def config_from_dict(data: dict[str, Any]):
     """A transformers config of the right class from a config.json dict."""
@@ -25,13 +18,13 @@ def config_from_dict(data: dict[str, Any]):
     if not model_type:
         import ligo_core
 
-        raise ligo_core.TargetError("the config has no model_type")
+        raise ligo_core.TargetError("the config has no model_type", field="model_type")
     try:
         return AutoConfig.for_model(model_type, **data)
     except (ValueError, KeyError) as exc:
         import ligo_core
 
-        raise ligo_core.TargetError(f"model_type {model_type!r}: {exc}") from None
+        raise ligo_core.TargetError(f"model_type {model_type!r}: {exc}", field="model_type") from None
 
 
 def resolve_target(spec: Any, source_config: dict[str, Any] | None):
@@ -53,7 +46,9 @@ def resolve_source(spec: Any):
 
 def max_positions(config) -> int:
     """The longest sequence the model takes; the engine caps the fitting length at it (as here)."""
-    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
+    from ligo_core.targets import max_positions as longest
+
+    return longest(config)
 
 
 def estimate(source_config, target_config, **kwargs) -> dict:
@@ -68,17 +63,3 @@ def num_parameters(config) -> int:
     from ligo_core.cost import num_parameters as count
 
     return count(config)
-
-
-def estimate_field(message: str) -> str | None:
-    lower = message.lower()
-    for word, field in ESTIMATE_FIELDS:
-        if word in lower:
-            return field
-    return None
-
-
-def is_ligo_error(exc: BaseException) -> bool:
-    import ligo_core
-
-    return isinstance(exc, ligo_core.LigoError)
