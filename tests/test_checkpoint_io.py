@@ -59,13 +59,19 @@ def test_every_strategy_output_loads_and_runs(name, strategy, checkpoint_dir, tm
 
 
 @pytest.mark.parametrize("name", ["gpt2-bare", "bert-bare"])
-def test_bare_models_grow_with_the_embedding_as_output_layer(name, checkpoint_dir, tmp_path):
-    report = ligo_core.grow(checkpoint_dir(name), target_for(name), tmp_path / "o", strategy="ligo", **FAST)
+def test_bare_models_grow_with_fixed_strategies_and_ligo_is_refused(name, checkpoint_dir, tmp_path):
+    """A bare model has no language-model loss: 'ligo' (fitted on that loss) is refused with what to
+    use instead, and a fixed strategy grows it with no held-out LM losses in the report (issue 17)."""
+    with pytest.raises(TargetError, match="no LM head.*Use a fixed strategy: 'preserve'"):
+        ligo_core.grow(checkpoint_dir(name), target_for(name), tmp_path / "refused", strategy="ligo", **FAST)
+    assert not (tmp_path / "refused").exists()
+    report = ligo_core.grow(checkpoint_dir(name), target_for(name), tmp_path / "o", strategy="stack", **FAST)
     model = transformers.AutoModel.from_pretrained(tmp_path / "o")
     assert type(model).__name__ in ("GPT2Model", "BertModel")
     assert report["target"]["sizes"]["layers"] == 4
     losses = report["heldout_loss"]
-    assert all(isinstance(losses[k], float) for k in ("small", "grown_before_fit", "grown_after_fit", "random_large"))
+    assert losses["note"] == "a bare model (no LM head) has no language-model loss"
+    assert all(losses.get(k) is None for k in ("small", "grown_before_fit", "grown_after_fit", "random_large"))
     x = torch.randint(0, model.config.vocab_size, (1, 8))
     with torch.no_grad():
         assert model(input_ids=x).last_hidden_state.shape == (1, 8, 48)
