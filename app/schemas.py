@@ -7,11 +7,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl
 
-from app.db import TERMINAL_STATES
+from app.db import JOB_STAGES, JOB_STATES, TERMINAL_STATES
+from ligo_core import catalog
 
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-JobStage = Literal["downloading", "loading", "evaluating", "fitting", "materialising", "saving", "uploading"]
-Strategy = Literal["ligo", "stack", "interpolate", "net2net", "preserve"]
+JobState = Literal[JOB_STATES]
+JobStage = Literal[JOB_STAGES]
+Strategy = Literal[catalog.STRATEGY_NAMES]
+LigoInit = Literal[tuple(catalog.LIGO_INITS)]
 MAX_TOKENS = 10**15  # planned training tokens: 70x the largest public runs (15T)
 MAX_PRICE = 10**6  # USD per GPU-hour
 INT64 = 2**63 - 1
@@ -37,6 +39,12 @@ def renderable(value: Any, depth: int = 0) -> Any:
 
 
 Json = Annotated[dict[str, Any], AfterValidator(renderable)]
+
+
+def bounded(option: catalog.Option, default: Any = None, **kwargs: Any) -> Any:
+    """A field holding one of the engine's numbers, with the bounds ligo_core/catalog.py gives it."""
+    low = {"gt": option.low} if option.low_open else {"ge": option.low}
+    return Field(default, le=option.high, **low, **kwargs)
 SpecText = Annotated[str, Field(min_length=1, max_length=1000)]
 TargetSpec = SpecText | Json
 Id = Annotated[str, Field(min_length=1, max_length=64)]
@@ -110,25 +118,31 @@ class RegisterIn(Strict):
 # --- jobs --------------------------------------------------------------------------------------
 
 class FitOptions(Strict):
-    steps: int = Field(100, ge=0, le=1_000_000, description="Fitting steps of the operator (LiGO only).")
-    lr: float | None = Field(None, gt=0, le=1.0, description="Peak fitting learning rate (default 1e-4).")
-    batch_size: int | None = Field(None, ge=1, le=65_536)
-    seq_len: int | None = Field(None, ge=8, le=1_048_576)
+    steps: int = bounded(catalog.FIT_STEPS, catalog.DEFAULT_FIT_STEPS,
+                         description="Fitting steps of the operator (LiGO only).")
+    lr: float | None = bounded(catalog.FIT_LR, description=(
+        f"Peak fitting learning rate (default {catalog.DEFAULT_FIT_LR:g})."))
+    batch_size: int | None = bounded(catalog.BATCH_SIZE, description=(
+        f"Sequences per fitting step (default {catalog.DEFAULT_BATCH_SIZE})."))
+    seq_len: int | None = bounded(catalog.SEQ_LEN, description=(
+        f"Tokens per fitting sequence (default {catalog.DEFAULT_SEQ_LEN}, at most the model's positions)."))
     data_uri: Uri | None = Field(None, description="s3://bucket/key of a text corpus; default: the shipped corpus.")
 
 
 class GrowthOptions(Strict):
     """How the operator is built; empty fields take the engine's defaults (docs/GROWTH.md)."""
 
-    spread: float | None = Field(None, ge=0, le=4, description=(
-        "How far growth moves copied units apart (default 0 for preserve, 2 for the other strategies). "
+    spread: float | None = bounded(catalog.SPREAD, description=(
+        f"How far growth moves copied units apart (default {catalog.spread_defaults_text()}). "
         "0 keeps the grown model exactly function-preserving; larger values start it a little further from "
         "the small model's outputs and train better. Not for net2net, which keeps exact copies."))
-    noise: float | None = Field(None, ge=0, le=1, description=(
-        "Symmetry breaking between copies that keeps the function exact (default 1). Not for net2net."))
-    ligo_init: Literal["preserve", "stack", "interpolate"] | None = Field(None, description=(
-        "Where LiGO's fit starts (ligo only): the exact function-preserving operator (default), "
-        "the stacked depth of the reference code, or each layer repeated in place."))
+    noise: float | None = bounded(catalog.NOISE, description=(
+        f"Symmetry breaking between copies that keeps the function exact (default {catalog.DEFAULT_NOISE:g}). "
+        "Not for net2net."))
+    ligo_init: LigoInit | None = Field(None, description=(
+        "Where LiGO's fit starts (ligo only): "
+        + "; ".join(f"{name}: {what}" for name, what in catalog.LIGO_INITS.items())
+        + f" (default {catalog.DEFAULT_LIGO_INIT})."))
 
 
 class PlanOptions(Strict):
@@ -141,11 +155,11 @@ class PlanOptions(Strict):
 class JobCreate(Strict):
     checkpoint_id: Id
     target: TargetSpec = Field(description="A preset name, 'layers=..,hidden=..' fields, or a dict of fields.")
-    strategy: Strategy = "ligo"
+    strategy: Strategy = catalog.DEFAULT_STRATEGY
     fit: FitOptions = Field(default_factory=FitOptions)
     growth: GrowthOptions = Field(default_factory=GrowthOptions)
     plan: PlanOptions = Field(default_factory=PlanOptions)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    seed: int = bounded(catalog.SEED, catalog.DEFAULT_SEED)
     callback_url: HttpUrl | None = Field(None, max_length=2048)
 
 
@@ -223,11 +237,13 @@ class EstimateIn(Strict):
     source: TargetSpec | None = Field(None, description="The small model: preset, fields or a config dict.")
     checkpoint_id: Id | None = Field(None, description="Or an uploaded checkpoint as the source.")
     target: TargetSpec
-    strategy: Strategy = "ligo"
-    fit_steps: int = Field(100, ge=0, le=1_000_000)
-    fit_batch: int | None = Field(None, ge=1, le=65_536, description=(
-        "Sequences per fitting step; default: the engine's, which `ligo grow` and jobs fit with (16)."))
-    seq_len: int = Field(128, ge=1, le=1_048_576)
+    strategy: Strategy = catalog.DEFAULT_STRATEGY
+    fit_steps: int = bounded(catalog.FIT_STEPS, catalog.DEFAULT_FIT_STEPS)
+    fit_batch: int | None = bounded(catalog.BATCH_SIZE, description=(
+        f"Sequences per fitting step; default: the engine's, which `ligo grow` and jobs fit with "
+        f"({catalog.DEFAULT_BATCH_SIZE})."))
+    # An estimate may price any sequence length (the fit's own floor, SEQ_LEN.low, is not needed here).
+    seq_len: int = Field(catalog.DEFAULT_SEQ_LEN, ge=1, le=catalog.SEQ_LEN.high)
     tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     gpu: str = Field("H100", min_length=1, max_length=64)
     price_per_gpu_hour: float | None = Field(None, ge=0, le=MAX_PRICE)

@@ -23,8 +23,9 @@ from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadMode
 import ligo_core
 from ligo_core import cost
 from ligo_core.data import batches, default_corpus_texts, pack_tokens, split_texts
-from ligo_core.tokenizer import tokenizer_info, train_tokenizer
-from ligo_core.training import evaluate_loss, train
+from ligo_core.objective import heldout_loss, tokenizer_info
+from ligo_core.tokenizer import train_tokenizer
+from ligo_core.training import train
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: where ``python -m bench.x`` runs
 
@@ -171,7 +172,7 @@ def prepare(model: str, size: Size) -> Prepared:
 def loss_scorer(data: Prepared, device, tokens: torch.Tensor | None = None):
     """Loss of a model on fixed sequences (and masks): the held-out ones unless ``tokens`` are given."""
     tokens = data.heldout_tokens if tokens is None else tokens
-    return lambda m: evaluate_loss(m, tokens, data.objective, tokenizer_info=data.info, seed=1234, device=device)
+    return lambda m: heldout_loss(m.to(device), tokens, data.objective, data.info, batch_size=32, device=device)
 
 
 def pretrain_small(model: str, size: Size, data: Prepared, device, log=print):

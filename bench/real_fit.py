@@ -2,7 +2,7 @@
 defaults: held-out loss of the small model, of the grown model before fitting, and of the model as
 written after each number of fitting steps, per strategy, with wall time and peak memory.
 
-    python bench/real_fit.py [--checkpoints smollm2-135m,all-minilm-l6-v2] [--steps 4,25,100]
+    python -m bench.real_fit [--checkpoints smollm2-135m,all-minilm-l6-v2] [--steps 4,25,100]
                              [--strategies preserve,stack,ligo] [--keep-layers 0] [--batch-size 2]
                              [--seq-len 64] [--heldout 8] [--data FILE] [--out docs/results/real_fit.json]
 
@@ -25,17 +25,13 @@ from pathlib import Path
 import psutil
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import real_checkpoints  # noqa: E402
-
-from ligo_core.checkpoint import load_checkpoint  # noqa: E402
-from ligo_core.data import batches, build_token_data  # noqa: E402
-from ligo_core.errors import LigoError  # noqa: E402
-from ligo_core.growth import grow_model  # noqa: E402
-from ligo_core.objective import heldout_loss, tokenizer_info  # noqa: E402
-from ligo_core.targets import resolve_target, sizes_of  # noqa: E402
+from bench import real_checkpoints
+from ligo_core.checkpoint import load_checkpoint
+from ligo_core.data import batches, build_token_data
+from ligo_core.errors import LigoError
+from ligo_core.growth import grow_model
+from ligo_core.objective import heldout_loss, tokenizer_info
+from ligo_core.targets import resolve_target, sizes_of
 
 TARGETS = {  # the growth was 30L/576 -> 36L/768 (12 heads, 4 KV heads): too slow for this CPU
     "smollm2-135m": "layers=32",
@@ -171,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{name}] skipped: {reason}")
             continue
         results.append(run_checkpoint(name, args))
-    command = "python bench/real_fit.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m bench.real_fit " + " ".join(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": command, "results": results}, indent=1))

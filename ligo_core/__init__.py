@@ -11,17 +11,22 @@ Public API (the CLI, the worker and the benchmarks use only these names):
 
 __version__ = "0.1.0"
 
-from ligo_core.errors import CheckpointError, DataError, GrowthCancelled, LigoError, TargetError
+from ligo_core.catalog import STRATEGY_NAMES as STRATEGIES
+from ligo_core.errors import (
+    CheckpointError,
+    DataError,
+    EstimateError,
+    GrowthCancelled,
+    LigoError,
+    TargetError,
+)
 from ligo_core.targets import PRESETS, family_of, resolve_target, sizes_of
 
 __all__ = [
-    "CheckpointError", "DataError", "GrowthCancelled", "LigoError", "TargetError",
+    "CheckpointError", "DataError", "EstimateError", "GrowthCancelled", "LigoError", "TargetError",
     "PRESETS", "family_of", "resolve_target", "sizes_of",
     "STRATEGIES", "grow", "grow_model", "inspect_checkpoint",
 ]
-
-STRATEGIES = ("ligo", "stack", "interpolate", "net2net", "preserve")
-
 
 def __getattr__(name):
     # Heavier modules load on first use so that `import ligo_core` stays cheap for the API process.

@@ -189,7 +189,7 @@ def example(command: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     import ligo_core
-    from ligo_core.defaults import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
+    from ligo_core import catalog
 
     parser = argparse.ArgumentParser(prog="ligo", description=DESCRIPTION, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -206,30 +206,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preset name, path to a config.json, or fields; fields left out keep the source's "
                         "proportions (e.g. gpt2-medium, or layers=12,hidden=768,heads=12,ffn=3072)")
     g.add_argument("--out", required=True, help="output directory, which must not exist or be empty (e.g. ./grown)")
-    g.add_argument("--strategy", default="ligo", choices=ligo_core.STRATEGIES, metavar="NAME",
-                   help=f"how to grow: {', '.join(ligo_core.STRATEGIES)} (default ligo: a fitted LiGO operator; "
-                        "the others are fixed; e.g. --strategy preserve)")
-    g.add_argument("--fit-steps", type=int, default=100,
-                   help="operator fitting steps for 'ligo'; 0 keeps the starting operator (default 100; e.g. 20)")
-    g.add_argument("--ligo-init", default="preserve", choices=("preserve", "stack", "interpolate"),
-                   help="where LiGO's depth mixing starts: zero-output new blocks (default), stacked copies "
-                        "(the reference code's), or each layer repeated (widths always start function-preserving; "
-                        "e.g. --ligo-init stack)")
+    g.add_argument("--strategy", default=catalog.DEFAULT_STRATEGY, choices=catalog.STRATEGY_NAMES, metavar="NAME",
+                   help=f"how to grow: {', '.join(catalog.STRATEGY_NAMES)} (default {catalog.DEFAULT_STRATEGY}: a "
+                        "fitted LiGO operator; the others are fixed; e.g. --strategy preserve)")
+    g.add_argument("--fit-steps", type=int, default=catalog.DEFAULT_FIT_STEPS,
+                   help="operator fitting steps for 'ligo'; 0 keeps the starting operator "
+                        f"(default {catalog.DEFAULT_FIT_STEPS}; e.g. 20)")
+    g.add_argument("--ligo-init", default=catalog.DEFAULT_LIGO_INIT, choices=tuple(catalog.LIGO_INITS),
+                   help="where LiGO's depth mixing starts: "
+                        + "; ".join(f"{name}: {what}" for name, what in catalog.LIGO_INITS.items())
+                        + f" (default {catalog.DEFAULT_LIGO_INIT}; widths always start function-preserving; "
+                          "e.g. --ligo-init stack)")
     g.add_argument("--noise", type=float,
-                   help="symmetry breaking between copied units, 0-1 (default 1; exact at any value; e.g. 0.5)")
+                   help=f"symmetry breaking between copied units, {catalog.NOISE.low:g}-{catalog.NOISE.high:g} "
+                        f"(default {catalog.DEFAULT_NOISE:g}; exact at any value; e.g. 0.5)")
     g.add_argument("--spread", type=float,
-                   help="move copied units' incoming weights apart, 0-4 (default 0 for 'preserve', which keeps "
-                        "the function exactly, 2 for the others; exact to first order; e.g. 2)")
+                   help=f"move copied units' incoming weights apart, {catalog.SPREAD.low:g}-{catalog.SPREAD.high:g} "
+                        f"(default {catalog.spread_defaults_text()}; 0 keeps the function exactly; exact to first order; e.g. 2)")
     g.add_argument("--data", help="fitting text: a text file (paragraphs between blank lines, or one per line), "
                                   "JSON lines with a 'text' field, or a directory of them (default: the shipped "
                                   "English corpus; e.g. ./corpus.jsonl)")
-    g.add_argument("--seed", type=int, default=0,
+    g.add_argument("--seed", type=int, default=catalog.DEFAULT_SEED,
                    help="random seed of the fitting batches and the symmetry breaking (default 0; e.g. 1)")
-    g.add_argument("--lr", type=float, help="peak fitting learning rate (default 1e-4; e.g. 3e-4)")
+    g.add_argument("--lr", type=float, help=f"peak fitting learning rate (default {catalog.DEFAULT_FIT_LR:g}; e.g. 3e-4)")
     g.add_argument("--batch-size", type=int,
-                   help=f"fitting batch size in sequences (default {DEFAULT_BATCH_SIZE}; e.g. 32)")
+                   help=f"fitting batch size in sequences (default {catalog.DEFAULT_BATCH_SIZE}; e.g. 32)")
     g.add_argument("--seq-len", type=int,
-                   help=f"fitting sequence length in tokens (default {DEFAULT_SEQ_LEN}, at most the model's "
+                   help=f"fitting sequence length in tokens (default {catalog.DEFAULT_SEQ_LEN}, at most the model's "
                         "positions; e.g. 256)")
     g.add_argument("--accumulate", type=int, default=1,
                    help="batches per fitting step: the operator runs once per step, the batches' "

@@ -26,16 +26,10 @@ from ligo_core.calibration import (
     calibration_records,
     log_distance,
 )
-from ligo_core.defaults import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
-from ligo_core.errors import LigoError
+from ligo_core.catalog import DEFAULT_BATCH_SIZE, DEFAULT_FIT_STEPS, DEFAULT_SEQ_LEN, STRATEGY_NAMES
+from ligo_core.errors import EstimateError
 from ligo_core.families import MASK_PROBABILITY
 from ligo_core.targets import check_growth, family_of, sizes_of
-
-
-class EstimateError(LigoError):
-    """An estimate's inputs are out of range (unknown GPU, negative tokens, ...); ``field`` is the
-    parameter's name (``fit_steps``, ``gpu``, ``price_per_gpu_hour``, ...)."""
-
 
 # --- how each family's matrices are laid out ----------------------------------------------------
 
@@ -171,7 +165,7 @@ def reference_operator_flops(source: PretrainedConfig, target: PretrainedConfig)
 
 
 def fit_flops(
-    source: PretrainedConfig, target: PretrainedConfig, *, strategy: str = "ligo", steps: int = 100,
+    source: PretrainedConfig, target: PretrainedConfig, *, strategy: str = "ligo", steps: int = DEFAULT_FIT_STEPS,
     batch: int = DEFAULT_BATCH_SIZE, seq_len: int = DEFAULT_SEQ_LEN, convention: str = "standard",
 ) -> dict:
     """Fitting cost: ``steps`` training steps of the large model plus the operator's work.
@@ -347,7 +341,7 @@ def estimate(
     target_config: PretrainedConfig,
     *,
     strategy: str = "ligo",
-    fit_steps: int = 100,
+    fit_steps: int = DEFAULT_FIT_STEPS,
     fit_batch: int = DEFAULT_BATCH_SIZE,  # what `ligo grow` fits with
     seq_len: int = DEFAULT_SEQ_LEN,
     tokens: int | None = None,
@@ -358,10 +352,8 @@ def estimate(
     measured_path: str | Path | None = None,
 ) -> dict:
     """Scratch versus grown cost of the target model, with expected savings and assumptions."""
-    import ligo_core
-
-    if strategy not in ligo_core.STRATEGIES:
-        raise EstimateError(f"unknown strategy {strategy!r}; known: {', '.join(ligo_core.STRATEGIES)}",
+    if strategy not in STRATEGY_NAMES:
+        raise EstimateError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGY_NAMES)}",
                             field="strategy")
     conv = _convention(convention)
     _check_int("fit_steps", fit_steps, minimum=0)

@@ -2,7 +2,7 @@
 
 ``ligo_core/cli.py`` calls ``add_parser(subparsers)``; the handler is stored as the subparser's
 ``func`` default and returns the exit status. The fitting batch and length default to what
-``ligo grow`` fits with (``ligo_core.defaults``), so the fit cost shown is the one grow runs.
+``ligo grow`` fits with (``ligo_core.catalog``), so the fit cost shown is the one grow runs.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import argparse
 import json
 import sys
 
+from ligo_core.catalog import DEFAULT_BATCH_SIZE, DEFAULT_FIT_STEPS, DEFAULT_SEQ_LEN
 from ligo_core.cost import ACCELERATORS, CONVENTIONS, estimate
-from ligo_core.defaults import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
 from ligo_core.errors import LigoError
 
 
@@ -33,7 +33,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="large model: preset, config.json path, or fields; fields left out keep the source's "
                         "proportions (e.g. bert-base, or layers=12,hidden=768)")
     p.add_argument("--strategy", default="ligo", help="growth strategy (default: ligo; e.g. stack)")
-    p.add_argument("--fit-steps", type=int, default=100, help="operator fitting steps (default: 100; e.g. 20)")
+    p.add_argument("--fit-steps", type=int, default=DEFAULT_FIT_STEPS,
+                   help=f"operator fitting steps (default: {DEFAULT_FIT_STEPS}; e.g. 20)")
     p.add_argument("--fit-batch", type=int, default=DEFAULT_BATCH_SIZE,
                    help=f"fitting batch size in sequences (default: {DEFAULT_BATCH_SIZE}, what `ligo grow` fits "
                         "with; e.g. 256, the LiGO paper's)")

@@ -23,5 +23,10 @@ class DataError(LigoError):
     """The fitting data cannot be read or is too small."""
 
 
+class EstimateError(LigoError):
+    """An estimate's inputs are out of range (unknown GPU, negative tokens, ...); ``field`` is the
+    parameter's name (``fit_steps``, ``gpu``, ``price_per_gpu_hour``, ...)."""
+
+
 class GrowthCancelled(Exception):
     """Raised inside grow() when the caller's should_cancel() answers True."""

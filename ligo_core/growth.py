@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable, Iterator
@@ -11,21 +12,20 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from ligo_core.catalog import (
+    DEFAULT_FIT_LR,
+    DEFAULT_LIGO_INIT,
+    DEFAULT_NOISE,
+    check_growth_options,
+    default_spread,
+)
 from ligo_core.errors import CheckpointError, GrowthCancelled, TargetError
 from ligo_core.families import Family, TensorSpec
 from ligo_core.fit_guard import TOLERANCE, FitGuard, check_every, guard_slice
 from ligo_core.objective import heldout_loss, lm_loss, tokenizer_info
 from ligo_core.operator import GrowthOperator
 from ligo_core.separation import separation_offsets
-from ligo_core.strategies import (
-    DEFAULT_LIGO_INIT,
-    DEFAULT_NOISE,
-    LIGO_INITS,
-    MAX_SPREAD,
-    STRATEGY_MODES,
-    build_operator,
-    default_spread,
-)
+from ligo_core.strategies import build_operator
 from ligo_core.targets import check_growth, family_of, sizes_of
 from ligo_core.training import default_device, lr_at
 
@@ -139,15 +139,6 @@ def load_grown_weights(model: PreTrainedModel, state: dict[str, torch.Tensor]) -
     return model
 
 
-# Peak learning rate of the fit. 1e-3 (tuned on this project's toy models) wrecked a real
-# 135M Llama in one step (held-out 4.06 -> 7.32); measurements in docs/GROWTH.md, "Fitting recipe".
-DEFAULT_FIT_LR = 1e-4
-
-
-def default_lr(strategy: str) -> float:
-    return DEFAULT_FIT_LR
-
-
 def fit_warmup(steps: int) -> int:
     """Warm-up steps: 10% of the fit, and never fewer than 2, so that no fit starts with a full-rate
     AdamW step (which moves every operator entry by the learning rate at once)."""
@@ -192,7 +183,7 @@ def fit_operator(
         [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98)
     )
     mask_gen = torch.Generator().manual_seed(seed + 1)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     history = []
     skeleton.train()
 
@@ -253,14 +244,6 @@ def bare_model_refusal(model: PreTrainedModel) -> str:
     )
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _scaled_eps(config: PretrainedConfig, family: Family, norm_scale: float) -> PretrainedConfig:
     """A wider norm over mean/zero-padded units sees its variance scaled by ``norm_scale**2``;
     scaling its epsilon the same way keeps the function exact."""
@@ -269,9 +252,6 @@ def _scaled_eps(config: PretrainedConfig, family: Family, norm_scale: float) -> 
     config = copy.deepcopy(config)
     setattr(config, family.eps_key, getattr(config, family.eps_key) * norm_scale**2)
     return config
-
-
-pick_device = default_device
 
 
 def grow_model(
@@ -301,18 +281,11 @@ def grow_model(
     guarded (ligo_core/fit_guard.py): the model returned is never worse on ``heldout`` than the
     fit's start. ``spread`` None takes the strategy's default (``default_spread``).
     """
-    if strategy not in STRATEGY_MODES:
-        raise TargetError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGY_MODES)}")
-    if ligo_init not in LIGO_INITS:
-        raise TargetError(f"unknown ligo_init {ligo_init!r}; choose from {', '.join(LIGO_INITS)}")
-    if not 0.0 <= noise <= 1.0:
-        raise TargetError(f"noise (symmetry breaking between copied units) must be in [0, 1], got {noise}")
+    check_growth_options(strategy, ligo_init, noise, spread)
     spread = default_spread(strategy) if spread is None else spread
-    if not 0.0 <= spread <= MAX_SPREAD:
-        raise TargetError(f"spread (how far copied units are moved apart) must be in [0, {MAX_SPREAD}], got {spread}")
     if accumulate < 1:
         raise TargetError(f"accumulate must be at least 1, got {accumulate}")
-    device = pick_device(device)
+    device = default_device(device)
     check_growth(small_model.config, target_config)
     state = {k: v.detach() for k, v in small_model.state_dict().items()}
     layout = plan_layout(small_model.config, {k: tuple(v.shape) for k, v in state.items()})
@@ -368,7 +341,7 @@ def grow_model(
     }
     guard = None
     if strategy == "ligo" and fit_steps > 0:
-        lr = lr if lr is not None else default_lr(strategy)
+        lr = lr if lr is not None else DEFAULT_FIT_LR
         if heldout is not None:
             # The fit's start is the grown model as fit_steps=0 would write it: copies moved apart
             # (in place: ``initial`` is not used again on this path).

@@ -17,15 +17,22 @@ from ligo_core.data import mask_tokens
 from ligo_core.families import family_for_model_type
 
 
-def tokenizer_info(tokenizer, config) -> dict:
-    """What MLM masking needs: the mask id, vocabulary size and ids never masked.
+def tokenizer_info(tokenizer, config=None) -> dict:
+    """What MLM masking needs (``ligo_core.data.mask_tokens``): the mask id, vocabulary size and
+    ids never masked.
 
-    Models built without a tokenizer (or one without a mask token) mask with the config's
-    ``mask_token_id`` or, failing that, the last id."""
-    if tokenizer is not None and getattr(tokenizer, "mask_token_id", None) is not None:
-        from ligo_core.tokenizer import tokenizer_info as from_tokenizer
-
-        return {**from_tokenizer(tokenizer), "vocab_size": int(config.vocab_size)}
+    The vocabulary is the model's (``config``) where given, else the tokenizer's. Models built
+    without a tokenizer (or one without a mask token) mask with the config's ``mask_token_id``
+    or, failing that, the last id; with neither a config nor a mask token the mask id is None
+    and an MLM loss refuses it."""
+    has_mask = tokenizer is not None and getattr(tokenizer, "mask_token_id", None) is not None
+    if has_mask or config is None:
+        mask_id = tokenizer.mask_token_id
+        return {
+            "special_ids": sorted(set(tokenizer.all_special_ids) - {mask_id}),
+            "mask_id": mask_id,
+            "vocab_size": int(config.vocab_size) if config is not None else len(tokenizer),
+        }
     mask_id = getattr(config, "mask_token_id", None)
     mask_id = config.vocab_size - 1 if mask_id is None else mask_id
     special = set(getattr(tokenizer, "all_special_ids", []) or []) - {mask_id}
@@ -131,15 +138,18 @@ def heldout_loss(
     batch_size: int = 16,
     params: dict[str, torch.Tensor] | None = None,
     embedding_name: str | None = None,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
     max_batches: int | None = None,
     seed: int = 1234,
 ) -> float:
-    """Mean loss per target token over held-out sequences ``tokens`` (n, seq_len).
+    """Mean loss per target token over held-out sequences ``tokens`` (n, seq_len), on ``device``
+    (default: where the model's weights are).
 
     Deterministic: no dropout, and MLM masks drawn from ``seed`` (the same masks for every model
     scored with the same seed and tokens), so runs compare.
     """
+    if device is None:
+        device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     g = torch.Generator().manual_seed(seed)

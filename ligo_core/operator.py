@@ -56,7 +56,7 @@ class Expander(nn.Module):
     def d2(self) -> int:
         return self.order.shape[0]
 
-    def apply(self, x: torch.Tensor, side: str) -> torch.Tensor:
+    def expand(self, x: torch.Tensor, side: str) -> torch.Tensor:
         """Expand ``x`` of shape (L, d1, m) along dim 1 to (L, d2, m); differentiable."""
         top, c = (self.top_e, self.c_e) if side == "E" else (self.top_f, self.c_f)
         top, c = top.to(x.dtype), c.to(x.dtype)
@@ -248,8 +248,8 @@ class GrowthOperator(nn.Module):
         if "+" in space:  # fused projections (GPT-2's c_attn): expand each part with its own space
             sizes = [self.small_dims[s] for s in spec.fused]
             parts = torch.split(x, sizes, dim=1)
-            return torch.cat([self.expanders[s].apply(p, side) for s, p in zip(spec.fused, parts)], dim=1)
-        return self.expanders[space].apply(x, side)
+            return torch.cat([self.expanders[s].expand(p, side) for s, p in zip(spec.fused, parts)], dim=1)
+        return self.expanders[space].expand(x, side)
 
     def expand_tensor(self, spec: TensorSpec, x: torch.Tensor) -> torch.Tensor:
         """Grow one tensor; ``x`` is the stack of all small layers for a per-layer tensor."""

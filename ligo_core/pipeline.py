@@ -9,14 +9,20 @@ from pathlib import Path
 
 import torch
 
+from ligo_core.catalog import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_FIT_STEPS,
+    DEFAULT_LIGO_INIT,
+    DEFAULT_NOISE,
+    DEFAULT_SEQ_LEN,
+)
 from ligo_core.checkpoint import load_checkpoint, opened_source
 from ligo_core.data import batches, build_token_data
-from ligo_core.defaults import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
 from ligo_core.errors import DataError, TargetError
-from ligo_core.growth import bare_model_refusal, grow_model, pick_device
+from ligo_core.growth import bare_model_refusal, grow_model
 from ligo_core.output import check_output_dir, write_checkpoint
-from ligo_core.strategies import DEFAULT_LIGO_INIT, DEFAULT_NOISE
-from ligo_core.targets import resolve_target, sizes_of, target_summary
+from ligo_core.targets import max_positions, resolve_target, sizes_of, target_summary
+from ligo_core.training import default_device
 
 HELDOUT_SEQUENCES = 64
 
@@ -33,10 +39,6 @@ def _versions() -> dict[str, str]:
         "safetensors": safetensors.__version__, "huggingface_hub": huggingface_hub.__version__,
         "python": platform.python_version(),
     }
-
-
-def _max_positions(config) -> int:
-    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
 
 
 @torch.no_grad()
@@ -56,7 +58,7 @@ def grow(
     out_dir: str | Path,
     *,
     strategy: str = "ligo",
-    fit_steps: int = 100,
+    fit_steps: int = DEFAULT_FIT_STEPS,
     data: str | Path | None = None,
     seed: int = 0,
     device: str | None = None,
@@ -78,7 +80,7 @@ def grow(
     Hugging Face cache snapshot); never for uploaded checkpoints (``checkpoint.confined``)."""
     started = time.perf_counter()
     check_output_dir(out_dir)
-    dev = pick_device(device)
+    dev = default_device(device)
     emit = progress or (lambda event: None)
     emit({"stage": "loading", "step": 0, "total": 1, "loss": None})
     with opened_source(src) as directory:
@@ -86,7 +88,7 @@ def grow(
         target_config = resolve_target(target, loaded.config)
         emit({"stage": "loading", "step": 0, "total": 1, "loss": None, "target": target_summary(target_config)})
         batch_size = batch_size or DEFAULT_BATCH_SIZE
-        seq_len = min(seq_len or DEFAULT_SEQ_LEN, _max_positions(loaded.config))
+        seq_len = min(seq_len or DEFAULT_SEQ_LEN, max_positions(loaded.config))
         fitting = strategy == "ligo" and fit_steps > 0
         # A bare model (no LM head) has no language-model loss: nothing to fit, no held-out loss to show.
         scored = loaded.layout.has_head

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ligo_core.catalog import DEFAULT_LIGO_INIT, DEFAULT_NOISE, check_growth_options, default_spread
 from ligo_core.families import Family, TensorSpec
 from ligo_core.operator import ExpanderInit, GrowthOperator
 
@@ -32,18 +33,11 @@ COPY, MEAN, ZERO = "copy", "mean", "zero"
 # incoming weights by 1 +- noise / 2; pads read old units through paired noise of std
 # PAD_NOISE * noise. All exact. Under AdamW copies separate only as fast as these make them
 # differ (docs/GROWTH.md: at 0.1 they were still at cosine 0.9997 after 600 steps).
-DEFAULT_NOISE = 1.0
 PAD_NOISE = 0.1
-# Copies' incoming weights moved apart after growth, first-order exact (ligo_core/separation.py).
-# `preserve` promises the small model's function, so it moves nothing unless asked; the others
-# are followed by training, which the moved copies serve (docs/GROWTH.md, "Moving copies apart").
-DEFAULT_SPREAD = 2.0
-SPREAD_BY_STRATEGY = {"preserve": 0.0}
-MAX_SPREAD = 4.0
-
-
-def default_spread(strategy: str) -> float:
-    return SPREAD_BY_STRATEGY.get(strategy, DEFAULT_SPREAD)
+# Copies' incoming weights moved apart after growth, first-order exact (ligo_core/separation.py):
+# each strategy's default `spread` is in ligo_core/catalog.py (`preserve` moves nothing unless
+# asked; the others are followed by training, which the moved copies serve; docs/GROWTH.md,
+# "Moving copies apart").
 
 
 @dataclass(frozen=True)
@@ -278,17 +272,14 @@ def depth_init(specs: list[TensorSpec], l1: int, l2: int, mode: str, zero_new_ou
 # start function-preserving. The default is the exact start: in every savings run (GPT-2 and
 # BERT, 600 to 1,200 steps, every seed) it trained better after fitting than the stacked one
 # (docs/GROWTH.md, "Which start to fit from").
-DEFAULT_LIGO_INIT = "preserve"
-LIGO_INITS = {
+LIGO_INIT_MODES = {  # catalog.LIGO_INITS's choices as (width mode, depth mode, zero outputs of new blocks)
     "stack": ("preserve", "stack", False),
     "interpolate": ("preserve", "interpolate", False),
     "preserve": ("preserve", "interpolate", True),
 }
 
-STRATEGY_MODES = {
-    # strategy: (width mode, depth mode, zero outputs of new blocks)
+STRATEGY_MODES = {  # the fixed strategies; 'ligo' starts from LIGO_INIT_MODES[ligo_init]
     "preserve": ("preserve", "interpolate", True),
-    "ligo": ("preserve", "stack", False),  # depth start chosen by ligo_init, see LIGO_INITS
     "stack": ("preserve", "stack", False),
     "interpolate": ("preserve", "interpolate", False),
     "net2net": ("net2net", "stack", False),
@@ -308,11 +299,8 @@ def build_operator(
     spread: float | None = None,
 ) -> GrowthOperator:
     """The initial operator for a strategy; ``small``/``large`` are ``sizes_of`` dicts."""
-    if strategy not in STRATEGY_MODES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGY_MODES)}")
-    if ligo_init not in LIGO_INITS:
-        raise ValueError(f"unknown ligo_init {ligo_init!r}; choose from {', '.join(LIGO_INITS)}")
-    width, depth_mode, zero_new = LIGO_INITS[ligo_init] if strategy == "ligo" else STRATEGY_MODES[strategy]
+    check_growth_options(strategy, ligo_init, noise, spread)
+    width, depth_mode, zero_new = LIGO_INIT_MODES[ligo_init] if strategy == "ligo" else STRATEGY_MODES[strategy]
     spread = default_spread(strategy) if spread is None else spread
     if width == "net2net":
         noise = spread = 0.0  # bert2BERT as published: exact copies, inputs divided evenly

@@ -48,12 +48,3 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, style: str = "
     )
     return PreTrainedTokenizerFast(tokenizer_object=tok, **BERT_SPECIALS)
 
-
-def tokenizer_info(tokenizer) -> dict:
-    """What MLM masking needs (see ``ligo_core.data.mask_tokens``): special ids, mask id, vocab size."""
-    mask_id = tokenizer.mask_token_id
-    return {
-        "special_ids": sorted(set(tokenizer.all_special_ids) - {mask_id}),
-        "mask_id": mask_id,
-        "vocab_size": len(tokenizer),
-    }

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ligo_core.objective import heldout_loss, loss_terms
+from ligo_core.objective import loss_terms
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -122,11 +122,3 @@ def train(
     history["train_time"] = train_time
     return history
 
-
-def evaluate_loss(model, tokens: torch.Tensor, objective: str = "clm", *, tokenizer_info: dict | None = None,
-                  batch_size: int = 32, seed: int = 0, device=None) -> float:
-    """Mean held-out loss per target token over ``tokens`` (n, seq_len) on ``device`` (default: the
-    best available); ``ligo_core.objective.heldout_loss`` with this module's conventions."""
-    device = default_device(device)
-    model.to(device)
-    return heldout_loss(model, tokens, objective, tokenizer_info, batch_size, device=device, seed=seed)

@@ -364,3 +364,18 @@ def test_masked_lm_scores_only_masked_positions_with_the_full_loss_and_gradient(
             assert g is None or not g.any()
         else:
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_the_operator_is_an_ordinary_module():
+    """``Expander.expand`` no longer shadows ``nn.Module.apply``: the usual module tools work on an operator."""
+    from ligo_core.growth import plan_layout
+    from ligo_core.strategies import build_operator
+
+    small = make_model("gpt2")
+    target = resolve_target("layers=4,hidden=64,heads=8,ffn=160", small.config)
+    layout = plan_layout(small.config, {k: tuple(v.shape) for k, v in small.state_dict().items()})
+    operator = build_operator("ligo", layout.family, layout.specs, sizes_of(small.config), sizes_of(target),
+                              layout.head_tied)
+    seen = []
+    operator.apply(seen.append)
+    assert seen[-1] is operator and len(seen) == len(list(operator.modules()))

@@ -248,11 +248,16 @@ def test_growth_options_are_kept_as_given(alice, ckpt):
 
 
 def test_growth_options_accept_what_the_engine_accepts():
-    """The API cannot import the engine (torch) to build its schema, so the two are checked here."""
+    """The schema is built from ligo_core/catalog.py (torch-free); the engine's operators from the
+    same names (ligo_core/strategies.py): the three must agree."""
     from typing import get_args
 
     from app.schemas import GrowthOptions
-    from ligo_core.strategies import LIGO_INITS, MAX_SPREAD
+    from ligo_core.catalog import LIGO_INITS, SPREAD, STRATEGY_NAMES
+    from ligo_core.strategies import LIGO_INIT_MODES, STRATEGY_MODES
+
+    assert set(LIGO_INIT_MODES) == set(LIGO_INITS) and set(STRATEGY_MODES) | {"ligo"} == set(STRATEGY_NAMES)
+    MAX_SPREAD = SPREAD.high
 
     fields = GrowthOptions.model_fields
     assert set(get_args(get_args(fields["ligo_init"].annotation)[0])) == set(LIGO_INITS)

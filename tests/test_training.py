@@ -10,8 +10,9 @@ from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadMode
 
 from ligo_core.allocator import keep_freed_memory
 from ligo_core.data import batches, default_corpus_texts, pack_tokens
-from ligo_core.tokenizer import tokenizer_info, train_tokenizer
-from ligo_core.training import evaluate_loss, lr_at, train
+from ligo_core.objective import heldout_loss, tokenizer_info
+from ligo_core.tokenizer import train_tokenizer
+from ligo_core.training import lr_at, train
 
 VOCAB = 384
 SEQ = 32
@@ -83,11 +84,11 @@ def test_training_lowers_held_out_loss_for_a_causal_lm(gpt_tok, texts):
     tokens = pack_tokens(texts, gpt_tok, SEQ)
     train_tokens, heldout = tokens[:-16], tokens[-16:]
     model = _gpt(gpt_tok)
-    before = evaluate_loss(model, heldout, "clm")
+    before = heldout_loss(model, heldout, "clm")
     assert before == pytest.approx(math.log(len(gpt_tok)), abs=0.3)  # a fresh model is near uniform
     hist = train(model, batches(train_tokens, 8, seed=0), 60, lr=3e-3, warmup=5, objective="clm",
-                 eval_every=20, eval_fn=lambda m: evaluate_loss(m, heldout, "clm"))
-    after = evaluate_loss(model, heldout, "clm")
+                 eval_every=20, eval_fn=lambda m: heldout_loss(m, heldout, "clm"))
+    after = heldout_loss(model, heldout, "clm")
     assert after < before - 1.0
     assert [e["step"] for e in hist["evals"]] == [0, 20, 40, 60]
     assert hist["evals"][0]["loss"] == pytest.approx(before)
@@ -103,11 +104,11 @@ def test_training_lowers_masked_lm_loss_and_eval_masks_are_fixed_by_seed(bert_to
     train_tokens, heldout = tokens[:-16], tokens[-16:]
     info = tokenizer_info(bert_tok)
     model = _bert(bert_tok)
-    first = evaluate_loss(model, heldout, "mlm", tokenizer_info=info, seed=7)
-    assert evaluate_loss(model, heldout, "mlm", tokenizer_info=info, seed=7) == first
-    assert evaluate_loss(model, heldout, "mlm", tokenizer_info=info, seed=8) != first
+    first = heldout_loss(model, heldout, "mlm", info, seed=7)
+    assert heldout_loss(model, heldout, "mlm", info, seed=7) == first
+    assert heldout_loss(model, heldout, "mlm", info, seed=8) != first
     train(model, batches(train_tokens, 8, seed=0), 60, lr=3e-3, warmup=5, objective="mlm", tokenizer_info=info)
-    assert evaluate_loss(model, heldout, "mlm", tokenizer_info=info, seed=7) < first - 0.7
+    assert heldout_loss(model, heldout, "mlm", info, seed=7) < first - 0.7
 
 
 def test_same_seed_same_training(gpt_tok, texts):
@@ -122,7 +123,7 @@ def test_same_seed_same_training(gpt_tok, texts):
 def test_mlm_without_mask_token_is_refused(gpt_tok, texts):
     tokens = pack_tokens(texts[:50], gpt_tok, SEQ)
     with pytest.raises(ValueError, match="mask_id"):
-        evaluate_loss(_gpt(gpt_tok), tokens, "mlm", tokenizer_info=tokenizer_info(gpt_tok))
+        heldout_loss(_gpt(gpt_tok), tokens, "mlm", tokenizer_info(gpt_tok))
 
 
 class _MallInfo2(ctypes.Structure):
@@ -229,9 +230,10 @@ def _fake_check(guard, step, operator, scores):
 
 
 def test_default_recipe_warms_up_over_at_least_two_steps():
-    from ligo_core.growth import default_lr, fit_warmup
+    from ligo_core.catalog import DEFAULT_FIT_LR
+    from ligo_core.growth import fit_warmup
 
-    assert default_lr("ligo") == 1e-4
+    assert DEFAULT_FIT_LR == 1e-4
     assert [fit_warmup(n) for n in (1, 4, 25, 100, 400)] == [1, 2, 2, 10, 40]
     assert lr_at(0, 4, 1e-4, fit_warmup(4)) == 0.5e-4  # the first step at half the rate
 

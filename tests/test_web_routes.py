@@ -112,7 +112,7 @@ def test_pages_stay_out_of_the_api_document(client):
 
 
 def test_the_form_starts_with_the_engines_fitting_defaults(client):
-    from ligo_core.defaults import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
+    from ligo_core.catalog import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
 
     defaults = client.get("/ui/meta").json()["defaults"]
     assert (defaults["fit_batch"], defaults["seq_len"]) == (DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN) == (16, 128)

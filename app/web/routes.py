@@ -22,34 +22,20 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 
 import ligo_core
-from ligo_core.defaults import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
+from ligo_core import catalog
 from ligo_core.families import FAMILIES, family_for_model_type
 
 STATIC_DIR = Path(__file__).parent / "static"
 
-# One line each, shown next to the strategy's radio button. ligo_core may ship its own
-# descriptions (STRATEGY_NOTES); these are the fallback.
-STRATEGY_NOTES = {
-    "ligo": "LiGO: a learned linear growth operator, started from the function-preserving one "
-            "and fitted for a few steps on the model's own loss.",
-    "stack": "Stacking (G_stack / StackBERT): the new layers repeat the whole layer stack; "
-             "widths expanded function-preservingly.",
-    "interpolate": "Interpolation: each layer is repeated in place (1, 1, 2, 2, ...); "
-                   "widths expanded function-preservingly.",
-    "net2net": "Net2Net / bert2BERT: widths grown by copying units, depth by stacking.",
-    "preserve": "Function-preserving: copied units, zero-output new layers; copies moved apart "
-                "(spread) keep outputs to second order (exact at spread 0).",
-}
-
-# What the form starts with: the paper's 100 fitting steps, the engine's batch and sequence
-# defaults, and the estimator's GPU, utilisation and token budget (empty tokens and price: the
-# estimator's defaults apply).
+# What the form starts with: the engine's strategy and fitting defaults (ligo_core/catalog.py),
+# and the estimator's GPU, utilisation and token budget (empty tokens and price: the estimator's
+# defaults apply).
 FORM_DEFAULTS = {
-    "strategy": "ligo",
-    "fit_steps": 100,
-    "fit_batch": DEFAULT_BATCH_SIZE,
-    "seq_len": DEFAULT_SEQ_LEN,
-    "seed": 0,
+    "strategy": catalog.DEFAULT_STRATEGY,
+    "fit_steps": catalog.DEFAULT_FIT_STEPS,
+    "fit_batch": catalog.DEFAULT_BATCH_SIZE,
+    "seq_len": catalog.DEFAULT_SEQ_LEN,
+    "seed": catalog.DEFAULT_SEED,
     "gpu": "H100",
     "utilisation": 0.4,
     "tokens": None,
@@ -155,8 +141,7 @@ def meta() -> dict:
             "vocab": preset.vocab,
             "note": preset.note,
         })
-    notes = {**STRATEGY_NOTES, **getattr(ligo_core, "STRATEGY_NOTES", {})}
-    strategies = [{"name": s, "summary": notes.get(s, ""), "fitted": s == "ligo"} for s in ligo_core.STRATEGIES]
+    strategies = [{"name": s.name, "summary": s.summary, "fitted": s.fitted} for s in catalog.STRATEGIES]
     return {
         "families": families,
         "strategies": strategies,
