@@ -116,3 +116,11 @@ def test_the_form_starts_with_the_engines_fitting_defaults(client):
 
     defaults = client.get("/ui/meta").json()["defaults"]
     assert (defaults["fit_batch"], defaults["seq_len"]) == (DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN) == (16, 128)
+
+
+def test_the_spread_field_says_what_the_catalog_says(client):
+    from ligo_core import catalog
+
+    spread = client.get("/ui/meta").json()["spread"]
+    assert (spread["low"], spread["high"]) == (catalog.SPREAD.low, catalog.SPREAD.high)
+    assert spread["defaults"] == "0 for net2net and preserve, 2 for ligo and stack and interpolate"

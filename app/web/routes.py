@@ -145,6 +145,8 @@ def meta() -> dict:
     return {
         "families": families,
         "strategies": strategies,
+        "spread": {"low": catalog.SPREAD.low, "high": catalog.SPREAD.high,
+                   "defaults": catalog.spread_defaults_text()},
         "gpus": _gpus(),
         "defaults": _defaults(),
     }

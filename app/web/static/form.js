@@ -141,6 +141,18 @@ function fillStrategies() {
   }));
 }
 
+// The spread field's range and per-strategy defaults, as the engine's catalog gives them.
+function fillSpread() {
+  const s = form.meta.spread;
+  if (!s) return;
+  const input = $("growth-spread");
+  input.min = s.low;
+  input.max = s.high;
+  $("growth-spread-hint").textContent = `${s.low} to ${s.high} (default ${s.defaults}). 0 keeps the grown ` +
+    "model's outputs exactly the small model's; larger values start it a little off them and it trains " +
+    "better. Not for net2net.";
+}
+
 function fillPlan() {
   const d = form.meta.defaults;
   const gpu = $("plan-gpu");
@@ -324,6 +336,7 @@ export function startForm(meta, { onJobCreated }) {
   form.meta = meta;
   form.onJobCreated = onJobCreated;
   fillStrategies();
+  fillSpread();
   fillPlan();
   $("target-preset").addEventListener("change", onTargetChange);
   const jobForm = $("job-form");
