@@ -60,6 +60,6 @@ def estimate(source_config, target_config, **kwargs) -> dict:
 
 def num_parameters(config) -> int:
     """Weight parameters of a model, counted from its config (nothing is built)."""
-    from ligo_core.cost import num_parameters as count
+    from ligo_core.matrices import num_parameters as count
 
     return count(config)

@@ -9,8 +9,6 @@ Public API (the CLI, the worker and the benchmarks use only these names):
 - ``resolve_target(spec, source_config=None)``: preset / config.json / fields -> HF config.
 """
 
-__version__ = "0.1.0"
-
 from ligo_core.catalog import STRATEGY_NAMES as STRATEGIES
 from ligo_core.errors import (
     CheckpointError,
@@ -20,23 +18,27 @@ from ligo_core.errors import (
     LigoError,
     TargetError,
 )
-from ligo_core.targets import PRESETS, family_of, resolve_target, sizes_of
+from ligo_core.version import __version__
 
 __all__ = [
-    "CheckpointError", "DataError", "EstimateError", "GrowthCancelled", "LigoError", "TargetError",
+    "__version__", "CheckpointError", "DataError", "EstimateError", "GrowthCancelled", "LigoError", "TargetError",
     "PRESETS", "family_of", "resolve_target", "sizes_of",
     "STRATEGIES", "grow", "grow_model", "inspect_checkpoint",
 ]
 
+# Everything that needs transformers or torch loads on first use: `import ligo_core` (and its
+# torch-free catalog, which the API's schemas read) stays cheap, and the worker's parent process,
+# which forks job processes, never loads torch.
+_LAZY = {
+    "PRESETS": "ligo_core.targets", "family_of": "ligo_core.targets", "resolve_target": "ligo_core.targets",
+    "sizes_of": "ligo_core.targets", "grow": "ligo_core.pipeline", "grow_model": "ligo_core.growth",
+    "inspect_checkpoint": "ligo_core.checkpoint",
+}
+
+
 def __getattr__(name):
-    # Heavier modules load on first use so that `import ligo_core` stays cheap for the API process.
-    if name == "grow":
-        from ligo_core.pipeline import grow
-        return grow
-    if name == "grow_model":
-        from ligo_core.growth import grow_model
-        return grow_model
-    if name == "inspect_checkpoint":
-        from ligo_core.checkpoint import inspect_checkpoint
-        return inspect_checkpoint
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(name)

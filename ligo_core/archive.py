@@ -29,8 +29,11 @@ DEFAULT_MAX_EXTRACT_BYTES = 200 * 2**30
 # factor; a bomb expands by hundreds. Small archives may expand freely up to FREE_EXPANSION.
 MAX_EXPANSION_RATIO = 20.0
 FREE_EXPANSION_BYTES = 64 * 2**20
-# What a checkpoint reader opens besides the tokenizer files (ligo_core.checkpoint.TOKENIZER_FILES):
-# its config, weights and their index; other weight formats too, so that the reader can name
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "vocab.txt", "tokenizer.model", "added_tokens.json",
+)
+# What a checkpoint reader opens besides the tokenizer files: its config, weights and their index; other weight formats too, so that the reader can name
 # them ("unsupported weight format"). The reader bounds each small file's size itself.
 MODEL_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
                "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack", "model.ckpt.index",
@@ -69,8 +72,6 @@ def confined(directory: Path, name, what: str, follow_links: bool = False) -> Pa
 
 def needed(name: str) -> bool:
     """Whether a member (by its file name) is one a checkpoint reader opens."""
-    from ligo_core.checkpoint import TOKENIZER_FILES  # imported here: that module imports this one
-
     base = PurePosixPath(name).name
     return base in TOKENIZER_FILES or any(fnmatch.fnmatchcase(base, pattern) for pattern in MODEL_FILES)
 

@@ -113,10 +113,10 @@ def check_growth_options(strategy: str, ligo_init: str, noise: float, spread: fl
                           field="ligo_init")
     if not NOISE.contains(noise):
         raise TargetError(f"noise (symmetry breaking between copied units) must be in "
-                          f"[{NOISE.low}, {NOISE.high}], got {noise}", field="noise")
+                          f"[{NOISE.low:g}, {NOISE.high:g}], got {noise}", field="noise")
     if spread is not None and not SPREAD.contains(spread):
         raise TargetError(f"spread (how far copied units are moved apart) must be in "
-                          f"[{SPREAD.low}, {SPREAD.high}], got {spread}", field="spread")
+                          f"[{SPREAD.low:g}, {SPREAD.high:g}], got {spread}", field="spread")
 
 
 def spread_defaults_text() -> str:

@@ -17,17 +17,13 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from ligo_core.archive import DEFAULT_MAX_EXTRACT_BYTES, confined, extract, is_archive
+from ligo_core.archive import DEFAULT_MAX_EXTRACT_BYTES, TOKENIZER_FILES, confined, extract, is_archive
 from ligo_core.errors import CheckpointError, LigoError
 from ligo_core.families import family_for_model_type, supported_model_types
 from ligo_core.growth import Layout, load_grown_weights, plan_layout
 from ligo_core.targets import sizes_of
 from ligo_core.weights import FOREIGN_WEIGHTS, LazyWeights, open_weights  # noqa: F401 - FOREIGN_WEIGHTS re-exported
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "vocab.txt", "tokenizer.model", "added_tokens.json",
-)
 MAX_JSON_BYTES = 4 * 2**20  # config.json and tokenizer_config.json: a few KB in practice
 MAX_TOKENIZER_BYTES = 128 * 2**20  # the largest real tokenizer files are tens of MB
 # Sizes a config may claim before anything is read for it: far above any real model, far below

@@ -29,50 +29,8 @@ from ligo_core.calibration import (
 from ligo_core.catalog import DEFAULT_BATCH_SIZE, DEFAULT_FIT_STEPS, DEFAULT_SEQ_LEN, STRATEGY_NAMES
 from ligo_core.errors import EstimateError
 from ligo_core.families import MASK_PROBABILITY
+from ligo_core.matrices import SHAPES, global_matrices, layer_matrices, num_parameters
 from ligo_core.targets import check_growth, family_of, sizes_of
-
-# --- how each family's matrices are laid out ----------------------------------------------------
-
-@dataclass(frozen=True)
-class Shape:
-    ffn_inputs: int  # FFN input projections: 1, or 2 for a gated FFN (SwiGLU: gate and up)
-    head_transform: bool  # a dense hidden x hidden layer before the LM decoder (BERT, RoBERTa)
-    positions: str | None  # config attribute of a learned position table
-    token_types: str | None  # config attribute of a token-type table
-
-
-SHAPES = {
-    "gpt2": Shape(1, False, "n_positions", None),
-    "bert": Shape(1, True, "max_position_embeddings", "type_vocab_size"),
-    "roberta": Shape(1, True, "max_position_embeddings", "type_vocab_size"),
-    "llama": Shape(2, False, None, None),
-}
-
-
-def _layer_matrices(config: PretrainedConfig) -> list[tuple[int, int]]:
-    """(out, in) of every weight matrix of one layer: Q, K, V, O, FFN in (x1 or x2), FFN out."""
-    s, shape = sizes_of(config), SHAPES[family_of(config).name]
-    h, q, kv, f = s["hidden"], s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"], s["ffn"]
-    return [(q, h), (kv, h), (kv, h), (h, q)] + [(f, h)] * shape.ffn_inputs + [(h, f)]
-
-
-def _global_matrices(config: PretrainedConfig) -> list[tuple[int, int]]:
-    """(rows, hidden) of the embedding tables, the head transform and an untied LM head."""
-    shape, h = SHAPES[family_of(config).name], sizes_of(config)["hidden"]
-    rows = [config.vocab_size] + [getattr(config, a) for a in (shape.positions, shape.token_types) if a]
-    mats = [(int(r), h) for r in rows]
-    if shape.head_transform:
-        mats.append((h, h))
-    if not getattr(config, "tie_word_embeddings", True):
-        mats.append((config.vocab_size, h))
-    return mats
-
-
-def num_parameters(config: PretrainedConfig) -> int:
-    """Weight-matrix and embedding parameters (biases and norm gains, under 0.5%, left out)."""
-    layers = sizes_of(config)["layers"]
-    return layers * sum(o * i for o, i in _layer_matrices(config)) + sum(o * i for o, i in _global_matrices(config))
-
 
 # --- counting conventions ----------------------------------------------------------------------
 
@@ -110,7 +68,7 @@ def forward_flops_per_token(config: PretrainedConfig, seq_len: int, convention: 
     conv = _convention(convention)
     s, shape = sizes_of(config), SHAPES[family_of(config).name]
     h, q = s["hidden"], s["heads"] * s["head_dim"]
-    per_layer = sum(2 * o * i for o, i in _layer_matrices(config)) + 2 * 2 * seq_len * q  # QK^T + AV
+    per_layer = sum(2 * o * i for o, i in layer_matrices(config)) + 2 * 2 * seq_len * q  # QK^T + AV
     head = 2 * h * config.vocab_size + (2 * h * h if shape.head_transform else 0)
     if family_of(config).objective == "mlm":
         head *= conv.mlm_head_fraction
@@ -141,9 +99,9 @@ def operator_flops(source: PretrainedConfig, target: PretrainedConfig) -> float:
 
     per_layer = sum(
         2 * l1 * o1 * i1 + width((o1, i1), big)
-        for (o1, i1), big in zip(_layer_matrices(source), _layer_matrices(target))
+        for (o1, i1), big in zip(layer_matrices(source), layer_matrices(target))
     )
-    return l2 * per_layer + sum(width(a, b) for a, b in zip(_global_matrices(source), _global_matrices(target)))
+    return l2 * per_layer + sum(width(a, b) for a, b in zip(global_matrices(source), global_matrices(target)))
 
 
 def reference_operator_flops(source: PretrainedConfig, target: PretrainedConfig) -> float:

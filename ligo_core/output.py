@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from ligo_core.checkpoint import TOKENIZER_FILES
+from ligo_core.archive import TOKENIZER_FILES
 from ligo_core.errors import LigoError
 
 DEFAULT_MAX_SHARD_SIZE = "2GB"

@@ -20,8 +20,9 @@ from ligo_core.checkpoint import load_checkpoint, opened_source
 from ligo_core.data import batches, build_token_data
 from ligo_core.errors import DataError, TargetError
 from ligo_core.growth import bare_model_refusal, grow_model
+from ligo_core.matrices import target_summary
 from ligo_core.output import check_output_dir, write_checkpoint
-from ligo_core.targets import max_positions, resolve_target, sizes_of, target_summary
+from ligo_core.targets import max_positions, resolve_target, sizes_of
 from ligo_core.training import default_device
 
 HELDOUT_SEQUENCES = 64
@@ -32,7 +33,7 @@ def _versions() -> dict[str, str]:
     import safetensors
     import transformers
 
-    from ligo_core import __version__
+    from ligo_core.version import __version__
 
     return {
         "ligo": __version__, "torch": torch.__version__, "transformers": transformers.__version__,

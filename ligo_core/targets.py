@@ -256,13 +256,6 @@ def max_positions(config: PretrainedConfig) -> int:
     return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
 
 
-def target_summary(config: PretrainedConfig) -> dict[str, int]:
-    """A resolved target's sizes and parameter count, echoed before any work starts."""
-    from ligo_core.cost import num_parameters  # ligo_core.cost imports this module
-
-    return {**sizes_of(config), "parameters": num_parameters(config)}
-
-
 def describe_sizes(summary: dict[str, int]) -> str:
     """One line: ``layers 4, hidden 128, heads 8, kv_heads 8, ffn 512, head_dim 16, parameters 1,234,567``."""
     return ", ".join(f"{k} {v:,}" if k == "parameters" else f"{k} {v}" for k, v in summary.items())

@@ -253,7 +253,8 @@ def test_targets_keep_the_source_proportions_and_are_echoed(capsys):
     import transformers as T
 
     from ligo_core.cli import ProgressPrinter
-    from ligo_core.targets import describe_sizes, resolve_target, sizes_of, target_summary
+    from ligo_core.matrices import target_summary
+    from ligo_core.targets import describe_sizes, resolve_target, sizes_of
 
     source = T.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_inner=256)
     target = resolve_target("layers=4,hidden=128,heads=8", source)

@@ -207,8 +207,10 @@ def test_webhook_signature_matches_the_standard_webhooks_test_vector():
 
 
 def test_the_worker_parent_never_imports_torch():
+    # ligo_core's catalog and errors (names, bounds) may load: they are torch-free; nothing else may.
     code = ("import sys, worker.celery_app, worker.tasks, worker.runner, app.lifecycle, app.storage; "
-            "print(sorted(m for m in ('torch', 'transformers', 'ligo_core') if m in sys.modules))")
+            "print(sorted(m for m in sys.modules if m in ('torch', 'transformers') or "
+            "m.startswith('ligo_core.') and m not in ('ligo_core.catalog', 'ligo_core.errors', 'ligo_core.version')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -255,12 +257,13 @@ def test_a_ligo_error_becomes_a_problem_for_the_field_it_names():
         raise KeyError("x")
 
 
-def _app_imports() -> dict[str, set[str]]:
-    """Each module of the ``app`` package -> the modules it imports (lazy imports inside functions too)."""
+def _imports(package: str) -> dict[str, set[str]]:
+    """Each module of ``package`` -> the project modules it imports (lazy imports inside functions too)."""
     modules = {}
-    for path in sorted((ROOT / "app").rglob("*.py")):
+    for path in sorted((ROOT / package).rglob("*.py")):
         parts = path.relative_to(ROOT).with_suffix("").parts
         modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    floors = {"app", "worker", "ligo_core", "ligo_client", "bench"}
     graph = {}
     for name, path in modules.items():
         imported = set()
@@ -268,30 +271,49 @@ def _app_imports() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 imported.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.module:  # `from app import x`: x may be a module
-                imported.add(node.module)
-                imported.update(f"{node.module}.{alias.name}" for alias in node.names)
-        graph[name] = {m for m in imported if m in modules or m.split(".")[0] == "worker"} - {name}
+                names = {f"{node.module}.{alias.name}" for alias in node.names}
+                imported |= (names & modules.keys()) or {node.module}
+        graph[name] = {m for m in imported if m in modules or m.split(".")[0] in floors - {package}} - {name}
     return graph
 
 
-def test_the_app_imports_no_worker_module_and_has_no_import_cycle():
-    graph = _app_imports()
-    assert {"app.lifecycle", "app.broker", "app.presigned"} <= graph.keys()
-    assert {name: sorted(m for m in imports if m.startswith("worker")) for name, imports in graph.items()
-            if any(m.startswith("worker") for m in imports)} == {}
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     cycles, done = [], set()
 
     def visit(name, path):
         for dep in sorted(graph.get(name, ())):
             if dep in path:
                 cycles.append(path[path.index(dep):] + [dep])
-            elif dep not in done:
+            elif dep not in done and dep in graph:
                 visit(dep, path + [dep])
         done.add(name)
 
     for name in graph:
         visit(name, [name])
-    assert cycles == []
+    return cycles
+
+
+def _reaching(graph: dict[str, set[str]], floors: tuple[str, ...]) -> dict[str, list[str]]:
+    return {name: sorted(m for m in imports if m.split(".")[0] in floors) for name, imports in graph.items()
+            if any(m.split(".")[0] in floors for m in imports)}
+
+
+def test_the_app_imports_no_worker_module_and_has_no_import_cycle():
+    graph = _imports("app")
+    assert {"app.lifecycle", "app.broker", "app.presigned"} <= graph.keys()
+    assert _reaching(graph, ("worker",)) == {}
+    assert _cycles(graph) == []
+
+
+@pytest.mark.parametrize("package, above", [
+    ("ligo_core", ("app", "worker", "bench")),  # the engine is a library: nothing above it
+    ("ligo_client", ("ligo_core", "app", "worker", "bench")),  # httpx only
+    ("worker", ("bench",)),
+])
+def test_each_floor_imports_only_below_it_and_has_no_cycle(package, above):
+    graph = _imports(package)
+    assert _reaching(graph, above) == {}
+    assert _cycles(graph) == []
 
 
 def test_celery_is_configured_for_long_gpu_jobs():
