@@ -15,6 +15,7 @@ learnable diagonal and a fixed placement, so applying it costs ``(d2 - d1) / d2`
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -290,19 +291,26 @@ class GrowthOperator(nn.Module):
 
     @torch.no_grad()
     def _materialise_fixed(self, small: dict[str, torch.Tensor], names: dict[str, str]) -> dict[str, torch.Tensor]:
-        large: dict[str, torch.Tensor] = {}
+        return {name: tensor for _, _, name, tensor in self.iter_fixed(small.__getitem__, names)}
+
+    @torch.no_grad()
+    def iter_fixed(
+        self, read: Callable[[str], torch.Tensor], names: dict[str, str]
+    ) -> Iterator[tuple[TensorSpec, int, str, torch.Tensor]]:
+        """The large tensors one at a time, in spec order: (spec, large layer, full name, tensor).
+
+        ``read`` gives a small tensor by its full name (from memory, or lazily from disk); only the
+        small layers a large layer mixes are read for it, so a caller that writes each tensor out
+        before asking for the next holds one output tensor at a time (ligo_core/stream.py)."""
         for spec in self.specs:
             full = names[spec.name]
             if not spec.per_layer:
-                large[full] = self._expand_stored(spec, small[full], layer=0)
+                yield spec, 0, full, self._expand_stored(spec, read(full), layer=0)
                 continue
             weights = self.depth[_key(spec.name)]
             for layer in range(self.large_layers):
-                large[full.format(i=layer)] = self._expand_stored(
-                    spec, _mix_layers(weights[layer], [small[full.format(i=j)] for j in range(weights.shape[1])]),
-                    layer,
-                )
-        return large
+                mixed = _mix_layers(weights[layer], _LayerReader(read, full, weights.shape[1]))
+                yield spec, layer, full.format(i=layer), self._expand_stored(spec, mixed, layer)
 
     def _expand_stored(self, spec: TensorSpec, x: torch.Tensor, layer: int) -> torch.Tensor:
         """Grow one layer's tensor in its stored layout (no canonical transposes, no layer stack)."""
@@ -349,7 +357,17 @@ def _runs(src: torch.Tensor, skip: torch.Tensor, limit: int) -> list[list[tuple[
     return out
 
 
-def _mix_layers(weights: torch.Tensor, layers: list[torch.Tensor]) -> torch.Tensor:
+class _LayerReader:
+    """``layers[j]``: small layer ``j`` of one tensor, read when asked for (not all up front)."""
+
+    def __init__(self, read: Callable[[str], torch.Tensor], full: str, count: int):
+        self.read, self.full, self.count = read, full, count
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        return self.read(self.full.format(i=j))
+
+
+def _mix_layers(weights: torch.Tensor, layers) -> torch.Tensor:
     """sum_j weights[j] * layers[j], without arithmetic when a large layer copies one small layer."""
     nonzero = weights.nonzero().flatten().tolist()
     if len(nonzero) == 1 and float(weights[nonzero[0]]) == 1.0:
