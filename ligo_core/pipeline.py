@@ -146,13 +146,14 @@ def grow(
         loaded = load_checkpoint(directory, follow_links)
         token_data = None
         if scored and tokenizer is not None:
-            # The training split does not depend on eval_tokens: the held-out side is cut as usual, then trimmed.
+            # Fewer eval tokens than the default leave the training split as it is: the held-out side is
+            # cut as usual, then trimmed.
             token_data = build_token_data(
                 data, loaded.tokenizer, seq_len,
                 max_train_tokens=max(fit_steps, 1) * accumulate * batch_size * seq_len * 2,
-                max_heldout_tokens=max(heldout_tokens, MIN_HELDOUT_SEQUENCES * seq_len),
+                max_heldout_tokens=max(heldout_tokens, HELDOUT_SEQUENCES * seq_len),
             )
-        heldout = token_data.heldout if token_data is not None and scoring else None
+        heldout = token_data.heldout[: heldout_tokens // seq_len] if token_data is not None and scoring else None
         small_loss = None
         if heldout is not None:
             from ligo_core.objective import heldout_loss, tokenizer_info
