@@ -109,12 +109,19 @@ class RegisterIn(Strict):
 
 # --- jobs --------------------------------------------------------------------------------------
 
+MAX_EVAL_TOKENS = 2**30
+
+
 class FitOptions(Strict):
     steps: int = Field(100, ge=0, le=1_000_000, description="Fitting steps of the operator (LiGO only).")
     lr: float | None = Field(None, gt=0, le=1.0, description="Peak fitting learning rate (default 1e-4).")
     batch_size: int | None = Field(None, ge=1, le=65_536)
     seq_len: int | None = Field(None, ge=8, le=1_048_576)
     data_uri: Uri | None = Field(None, description="s3://bucket/key of a text corpus; default: the shipped corpus.")
+    eval_tokens: int | None = Field(None, ge=0, le=MAX_EVAL_TOKENS, description=(
+        "Held-out tokens the small, grown and random models are scored on (default 64 sequences of seq_len; "
+        "0 skips scoring, and then a fixed strategy's model is written tensor by tensor without being built: "
+        "use 0 for big targets). The job's report gives the number used as eval_tokens."))
 
 
 class GrowthOptions(Strict):
@@ -129,6 +136,8 @@ class GrowthOptions(Strict):
     ligo_init: Literal["preserve", "stack", "interpolate"] | None = Field(None, description=(
         "Where LiGO's fit starts (ligo only): the exact function-preserving operator (default), "
         "the stacked depth of the reference code, or each layer repeated in place."))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(None, description=(
+        "dtype of the written weights: auto (default) keeps the checkpoint's, so bf16 stays bf16."))
 
 
 class PlanOptions(Strict):

@@ -237,7 +237,8 @@ def _grow_streamed(directory, follow_links, checked, target_config, out_dir, out
         report = _report(info, config, large_config, layout, weights.format, checked.num_parameters,
                          _count(shapes), torch.device("cpu"), run["seed"])
         report["fit"].update({"batch_size": None, "seq_len": None, "accumulate": None, "tokens": 0, "data": None})
-        report["heldout_loss"].update({"small": None, "sequences": 0})
+        report["heldout_loss"].update({"small": None, "sequences": 0, **(
+            {} if layout.has_head else {"note": "a bare model (no LM head) has no language-model loss"})})
         report["eval_tokens"] = 0
         report["function_gap_max_logit"] = None
         costs = _fit_flops(config, large_config, {**report, "fit": {**report["fit"], "batch_size": 1, "seq_len": 1}})
