@@ -296,6 +296,7 @@ def start_operator(
     noise: float = DEFAULT_NOISE,
     spread: float | None = None,
     ligo_init: str = DEFAULT_LIGO_INIT,
+    planned: bool = False,
 ) -> tuple[GrowthOperator, PretrainedConfig]:
     """The strategy's initial operator and the large config it writes (norm epsilon rescaled), from
     the configs and the layout alone: no tensor of the small model is needed."""
@@ -312,7 +313,7 @@ def start_operator(
     torch.manual_seed(seed)
     operator = build_operator(
         strategy, layout.family, layout.specs, sizes_of(small_config), sizes_of(target_config), layout.head_tied,
-        seed=seed, noise=noise, ligo_init=ligo_init, spread=spread,
+        seed=seed, noise=noise, ligo_init=ligo_init, spread=spread, planned=planned,
     )
     return operator, _scaled_eps(target_config, layout.family, operator.norm_scale)
 

@@ -223,7 +223,7 @@ def _grow_streamed(directory, follow_links, checked, target_config, out_dir, out
     config, layout = checked.config, checked.layout
     operator, large_config = start_operator(config, layout, target_config, strategy=run["strategy"],
                                             seed=run["seed"], noise=run["noise"], spread=run["spread"],
-                                            ligo_init=run["ligo_init"])
+                                            ligo_init=run["ligo_init"], planned=True)
     pairs = copy_pairs(operator) if operator.spread > 0 else {}
     generator = torch.Generator().manual_seed(run["seed"] + 2)  # grow_model's separation draws, in its order
     info = {

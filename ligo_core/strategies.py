@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ligo_core.families import Family, TensorSpec
-from ligo_core.operator import ExpanderInit, GrowthOperator
+from ligo_core.operator import ExpanderInit, GrowthOperator, PlannedExpander, compact, dense
 
 COPY, MEAN, ZERO = "copy", "mean", "zero"
 
@@ -306,8 +306,12 @@ def build_operator(
     noise: float = DEFAULT_NOISE,
     ligo_init: str = DEFAULT_LIGO_INIT,
     spread: float | None = None,
+    planned: bool = False,
 ) -> GrowthOperator:
-    """The initial operator for a strategy; ``small``/``large`` are ``sizes_of`` dicts."""
+    """The initial operator for a strategy; ``small``/``large`` are ``sizes_of`` dicts.
+
+    ``planned``: a fixed operator kept as row plans (``PlannedExpander``), whose memory grows with
+    the number of units rather than with their square; it cannot be fitted."""
     if strategy not in STRATEGY_MODES:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGY_MODES)}")
     if ligo_init not in LIGO_INITS:
@@ -340,11 +344,15 @@ def build_operator(
         "v": small["kv_heads"] * dh, "ffn": small["ffn"],
     }
     silent = silent_layers(small["layers"], l2, depth_mode) if zero_new else set()
+    # ``planned``: each layer's C is made sparse as soon as it is drawn (the same draws, in the same order).
+    keep = compact if planned else (lambda init: init)
     for space, layers in per_layer.items():
-        inits = [_expander_from_sources(s, small_dims[space], g, noise) for s in layers]
+        inits = [keep(_expander_from_sources(s, small_dims[space], g, noise)) for s in layers]
         for layer in sorted(silent):  # a fixed order of random draws, not a set's
-            inits[layer] = _jitter_copies(inits[layer], g, noise)
-        expanders[space] = _stack_layers(inits)
+            inits[layer] = keep(_jitter_copies(dense(inits[layer]) if planned else inits[layer], g, noise))
+        expanders[space] = PlannedExpander(inits) if planned else _stack_layers(inits)
+    if planned:
+        expanders["res"] = PlannedExpander([compact(res)])
 
     if width == "net2net":
         norm_scale = 1.0
