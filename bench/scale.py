@@ -36,7 +36,7 @@ from ligo_core.growth import plan_layout
 from ligo_core.stream import ShardWriter, write_config
 from ligo_core.targets import resolve_target
 
-PAIRS = ("gpt2:gpt2-medium", "gpt2:gpt2-large", "gpt2:gpt2-xl", "llama-3.2-1b:llama-3.1-8b")
+PAIRS = ("llama-3.2-1b:llama-3.1-8b", "gpt2:gpt2-medium", "gpt2:gpt2-large", "gpt2:gpt2-xl")
 RESULTS = ROOT / "docs" / "results" / "scale.jsonl"
 GiB = 2**30
 

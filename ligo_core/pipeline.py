@@ -244,10 +244,13 @@ def _grow_streamed(directory, follow_links, checked, target_config, out_dir, out
         costs = _fit_flops(config, large_config, {**report, "fit": {**report["fit"], "batch_size": 1, "seq_len": 1}})
         report["fit"]["flops"], report["fit"]["operator_flops"] = costs["flops"], costs["operator_flops"]
 
+        finite: set[str] = set()  # checked once, though stacking reads a small layer several times
+
         def read(name: str) -> torch.Tensor:
             tensor = weights.get(name)
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            if name not in finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise CheckpointError(f"tensor {name!r} holds NaN or infinite values")
+            finite.add(name)
             return tensor.float()
 
         def move(spec, layer, name, tensor):
