@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from bench.common import ROOT, machine
-from ligo_core.checkpoint import _model_class, read_config
+from ligo_core.checkpoint import read_config
 from ligo_core.growth import plan_layout
 from ligo_core.stream import ShardWriter, write_config
 from ligo_core.targets import resolve_target

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import json
+import queue
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -64,6 +66,8 @@ def grown_shapes(operator: GrowthOperator, names: dict[str, str],
 class ShardWriter:
     """safetensors shards written tensor by tensor, in any order, at offsets planned up front."""
 
+    QUEUED = 1  # cast tensors waiting for the writing thread: each is memory held
+
     def __init__(self, directory: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
                  max_shard_size: str | int):
         metas = {n: torch.empty(s, dtype=dtype, device="meta") for n, s in shapes.items()}
@@ -72,6 +76,9 @@ class ShardWriter:
         self.split, self.dtype, self.directory = split, dtype, directory
         self.place: dict[str, tuple[Path, int, int]] = {}  # name -> (file, first byte, end)
         self.pending = set(shapes)
+        self._queue: queue.Queue = queue.Queue(maxsize=self.QUEUED)
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
         item = torch.empty((), dtype=dtype).element_size()
         for filename, tensors in split.filename_to_tensors.items():
             header, offset = {"__metadata__": {"format": "pt"}}, 0
@@ -92,18 +99,47 @@ class ShardWriter:
                 self.place[name] = (path, 8 + len(text) + start, 8 + len(text) + end)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Cast ``tensor`` and hand it to the writing thread (which holds at most QUEUED of them), so
+        the next tensor is computed while the kernel makes this one's pages room on the disk."""
         path, start, end = self.place[name]
         data = tensor.detach().to(device="cpu", dtype=self.dtype).contiguous()
-        raw = data.reshape(-1).view(torch.uint8).numpy()
-        if raw.nbytes != end - start:
-            raise AssertionError(f"{name}: {raw.nbytes} bytes, the header planned {end - start}")
-        with open(path, "r+b") as f:
-            f.seek(start)
-            f.write(memoryview(raw))
+        if data.numel() * data.element_size() != end - start:
+            raise AssertionError(f"{name}: {data.numel() * data.element_size()} bytes, the header planned "
+                                 f"{end - start}")
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._drain, name="ligo-shard-writer", daemon=True)
+            self._thread.start()
+        self._raise_failure()
+        self._queue.put((path, start, data))
         self.pending.discard(name)
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            path, start, data = item
+            try:
+                if self._failure is None:
+                    with open(path, "r+b") as f:
+                        f.seek(start)
+                        f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+            except BaseException as exc:  # handed to the caller at its next write or at finish
+                self._failure = exc
+            del item, data
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def close(self) -> None:
+        """Wait for the writing thread to write what it holds."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
 
     def finish(self) -> list[str]:
         """Check every planned tensor was written, write the index when sharded; the file names."""
+        self.close()
+        self._raise_failure()
         if self.pending:
             raise AssertionError(f"tensors never written: {sorted(self.pending)[:5]}")
         files = list(self.split.filename_to_tensors)
@@ -144,13 +180,16 @@ def stream_weights(
     before it is cast and written."""
     shapes = grown_shapes(operator, names, small_shapes)
     writer = ShardWriter(directory, shapes, dtype, max_shard_size)
-    for done, (spec, layer, name, tensor) in enumerate(operator.iter_fixed(read, names), start=1):
-        if adjust is not None:
-            tensor = adjust(spec, layer, name, tensor)
-        writer.write(name, tensor)
-        del tensor
-        if progress is not None:
-            progress(done, len(shapes))
+    try:
+        for done, (spec, layer, name, tensor) in enumerate(operator.iter_fixed(read, names), start=1):
+            if adjust is not None:
+                tensor = adjust(spec, layer, name, tensor)
+            writer.write(name, tensor)
+            del tensor
+            if progress is not None:
+                progress(done, len(shapes))
+    finally:
+        writer.close()
     return writer.finish(), sum(_numel(s) for s in shapes.values())
 
 
