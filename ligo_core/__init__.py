@@ -11,11 +11,18 @@ Public API (the CLI, the worker and the benchmarks use only these names):
 
 __version__ = "0.1.0"
 
-from ligo_core.errors import CheckpointError, DataError, GrowthCancelled, LigoError, TargetError
+from ligo_core.errors import (
+    CheckpointError,
+    DataError,
+    GrowthCancelled,
+    LigoError,
+    MemoryPlanError,
+    TargetError,
+)
 from ligo_core.targets import PRESETS, family_of, resolve_target, sizes_of
 
 __all__ = [
-    "CheckpointError", "DataError", "GrowthCancelled", "LigoError", "TargetError",
+    "CheckpointError", "DataError", "GrowthCancelled", "LigoError", "MemoryPlanError", "TargetError",
     "PRESETS", "family_of", "resolve_target", "sizes_of",
     "STRATEGIES", "grow", "grow_model", "inspect_checkpoint",
 ]
