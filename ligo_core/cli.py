@@ -131,7 +131,11 @@ def cmd_grow(args) -> int:
 
     import ligo_core
 
-    keep_freed_memory()  # a one-off process: fewer page faults in CPU fitting (ligo_core/allocator.py)
+    if args.strategy == "ligo" and args.fit_steps > 0:
+        # A one-off process: fewer page faults in CPU fitting (ligo_core/allocator.py). Not for the
+        # other jobs: a heap that is never trimmed keeps every freed tensor's pages, and streamed
+        # growth frees one large tensor after another (it took 1B -> 8B preserve from 4 to 7 GiB).
+        keep_freed_memory()
     progress = ProgressPrinter(Console(stderr=True))
     try:
         report = ligo_core.grow(

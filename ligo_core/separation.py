@@ -62,7 +62,8 @@ def copy_pairs(operator: GrowthOperator) -> dict[str, CopyPairs]:
 
 
 # Elements of a move's random directions drawn at once: bounds the memory of moving a large
-# tensor's copies (an 8B model's embedding has 2048 copied columns of 128k entries).
+# tensor's copies (an 8B model's embedding has 2048 copied columns of 128k entries), and keeps
+# the several passes over each piece within the CPU's caches.
 MOVE_CHUNK = 2**24
 
 
