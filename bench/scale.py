@@ -201,7 +201,7 @@ def apply(pairs: list[str], strategies: list[str], work: Path, before: str | Non
                 row = {"pair": pair, "strategy": strategy, "path": label, **measured,
                        "write_s": write_time(work, nbytes), "output_gib": round(nbytes / GiB, 2),
                        "source_gib": round(src_bytes / GiB, 2), "checked": checked, "machine": where,
-                       "engine": before if label == "before" else "this checkout",
+                       "engine": before if label == "before" else f"this checkout ({_head()})",
                        "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
                 row["wall_over_write"] = round((row["wall_s"] + row["sync_s"]) / row["write_s"], 2)
                 rows.append(row)
@@ -212,6 +212,11 @@ def apply(pairs: list[str], strategies: list[str], work: Path, before: str | Non
         if not keep:
             shutil.rmtree(src)
     return rows
+
+
+def _head() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
 
 
 def _count(config) -> int:
