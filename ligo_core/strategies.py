@@ -119,7 +119,7 @@ def _sparse_rows(r: int, d1: int, rows: list[int], units: list[int], values: lis
     index = torch.cat([torch.stack([torch.tensor(rows, dtype=torch.long)[keep], torch.tensor(units, dtype=torch.long)[keep]]),
                        torch.stack([torch.tensor(full_rows, dtype=torch.long)[at[:, 0]], at[:, 1]])], dim=1)
     data = torch.cat([values_t[keep], full[at[:, 0], at[:, 1]]])
-    return torch.sparse_coo_tensor(index, data, (r, d1)).coalesce()
+    return torch.sparse_coo_tensor(index, data, (r, d1), check_invariants=True).coalesce()
 
 
 def _ensure_coverage(sources: list[Source], d1: int) -> list[Source]:
