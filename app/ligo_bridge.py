@@ -63,3 +63,20 @@ def num_parameters(config) -> int:
     from ligo_core.matrices import num_parameters as count
 
     return count(config)
+
+
+def memory_refusal(source_config: dict, target_config, *, strategy: str, fit_steps: int, batch_size: int,
+                   seq_len: int, scored: bool, dtype: str | None, budget_gb: float) -> dict | None:
+    """The job's memory plan against ``budget_gb`` (ligo_core/memory_plan.py, torch-free): None when
+    it fits, else the refusal's message and numbers."""
+    from ligo_core import memory_plan
+
+    estimate = memory_plan.plan(source_config, target_config.to_dict(), strategy=strategy, fit_steps=fit_steps,
+                                batch_size=batch_size, seq_len=seq_len, scored=scored, dtype=dtype)
+    budget = int(budget_gb * memory_plan.GiB)
+    message = memory_plan.refusal(estimate, budget, "LIGO_WORKER_MEMORY_GB")
+    if message is None:
+        return None
+    return {"detail": message, "needed_gib": estimate["gib"], "budget_gib": round(budget_gb, 2),
+            "biggest_term": estimate["biggest"],
+            "terms_gib": {k: round(v / memory_plan.GiB, 2) for k, v in estimate["terms"].items()}}

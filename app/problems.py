@@ -25,15 +25,17 @@ TYPE_PREFIX = "urn:ligo:problem:"
 
 class Problem(Exception):
     def __init__(self, status: int, slug: str, detail: str, *, title: str | None = None,
-                 errors: list[dict] | None = None, headers: dict | None = None):
+                 errors: list[dict] | None = None, headers: dict | None = None, extra: dict | None = None):
         super().__init__(detail)
         self.status, self.slug, self.detail = status, slug, detail
         self.title = title or HTTPStatus(status).phrase
         self.errors = errors
         self.headers = headers
+        self.extra = extra or {}  # RFC 9457 extension members (numbers a client can act on)
 
     def body(self, instance: str | None = None) -> dict:
-        out = {"type": TYPE_PREFIX + self.slug, "title": self.title, "status": self.status, "detail": self.detail}
+        out = {**self.extra, "type": TYPE_PREFIX + self.slug, "title": self.title, "status": self.status,
+               "detail": self.detail}
         if self.errors:
             out["errors"] = self.errors
         if instance:

@@ -14,6 +14,7 @@ JobState = Literal[JOB_STATES]
 JobStage = Literal[JOB_STAGES]
 Strategy = Literal[catalog.STRATEGY_NAMES]
 LigoInit = Literal[tuple(catalog.LIGO_INITS)]
+OutputDtype = Literal[catalog.OUTPUT_DTYPES]
 MAX_TOKENS = 10**15  # planned training tokens: 70x the largest public runs (15T)
 MAX_PRICE = 10**6  # USD per GPU-hour
 INT64 = 2**63 - 1
@@ -127,6 +128,10 @@ class FitOptions(Strict):
     seq_len: int | None = bounded(catalog.SEQ_LEN, description=(
         f"Tokens per fitting sequence (default {catalog.DEFAULT_SEQ_LEN}, at most the model's positions)."))
     data_uri: Uri | None = Field(None, description="s3://bucket/key of a text corpus; default: the shipped corpus.")
+    eval_tokens: int | None = bounded(catalog.EVAL_TOKENS, description=(
+        "Held-out tokens the small, grown and random models are scored on (default 64 sequences of seq_len; "
+        "0 skips scoring, and then a fixed strategy's model is written tensor by tensor without being built: "
+        "use 0 for big targets). The job's report gives the number used as eval_tokens."))
 
 
 class GrowthOptions(Strict):
@@ -143,6 +148,8 @@ class GrowthOptions(Strict):
         "Where LiGO's fit starts (ligo only): "
         + "; ".join(f"{name}: {what}" for name, what in catalog.LIGO_INITS.items())
         + f" (default {catalog.DEFAULT_LIGO_INIT})."))
+    dtype: OutputDtype | None = Field(None, description=(
+        "dtype of the written weights: auto (default) keeps the checkpoint's, so bf16 stays bf16."))
 
 
 class PlanOptions(Strict):

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     maintenance_interval_seconds: float = 5.0
     redispatch_after_seconds: float = 30.0
     worker_device: str | None = None
+    # The memory a job may use (GiB), checked against its plan (ligo_core/memory_plan.py) at submission
+    # and by the worker; unset, the worker takes its device's memory and the API does not check.
+    worker_memory_gb: float | None = Field(None, gt=0)
     worker_tmp_dir: Path | None = None
     progress_interval_seconds: float = 0.5
     cancel_poll_seconds: float = 0.5

@@ -16,12 +16,14 @@ from ligo_core.errors import (
     EstimateError,
     GrowthCancelled,
     LigoError,
+    MemoryPlanError,
     TargetError,
 )
 from ligo_core.version import __version__
 
 __all__ = [
-    "__version__", "CheckpointError", "DataError", "EstimateError", "GrowthCancelled", "LigoError", "TargetError",
+    "__version__", "CheckpointError", "DataError", "EstimateError", "GrowthCancelled", "LigoError",
+    "MemoryPlanError", "TargetError",
     "PRESETS", "family_of", "resolve_target", "sizes_of",
     "STRATEGIES", "grow", "grow_model", "inspect_checkpoint",
 ]

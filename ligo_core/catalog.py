@@ -80,6 +80,9 @@ FIT_LR = Option(1e-4, 0.0, 1.0, low_open=True)  # measured on real checkpoints: 
 BATCH_SIZE = Option(16, 1, 65_536)  # sequences per fitting step
 SEQ_LEN = Option(128, 8, 1_048_576)  # tokens per fitting sequence (capped at the model's positions)
 SEED = Option(0, 0, 2**31 - 1)
+EVAL_TOKENS = Option(None, 0, 2**30)  # held-out tokens scored; None: 64 sequences of seq_len, 0: none
+# The written weights' dtype (growth option `dtype`, `--dtype`): "auto" keeps the checkpoint's.
+OUTPUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 DEFAULT_BATCH_SIZE = BATCH_SIZE.default
 DEFAULT_SEQ_LEN = SEQ_LEN.default

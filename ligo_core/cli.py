@@ -131,14 +131,19 @@ def cmd_grow(args) -> int:
 
     import ligo_core
 
-    keep_freed_memory()  # a one-off process: fewer page faults in CPU fitting (ligo_core/allocator.py)
+    if args.strategy == "ligo" and args.fit_steps > 0:
+        # A one-off process: fewer page faults in CPU fitting (ligo_core/allocator.py). Not for the
+        # other jobs: a heap that is never trimmed keeps every freed tensor's pages, and streamed
+        # growth frees one large tensor after another (it took 1B -> 8B preserve from 4 to 7 GiB).
+        keep_freed_memory()
     progress = ProgressPrinter(Console(stderr=True))
     try:
         report = ligo_core.grow(
             args.src, args.target, args.out, strategy=args.strategy, fit_steps=args.fit_steps, data=args.data,
             seed=args.seed, device=args.device, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
             progress=progress, max_shard_size=args.max_shard_size, ligo_init=args.ligo_init,
-            accumulate=args.accumulate, follow_links=_own_directory(args.src),
+            accumulate=args.accumulate, follow_links=_own_directory(args.src), eval_tokens=args.eval_tokens,
+            dtype=args.dtype, memory_gb=args.memory_gb,
             **{k: v for k, v in {"noise": args.noise, "spread": args.spread}.items() if v is not None},
         )
     finally:
@@ -239,6 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "gradients add up (bigger fitting batches at one batch's memory; default 1; e.g. 4)")
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ... (e.g. cpu)")
     g.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB; e.g. 500MB)")
+    g.add_argument("--dtype", default="auto", choices=catalog.OUTPUT_DTYPES,
+                   help="dtype of the written weights (default auto: the source's, so bf16 stays bf16; "
+                        "e.g. float32)")
+    g.add_argument("--eval-tokens", type=int,
+                   help="held-out tokens to score the small, grown and random models on (default 64 sequences "
+                        "of the sequence length; 0 skips scoring, and then a fixed strategy builds no model "
+                        "and writes tensor by tensor: use 0 for big sizes; e.g. 0)")
+    g.add_argument("--memory-gb", type=float,
+                   help="memory budget in GiB the job's plan must fit, checked before any work (default "
+                        "LIGO_WORKER_MEMORY_GB, else the CUDA device's memory, else the available RAM; e.g. 6)")
     g.add_argument("--json", action="store_true", help="print the growth report as JSON instead of tables")
     g.set_defaults(func=cmd_grow)
 

@@ -30,3 +30,11 @@ class EstimateError(LigoError):
 
 class GrowthCancelled(Exception):
     """Raised inside grow() when the caller's should_cancel() answers True."""
+
+
+class MemoryPlanError(LigoError):
+    """The job's memory plan (ligo_core/memory_plan.py) is above the worker's budget."""
+
+    def __init__(self, message: str, estimate: dict | None = None, budget: int | None = None):
+        super().__init__(message, field="memory")
+        self.estimate, self.budget = estimate, budget

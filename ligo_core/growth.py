@@ -139,6 +139,17 @@ def load_grown_weights(model: PreTrainedModel, state: dict[str, torch.Tensor]) -
     return model
 
 
+@dataclass
+class GrownOperator:
+    """A fitted (or fixed) operator with what it reads, for writing the large model tensor by tensor."""
+
+    operator: GrowthOperator
+    small_state: dict[str, torch.Tensor]  # fp32, by full name
+    layout: Layout
+    offsets: dict[str, torch.Tensor]  # added to the operator's output (ligo_core/separation.py)
+    config: PretrainedConfig  # the large config (norm epsilon rescaled)
+
+
 def fit_warmup(steps: int) -> int:
     """Warm-up steps: 10% of the fit, and never fewer than 2, so that no fit starts with a full-rate
     AdamW step (which moves every operator entry by the learning rate at once)."""
@@ -233,10 +244,11 @@ def _moved(params: dict[str, torch.Tensor], offsets: dict[str, torch.Tensor]) ->
     return {k: v + offsets[k] if k in offsets else v for k, v in params.items()}
 
 
-def bare_model_refusal(model: PreTrainedModel) -> str:
+def bare_model_refusal(model: PreTrainedModel | type) -> str:
+    name = model.__name__ if isinstance(model, type) else type(model).__name__
     return (
         f"strategy 'ligo' fits the operator on the model's own language-model loss, and this checkpoint "
-        f"({type(model).__name__}) is a bare encoder or decoder with no LM head, so there is no such loss to fit "
+        f"({name}) is a bare encoder or decoder with no LM head, so there is no such loss to fit "
         "(an untrained head would make the fit follow a number that says nothing about the model). Use a "
         "fixed strategy: 'preserve' (keeps the function; exact for pre-norm models, and for BERT-style "
         "models at integer width multiples and the same depth), 'stack' or 'interpolate'; or grow the "
@@ -252,6 +264,31 @@ def _scaled_eps(config: PretrainedConfig, family: Family, norm_scale: float) -> 
     config = copy.deepcopy(config)
     setattr(config, family.eps_key, getattr(config, family.eps_key) * norm_scale**2)
     return config
+
+
+def start_operator(
+    small_config: PretrainedConfig,
+    layout: Layout,
+    target_config: PretrainedConfig,
+    *,
+    strategy: str,
+    seed: int = 0,
+    noise: float = DEFAULT_NOISE,
+    spread: float | None = None,
+    ligo_init: str = DEFAULT_LIGO_INIT,
+    planned: bool = False,
+) -> tuple[GrowthOperator, PretrainedConfig]:
+    """The strategy's initial operator and the large config it writes (norm epsilon rescaled), from
+    the configs and the layout alone: no tensor of the small model is needed."""
+    check_growth_options(strategy, ligo_init, noise, spread)
+    spread = default_spread(strategy) if spread is None else spread
+    check_growth(small_config, target_config)
+    torch.manual_seed(seed)
+    operator = build_operator(
+        strategy, layout.family, layout.specs, sizes_of(small_config), sizes_of(target_config), layout.head_tied,
+        seed=seed, noise=noise, ligo_init=ligo_init, spread=spread, planned=planned,
+    )
+    return operator, _scaled_eps(target_config, layout.family, operator.norm_scale)
 
 
 def grow_model(
@@ -273,33 +310,29 @@ def grow_model(
     eval_batch_size: int = 16,
     ligo_init: str = DEFAULT_LIGO_INIT,
     accumulate: int = 1,
-) -> tuple[PreTrainedModel, dict]:
+    stream: bool = False,
+) -> tuple[PreTrainedModel | None, dict]:
     """Grow ``small_model`` to ``target_config`` with a strategy; returns (large model, info).
 
     With ``heldout`` token sequences, ``info`` also holds the held-out loss of a randomly
     initialised large model and of the grown model before and after fitting, and LiGO's fit is
     guarded (ligo_core/fit_guard.py): the model returned is never worse on ``heldout`` than the
     fit's start. ``spread`` None takes the strategy's default (``default_spread``).
+
+    ``stream`` without ``heldout``: no large model is built; the model returned is None and
+    ``info["grown"]`` holds what ``ligo_core.stream`` needs to write it tensor by tensor.
     """
-    check_growth_options(strategy, ligo_init, noise, spread)
-    spread = default_spread(strategy) if spread is None else spread
     if accumulate < 1:
         raise TargetError(f"accumulate must be at least 1, got {accumulate}")
     device = default_device(device)
-    check_growth(small_model.config, target_config)
     state = {k: v.detach() for k, v in small_model.state_dict().items()}
     layout = plan_layout(small_model.config, {k: tuple(v.shape) for k, v in state.items()})
     if strategy == "ligo" and fit_steps > 0 and not layout.has_head:
         raise TargetError(bare_model_refusal(small_model))
     if strategy == "ligo" and fit_steps > 0 and train_batches is None:
         raise TargetError("strategy 'ligo' needs training batches to fit the operator")
-    small_sizes, large_sizes = sizes_of(small_model.config), sizes_of(target_config)
-    torch.manual_seed(seed)
-    operator = build_operator(
-        strategy, layout.family, layout.specs, small_sizes, large_sizes, layout.head_tied, seed=seed, noise=noise,
-        ligo_init=ligo_init, spread=spread,
-    )
-    target_config = _scaled_eps(target_config, layout.family, operator.norm_scale)
+    operator, target_config = start_operator(small_model.config, layout, target_config, strategy=strategy, seed=seed,
+                                             noise=noise, spread=spread, ligo_init=ligo_init)
     small_state = {k: v.to(device=device, dtype=torch.float32) for k, v in state.items()}
     mlm_info = tokenizer_info(tokenizer, small_model.config)
     objective = layout.family.objective
@@ -368,6 +401,10 @@ def grow_model(
                     fit_warmup=fit_warmup(fit_steps))
     if progress:
         progress({"stage": "materialising", "step": 0, "total": 1, "loss": None})
+    if stream and heldout is None:
+        # Nothing left to score: the caller writes the tensors one at a time (ligo_core/stream.py).
+        info["grown"] = GrownOperator(operator, small_state, layout, offsets, target_config)
+        return None, info
     with torch.no_grad():
         large_state = operator.materialise(small_state, layout.names) if info["fit_steps"] else initial
         del initial

@@ -15,7 +15,8 @@ learnable diagonal and a fixed placement, so applying it costs ``(d2 - d1) / d2`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -82,6 +83,53 @@ class Expander(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
 
+def compact(init: ExpanderInit) -> ExpanderInit:
+    """One layer's expander init with C stored as sparse COO (see ``PlannedExpander``)."""
+    return replace(init, c_e=init.c_e[0].to_sparse().coalesce(), c_f=init.c_f[0].to_sparse().coalesce())
+
+
+def dense(init: ExpanderInit) -> ExpanderInit:
+    """A ``compact`` init back in the dense (1, r, d1) layout."""
+    return replace(init, c_e=init.c_e.to_dense()[None], c_f=init.c_f.to_dense()[None])
+
+
+class PlannedExpander(nn.Module):
+    """A fixed expander kept as its row plans only (``RowPlan.from_compact``): what a fixed strategy
+    applies, without the dense C matrices of a learnable one (an 8B target's FFN expanders alone
+    would be 13 GB in fp32). Nothing to learn: ``apply`` (the differentiable path) is refused."""
+
+    def __init__(self, layers: list[ExpanderInit]):
+        super().__init__()
+        order = layers[0].order
+        if any(not torch.equal(i.order, order) for i in layers):
+            raise AssertionError("per-layer expanders must share one placement")
+        self.register_buffer("order", order.clone(), persistent=True)
+        self.register_buffer("inverse", torch.argsort(self.order), persistent=False)
+        self._d1 = layers[0].top_e.shape[-1]
+        self._plans = {
+            "E": RowPlan.from_compact(torch.cat([i.top_e for i in layers]), [i.c_e for i in layers], order,
+                                      self.inverse),
+            "F": RowPlan.from_compact(torch.cat([i.top_f for i in layers]), [i.c_f for i in layers], order,
+                                      self.inverse),
+        }
+        # What the learnable expander would count: both sides' diagonal and C.
+        self.dense_parameters = len(layers) * 2 * (self._d1 + (self.d2 - self._d1) * self._d1)
+
+    @property
+    def d1(self) -> int:
+        return self._d1
+
+    @property
+    def d2(self) -> int:
+        return self.order.shape[0]
+
+    def row_plan(self, side: str) -> RowPlan:
+        return self._plans[side]
+
+    def apply(self, x: torch.Tensor, side: str) -> torch.Tensor:
+        raise TypeError("a planned expander is fixed: build the operator without planned=True to fit it")
+
+
 class _PermuteRows(torch.autograd.Function):
     """``x.index_select(1, order)`` for a permutation; its backward is the inverse gather, not an
     ``index_add_`` (which dominated the fitting step's backward on CPU)."""
@@ -134,22 +182,63 @@ class RowPlan:
         rest = (~gather_ok).nonzero().squeeze(1)
         constant = (c[:, rest] == c[:, rest, :1]).all(-1).all(0)
         few = ((c[:, rest] != 0).sum(-1) <= RowPlan.MAX_SPARSE).all(0) & ~constant
+        c_scale = torch.gather(c, 2, c_src.unsqueeze(-1)).squeeze(-1) * gather_ok
+        return RowPlan._assemble(top, c_src, c_scale, gather_ok, rest, constant, few, lambda rows: c[:, rows],
+                                 order, position)
+
+    @staticmethod
+    def from_compact(top: torch.Tensor, cs: list[torch.Tensor], order: torch.Tensor,
+                     position: torch.Tensor) -> RowPlan:
+        """``build`` from each layer's C as a sparse COO tensor (a fixed operator's C is almost all
+        zeros: one entry per copied unit, a few per pad), without the dense (L, r, d1) stack."""
+        layers, d1 = top.shape
+        r = cs[0].shape[0]
+        total, largest = torch.zeros(layers, r), torch.zeros(layers, r)
+        c_src, c_val = torch.zeros(layers, r, dtype=torch.long), torch.zeros(layers, r)
+        count, first, off = (torch.zeros(layers, r, dtype=torch.long), torch.zeros(layers, r),
+                             torch.zeros(layers, r, dtype=torch.long))
+        for layer, c in enumerate(cs):
+            rows, cols = c.indices()
+            values = c.values()
+            size = values.abs()
+            total[layer].index_add_(0, rows, size)
+            largest[layer].scatter_reduce_(0, rows, size, "amax")
+            count[layer].index_add_(0, rows, torch.ones_like(rows))
+            at_max = (size == largest[layer, rows]).nonzero().squeeze(1).flip(0)  # first column wins
+            c_src[layer, rows[at_max]], c_val[layer, rows[at_max]] = cols[at_max], values[at_max]
+            lead = cols == 0
+            first[layer, rows[lead]] = values[lead]
+            off[layer].index_add_(0, rows, (values != first[layer, rows]).long())
+        gather_ok = (total == largest).all(0)
+        rest = (~gather_ok).nonzero().squeeze(1)
+        constant = ((count[:, rest] == d1) & (off[:, rest] == 0)).all(0)
+        few = (count[:, rest] <= RowPlan.MAX_SPARSE).all(0) & ~constant
+        c_scale = c_val * gather_ok
+
+        def rows_of(idx: torch.Tensor) -> torch.Tensor:  # (L, len(idx), d1), dense: the few rows asked for
+            return torch.stack([c.index_select(0, idx).to_dense() for c in cs])
+
+        return RowPlan._assemble(top, c_src, c_scale, gather_ok, rest, constant, few, rows_of, order, position)
+
+    @staticmethod
+    def _assemble(top, c_src, c_scale, gather_ok, rest, constant, few, rows_of, order, position) -> RowPlan:
+        layers, d1 = top.shape
         mean_ok, sparse, dense = (torch.zeros_like(gather_ok) for _ in range(3))
         mean_ok[rest[constant]], sparse[rest[few]], dense[rest[~constant & ~few]] = True, True, True
-        c_scale = torch.gather(c, 2, c_src.unsqueeze(-1)).squeeze(-1) * gather_ok
-        own = torch.arange(d1, device=c.device).expand(layers, d1)  # the top rows copy their own unit
+        own = torch.arange(d1, device=top.device).expand(layers, d1)  # the top rows copy their own unit
         src = torch.cat([own, c_src], dim=1)[:, order]
         scale = torch.cat([top, c_scale], dim=1)[:, order]
         mean_idx, dense_idx = mean_ok.nonzero().squeeze(1), dense.nonzero().squeeze(1)
         sparse_idx = sparse.nonzero().squeeze(1)
         k = min(RowPlan.MAX_SPARSE, d1) if len(sparse_idx) else 0
-        entries = c[:, sparse_idx].abs().topk(k, dim=-1).indices  # (L, S, K); zeros past a row's nnz
+        sparse_c = rows_of(sparse_idx)
+        entries = sparse_c.abs().topk(k, dim=-1).indices  # (L, S, K); zeros past a row's nnz
         return RowPlan(
             src=src, scale=scale,
-            mean_rows=position[d1 + mean_idx], mean_coef=c[:, mean_idx, 0],
+            mean_rows=position[d1 + mean_idx], mean_coef=rows_of(mean_idx)[:, :, 0],
             sparse_rows=position[d1 + sparse_idx], sparse_idx=entries,
-            sparse_val=torch.gather(c[:, sparse_idx], 2, entries),
-            dense_rows=position[d1 + dense_idx], dense_c=c[:, dense_idx],
+            sparse_val=torch.gather(sparse_c, 2, entries),
+            dense_rows=position[d1 + dense_idx], dense_c=rows_of(dense_idx),
             all_ones=bool((scale == 1).all()) and not len(rest),
             runs=_runs(src, position[d1 + rest], RowPlan.MAX_RUNS),
         )
@@ -209,7 +298,7 @@ class GrowthOperator(nn.Module):
         self,
         family: Family,
         specs: list[TensorSpec],
-        expanders: dict[str, ExpanderInit],
+        expanders: dict[str, ExpanderInit | nn.Module],
         depth: dict[str, torch.Tensor],
         norm_scale: float,
         head_tied: bool,
@@ -221,7 +310,8 @@ class GrowthOperator(nn.Module):
         super().__init__()
         self.family = family
         self.specs = specs
-        self.expanders = nn.ModuleDict({name: Expander(init) for name, init in expanders.items()})
+        self.expanders = nn.ModuleDict({name: init if isinstance(init, nn.Module) else Expander(init)
+                                        for name, init in expanders.items()})
         # Depth coefficients, one (L2, L1) matrix per layer tensor; keys may not contain dots.
         self.depth = nn.ParameterDict({_key(n): nn.Parameter(w.clone().float()) for n, w in depth.items()})
         self.norm_scale = norm_scale
@@ -232,7 +322,8 @@ class GrowthOperator(nn.Module):
         self.spread = spread  # how far copies are moved apart once materialised (ligo_core/separation.py)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        planned = sum(getattr(e, "dense_parameters", 0) for e in self.expanders.values())
+        return sum(p.numel() for p in self.parameters()) + planned
 
     def _side(self, side: str) -> str:
         if side == "H":
@@ -290,19 +381,26 @@ class GrowthOperator(nn.Module):
 
     @torch.no_grad()
     def _materialise_fixed(self, small: dict[str, torch.Tensor], names: dict[str, str]) -> dict[str, torch.Tensor]:
-        large: dict[str, torch.Tensor] = {}
+        return {name: tensor for _, _, name, tensor in self.iter_fixed(small.__getitem__, names)}
+
+    @torch.no_grad()
+    def iter_fixed(
+        self, read: Callable[[str], torch.Tensor], names: dict[str, str]
+    ) -> Iterator[tuple[TensorSpec, int, str, torch.Tensor]]:
+        """The large tensors one at a time, in spec order: (spec, large layer, full name, tensor).
+
+        ``read`` gives a small tensor by its full name (from memory, or lazily from disk); only the
+        small layers a large layer mixes are read for it, so a caller that writes each tensor out
+        before asking for the next holds one output tensor at a time (ligo_core/stream.py)."""
         for spec in self.specs:
             full = names[spec.name]
             if not spec.per_layer:
-                large[full] = self._expand_stored(spec, small[full], layer=0)
+                yield spec, 0, full, self._expand_stored(spec, read(full), layer=0)
                 continue
             weights = self.depth[_key(spec.name)]
             for layer in range(self.large_layers):
-                large[full.format(i=layer)] = self._expand_stored(
-                    spec, _mix_layers(weights[layer], [small[full.format(i=j)] for j in range(weights.shape[1])]),
-                    layer,
-                )
-        return large
+                mixed = _mix_layers(weights[layer], _LayerReader(read, full, weights.shape[1]))
+                yield spec, layer, full.format(i=layer), self._expand_stored(spec, mixed, layer)
 
     def _expand_stored(self, spec: TensorSpec, x: torch.Tensor, layer: int) -> torch.Tensor:
         """Grow one layer's tensor in its stored layout (no canonical transposes, no layer stack)."""
@@ -349,7 +447,17 @@ def _runs(src: torch.Tensor, skip: torch.Tensor, limit: int) -> list[list[tuple[
     return out
 
 
-def _mix_layers(weights: torch.Tensor, layers: list[torch.Tensor]) -> torch.Tensor:
+class _LayerReader:
+    """``layers[j]``: small layer ``j`` of one tensor, read when asked for (not all up front)."""
+
+    def __init__(self, read: Callable[[str], torch.Tensor], full: str, count: int):
+        self.read, self.full, self.count = read, full, count
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        return self.read(self.full.format(i=j))
+
+
+def _mix_layers(weights: torch.Tensor, layers) -> torch.Tensor:
     """sum_j weights[j] * layers[j], without arithmetic when a large layer copies one small layer."""
     nonzero = weights.nonzero().flatten().tolist()
     if len(nonzero) == 1 and float(weights[nonzero[0]]) == 1.0:

@@ -20,6 +20,7 @@ not only in scale (measured on the savings GPT-2: value copies at cosine 0.58 an
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,21 @@ def copy_pairs(operator: GrowthOperator) -> dict[str, CopyPairs]:
     return pairs
 
 
+# Elements of a move's random directions drawn at once: bounds the memory of moving a large
+# tensor's copies (an 8B model's embedding has 2048 copied columns of 128k entries), and keeps
+# the several passes over each piece within the CPU's caches.
+MOVE_CHUNK = 2**24
+
+
+def moved_axis(operator: GrowthOperator, spec, pairs: dict[str, CopyPairs]) -> tuple[int, str] | None:
+    """The stored axis of ``spec``'s tensors whose copied units are moved apart, and its space."""
+    found = [(stored_axis(spec, k, 2), dim[0]) for k, dim in enumerate(spec.dims)
+             if dim is not None and dim[0] in pairs and operator._side(dim[1]) == "E" and len(spec.dims) == 2]
+    if len(found) > 1:  # the draws' order would depend on the loop order; no family has such a tensor
+        raise AssertionError(f"{spec.name}: more than one moved axis")
+    return found[0] if found else None
+
+
 @torch.no_grad()
 def separation_offsets(
     state: dict[str, torch.Tensor],
@@ -70,38 +86,75 @@ def separation_offsets(
 ) -> dict[str, torch.Tensor]:
     """What the paired moves add to each moved matrix of the grown model (``state``: large names,
     from the operator before fitting). LiGO's fit trains the operator with them added, so it fits
-    the model that is handed over; the fixed strategies just add them."""
+    the model that is handed over; the fixed strategies just add them (``move_apart``, one tensor
+    at a time, draws the same numbers in the same order)."""
     pairs = copy_pairs(operator) if spread > 0 else {}
     offsets: dict[str, torch.Tensor] = {}
     for spec in operator.specs:
-        for k, dim in enumerate(spec.dims):
-            if dim is None or dim[0] not in pairs or operator._side(dim[1]) != "E" or len(spec.dims) != 2:
-                continue
-            axis = stored_axis(spec, k, 2)
-            full = names[spec.name]
-            tensors = [full.format(i=layer) for layer in range(operator.large_layers)] if spec.per_layer else [full]
-            for layer, name in enumerate(tensors):
-                offset = offsets.setdefault(name, torch.zeros_like(state[name]))
-                _move_pairs(state[name], offset, axis, pairs[dim[0]], layer, spread, generator)
+        moved = moved_axis(operator, spec, pairs)
+        if moved is None:
+            continue
+        axis, space = moved
+        full = names[spec.name]
+        tensors = [full.format(i=layer) for layer in range(operator.large_layers)] if spec.per_layer else [full]
+        for layer, name in enumerate(tensors):
+            offset = offsets.setdefault(name, torch.zeros_like(state[name]))
+            for rows, step, sign in _pair_moves(state[name], axis, pairs[space], layer, spread, generator):
+                offset.index_add_(axis, rows, step.movedim(0, axis).to(offset), alpha=sign)
     return offsets
 
 
-def _move_pairs(weight: torch.Tensor, offset: torch.Tensor, axis: int, pairs: CopyPairs, layer: int,
-                spread: float, generator: torch.Generator) -> None:
-    """Add to ``offset`` the moves of ``weight``'s copied units along ``axis``."""
+@torch.no_grad()
+def move_apart(weight: torch.Tensor, spec, layer: int, operator: GrowthOperator, pairs: dict[str, CopyPairs],
+               spread: float, generator: torch.Generator) -> torch.Tensor:
+    """``weight`` (one grown tensor, from the operator before fitting) with its copies moved apart, in
+    place: equal to ``weight + separation_offsets(...)[name]`` when called for every tensor in spec
+    order with the same generator, without an offset tensor as large as the weight."""
+    moved = moved_axis(operator, spec, pairs) if spread > 0 else None
+    if moved is not None:
+        axis, space = moved
+        for rows, step, sign in _pair_moves(weight, axis, pairs[space], layer, spread, generator):
+            # along ``axis`` itself: an index_add_ into a moved-axis view is ~4x slower
+            weight.index_add_(axis, rows, step.movedim(0, axis).to(weight), alpha=sign)
+    return weight
+
+
+def _pair_moves(weight: torch.Tensor, axis: int, pairs: CopyPairs, layer: int, spread: float,
+                generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """The moves of ``weight``'s copied units along ``axis``, as (rows, step, sign) to add, a chunk of
+    whole copy groups at a time. A first copy's moves are summed before they are yielded, so adding
+    them to the weight gives the same bits as adding a zero-started offset that gathered them.
+    Each chunk's rows are read before any chunk is added, as the chunks touch disjoint rows."""
     row = layer if pairs.share_a.shape[0] > 1 else 0
     s_a, s_b = pairs.share_a[row], pairs.share_b[row]
     total = s_a + s_b
     usable = total != 0
-    a, b = pairs.a[usable].to(weight.device), pairs.b[usable].to(weight.device)
+    a, b = pairs.a[usable], pairs.b[usable]
     s_a, s_b, total = s_a[usable], s_b[usable], total[usable]
     units = weight.movedim(axis, 0)
-    own = units[a].reshape(len(a), -1).float().cpu()
-    direction = torch.randn(own.shape, generator=generator)
-    direction *= own.norm(dim=1, keepdim=True) / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    shape = (-1,) + tuple(units.shape[1:])
-    step_a = ((spread * s_b / total)[:, None] * direction).reshape(shape)
-    step_b = ((spread * s_a / total)[:, None] * direction).reshape(shape)
-    moves = offset.movedim(axis, 0)  # a view: writes land in ``offset``
-    moves.index_add_(0, a, step_a.to(moves))
-    moves.index_add_(0, b, -step_b.to(moves))
+    width = units[0].numel() if len(units) else 1
+    # Random draws split into pieces give the same numbers as one draw when every piece holds a
+    # multiple of 16 elements (torch's CPU normal fills 16 at a time); else one piece.
+    step_rows = max(1, MOVE_CHUNK // width) if width % 16 == 0 else len(a)
+    start = 0
+    while start < len(a):
+        end = min(start + step_rows, len(a))
+        while end < len(a) and a[end] == a[end - 1]:  # a copy group stays in one chunk
+            end += 1
+        ca, cb = a[start:end], b[start:end]
+        own = units[ca.to(weight.device)].reshape(len(ca), -1).float().cpu()
+        direction = torch.randn(own.shape, generator=generator)
+        direction *= own.norm(dim=1, keepdim=True) / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        del own
+        shape = (-1,) + tuple(units.shape[1:])
+        step_a = ((spread * s_b[start:end] / total[start:end])[:, None] * direction).reshape(shape)
+        step_b = ((spread * s_a[start:end] / total[start:end])[:, None] * direction).reshape(shape)
+        first, slot = torch.unique_consecutive(ca, return_inverse=True)
+        if len(first) == len(ca):  # one pair per first copy (two copies a unit): nothing to gather
+            yield ca.to(weight.device), step_a, 1
+        else:
+            gathered = torch.zeros((len(first),) + tuple(units.shape[1:]), dtype=step_a.dtype)
+            gathered.index_add_(0, slot, step_a)
+            yield first.to(weight.device), gathered, 1
+        yield cb.to(weight.device), step_b, -1  # adding -1 x step: the same bits as adding -step
+        start = end

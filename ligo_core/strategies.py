@@ -24,7 +24,7 @@ import torch
 
 from ligo_core.catalog import DEFAULT_LIGO_INIT, DEFAULT_NOISE, check_growth_options, default_spread
 from ligo_core.families import Family, TensorSpec
-from ligo_core.operator import ExpanderInit, GrowthOperator
+from ligo_core.operator import ExpanderInit, GrowthOperator, PlannedExpander, compact, dense
 
 COPY, MEAN, ZERO = "copy", "mean", "zero"
 
@@ -48,10 +48,11 @@ class Source:
 
 
 def _expander_from_sources(sources: list[Source], d1: int, generator: torch.Generator, noise: float,
-                           even_shares: bool = False) -> ExpanderInit:
+                           even_shares: bool = False, sparse: bool = False) -> ExpanderInit:
     """Build ``P [diag(top); C]`` for E, and the matching input side F with ``F^T E = I``.
 
     ``even_shares``: copies split the input side evenly (``noise`` then only reaches the pads).
+    ``sparse``: C comes back as a coalesced sparse (r, d1) tensor (``operator.compact``'s layout).
 
     The walk over units is plain Python collecting indices; the tensors are filled in bulk
     (element-wise tensor writes made this the slowest part of growing a 355M model).
@@ -64,7 +65,6 @@ def _expander_from_sources(sources: list[Source], d1: int, generator: torch.Gene
             counts[s.unit] += 1
     shares = _random_shares(counts, generator, 0.0 if even_shares else noise)
     top_e, top_f = torch.ones(d1), torch.ones(d1)
-    c_e, c_f = torch.zeros(d2 - d1, d1), torch.zeros(d2 - d1, d1)
     order = [0] * d2
     top_units, top_scales, top_shares = [], [], []
     new_rows, new_units, new_scales, new_shares, mean_rows, pad_rows = [], [], [], [], [], []
@@ -90,10 +90,30 @@ def _expander_from_sources(sources: list[Source], d1: int, generator: torch.Gene
             if s.kind == MEAN:
                 mean_rows.append(row)
     top_e[top_units], top_f[top_units] = torch.tensor(top_scales), torch.tensor(top_shares)
+    pads = _paired_noise(len(pad_rows), d1, generator, PAD_NOISE * noise)
+    if sparse:  # the same entries as the dense C below, without its (d2 - d1) x d1 zeros
+        c_e = _sparse_rows(d2 - d1, d1, new_rows, new_units, new_scales, mean_rows,
+                           torch.full((len(mean_rows), d1), 1.0 / d1))
+        c_f = _sparse_rows(d2 - d1, d1, new_rows, new_units, new_shares, pad_rows, pads)
+        return ExpanderInit(order=torch.tensor(order), top_e=top_e[None], c_e=c_e, top_f=top_f[None], c_f=c_f)
+    c_e, c_f = torch.zeros(d2 - d1, d1), torch.zeros(d2 - d1, d1)
     c_e[new_rows, new_units], c_f[new_rows, new_units] = torch.tensor(new_scales), torch.tensor(new_shares)
     c_e[mean_rows] = 1.0 / d1
-    c_f[pad_rows] = _paired_noise(len(pad_rows), d1, generator, PAD_NOISE * noise)
+    c_f[pad_rows] = pads
     return ExpanderInit(order=torch.tensor(order), top_e=top_e[None], c_e=c_e[None], top_f=top_f[None], c_f=c_f[None])
+
+
+def _sparse_rows(r: int, d1: int, rows: list[int], units: list[int], values: list[float], full_rows: list[int],
+                 full: torch.Tensor) -> torch.Tensor:
+    """A coalesced sparse (r, d1) C: one entry per (row, unit, value), and whole rows ``full``
+    (their non-zero entries) at ``full_rows``; as ``operator.compact`` would store the dense C."""
+    values_t = torch.tensor(values, dtype=torch.float32)
+    keep = values_t != 0
+    at = full.nonzero()
+    index = torch.cat([torch.stack([torch.tensor(rows, dtype=torch.long)[keep], torch.tensor(units, dtype=torch.long)[keep]]),
+                       torch.stack([torch.tensor(full_rows, dtype=torch.long)[at[:, 0]], at[:, 1]])], dim=1)
+    data = torch.cat([values_t[keep], full[at[:, 0], at[:, 1]]])
+    return torch.sparse_coo_tensor(index, data, (r, d1), check_invariants=True).coalesce()
 
 
 def _ensure_coverage(sources: list[Source], d1: int) -> list[Source]:
@@ -297,8 +317,12 @@ def build_operator(
     noise: float = DEFAULT_NOISE,
     ligo_init: str = DEFAULT_LIGO_INIT,
     spread: float | None = None,
+    planned: bool = False,
 ) -> GrowthOperator:
-    """The initial operator for a strategy; ``small``/``large`` are ``sizes_of`` dicts."""
+    """The initial operator for a strategy; ``small``/``large`` are ``sizes_of`` dicts.
+
+    ``planned``: a fixed operator kept as row plans (``PlannedExpander``), whose memory grows with
+    the number of units rather than with their square; it cannot be fitted."""
     check_growth_options(strategy, ligo_init, noise, spread)
     width, depth_mode, zero_new = LIGO_INIT_MODES[ligo_init] if strategy == "ligo" else STRATEGY_MODES[strategy]
     spread = default_spread(strategy) if spread is None else spread
@@ -328,11 +352,15 @@ def build_operator(
         "v": small["kv_heads"] * dh, "ffn": small["ffn"],
     }
     silent = silent_layers(small["layers"], l2, depth_mode) if zero_new else set()
+    # ``planned``: each layer's C is made sparse as soon as it is drawn (the same draws, in the same order).
+    keep = compact if planned else (lambda init: init)
     for space, layers in per_layer.items():
-        inits = [_expander_from_sources(s, small_dims[space], g, noise) for s in layers]
+        inits = [_expander_from_sources(s, small_dims[space], g, noise, sparse=planned) for s in layers]
         for layer in sorted(silent):  # a fixed order of random draws, not a set's
-            inits[layer] = _jitter_copies(inits[layer], g, noise)
-        expanders[space] = _stack_layers(inits)
+            inits[layer] = keep(_jitter_copies(dense(inits[layer]) if planned else inits[layer], g, noise))
+        expanders[space] = PlannedExpander(inits) if planned else _stack_layers(inits)
+    if planned:
+        expanders["res"] = PlannedExpander([compact(res)])
 
     if width == "net2net":
         norm_scale = 1.0

@@ -79,6 +79,7 @@ class LazyWeights:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, torch.dtype] = {}
         self._where: dict[str, object] = {}  # name -> open safetensors handle, or the mmap'd tensor
+        self._extent: dict[str, tuple[Path, int, int]] = {}  # safetensors: name -> (file, first byte, end)
         self._stack = contextlib.ExitStack()
         try:
             for f in files:
@@ -102,6 +103,7 @@ class LazyWeights:
                     if dtype is None:
                         raise CheckpointError(f"tensor {name!r} has unsupported dtype {piece.get_dtype()}")
                     self._add(path, name, piece.get_shape(), dtype, handle)
+                self._extent.update(_data_extents(path, handle.keys()))
             except (SafetensorError, OSError, ValueError) as exc:
                 raise CheckpointError(f"{path.name}: corrupt or truncated safetensors file ({_first_line(exc)})") from None
             return
@@ -110,14 +112,35 @@ class LazyWeights:
             self._add(path, name, tensor.shape, tensor.dtype, tensor)
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, in its stored dtype, owning its memory."""
+        """One tensor, in its stored dtype, owning its memory.
+
+        safetensors tensors are read with plain file reads at the header's offsets, not through
+        the memory map: pages touched through a map stay in the process's resident set until the
+        file is closed, so growing a checkpoint would hold the whole source by the end."""
         where = self._where[name]
         if isinstance(where, torch.Tensor):
             return where.clone()
+        if name in self._extent:
+            return self._read(name)
         try:
             return where.get_tensor(name)
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"tensor {name!r}: cannot be read ({_first_line(exc)})") from None
+
+    def _read(self, name: str) -> torch.Tensor:
+        path, start, end = self._extent[name]
+        shape, dtype = self.shapes[name], self.dtypes[name]
+        if start == end:
+            return torch.empty(shape, dtype=dtype)
+        buffer = bytearray(end - start)
+        try:
+            with open(path, "rb") as f:
+                f.seek(start)
+                if f.readinto(buffer) != len(buffer):
+                    raise OSError("file ends early")
+        except OSError as exc:
+            raise CheckpointError(f"tensor {name!r}: cannot be read ({_first_line(exc)})") from None
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
     def chunks(self, name: str, max_elements: int = SCAN_CHUNK) -> Iterator[torch.Tensor]:
         """A tensor in slices along its first dimension, each at most about ``max_elements``."""
@@ -150,6 +173,15 @@ class LazyWeights:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _data_extents(path: Path, names) -> dict[str, tuple[Path, int, int]]:
+    """Where each tensor's bytes lie in a safetensors file (``safe_open`` has checked the header)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    base = 8 + size
+    return {n: (path, base + header[n]["data_offsets"][0], base + header[n]["data_offsets"][1]) for n in names}
 
 
 def _numel(shape) -> int:

@@ -333,6 +333,32 @@ def test_the_worker_grows_to_the_target_resolved_at_submission(svc, alice, ckpt)
     assert alice.job(job["id"])["target_config"] == job["target_config"]
 
 
+def test_a_job_above_the_workers_memory_is_refused_with_the_numbers(svc, alice, ckpt, monkeypatch):
+    monkeypatch.setattr(svc["services"].settings, "worker_memory_gb", 0.01)
+    before = counts(svc)
+    body = assert_problem(alice.submit(ckpt["id"], strategy="stack", fit={"steps": 0, "eval_tokens": 0}), 422,
+                          field="target", match=r"needs about [\d.]+ GiB of memory, above the worker's budget of 0\.0 GiB")
+    assert body["type"].endswith("memory-plan") and body["budget_gib"] == 0.01
+    assert body["needed_gib"] > 0.5 and body["biggest_term"] in body["terms_gib"]
+    assert counts(svc) == before  # no job row
+    monkeypatch.setattr(svc["services"].settings, "worker_memory_gb", 64.0)
+    assert alice.submit(ckpt["id"], strategy="stack", fit={"steps": 0, "eval_tokens": 0}).status_code == 202
+
+
+def test_eval_tokens_and_dtype_reach_the_engine(svc, alice, ckpt):
+    from worker.runner import JobRunner
+
+    services = svc["services"]
+    job = alice.submit(ckpt["id"], strategy="preserve", fit={"steps": 0, "seq_len": 16, "eval_tokens": 64},
+                       growth={"dtype": "bfloat16"}).json()
+    assert JobRunner(services.settings, services.db, services.storage).run(job["id"]) == "succeeded"
+    report = alice.get(f"/v1/jobs/{job['id']}/result").json()["report"]
+    assert report["eval_tokens"] == 64 and report["heldout_loss"]["sequences"] == 4
+    assert json.loads(services.storage.get_bytes(f"jobs/{job['id']}/output/config.json"))["dtype"] == "bfloat16"
+    assert_problem(alice.submit(ckpt["id"], fit={"steps": 0, "eval_tokens": -1}), 422, field="fit.eval_tokens")
+    assert_problem(alice.submit(ckpt["id"], growth={"dtype": "int8"}), 422, field="growth.dtype")
+
+
 def test_cancelling_a_queued_job_is_immediate(alice, ckpt):
     job = alice.submit(ckpt["id"]).json()
     r = alice.delete(f"/v1/jobs/{job['id']}")

@@ -190,6 +190,7 @@ class JobRunner:
                     directory, ligo_bridge.config_from_dict(job.target_config), out, strategy=job.strategy, fit_steps=job.fit["steps"], data=data,
                     seed=job.seed, device=s.worker_device, lr=job.fit.get("lr"), batch_size=job.fit.get("batch_size"),
                     seq_len=job.fit.get("seq_len"), progress=progress, should_cancel=should_cancel,
+                    eval_tokens=job.fit.get("eval_tokens"), memory_gb=s.worker_memory_gb,  # the plan checked again
                     **(job.growth or {}),  # GrowthOptions set on the job; the rest are the engine defaults
                 )
             files = self._upload(out, prefix + "output/", progress, should_cancel)

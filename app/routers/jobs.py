@@ -96,7 +96,24 @@ def _validate(svc: Services, tenant: str, body: JobCreate) -> tuple[Checkpoint, 
             raise field_problem("fit.data_uri", f"cannot read {body.fit.data_uri}: {exc}") from None
     with fields_of_ligo_errors("plan", ESTIMATE_PARAMETERS_IN_JOB):
         job_estimate(ckpt.config, target, body.fit.model_dump(), body.plan.model_dump(), body.strategy)
+    if svc.settings.worker_memory_gb is not None:
+        _check_memory(ckpt, target, body, svc.settings.worker_memory_gb)
     return ckpt, target.to_dict()
+
+
+def _check_memory(ckpt: Checkpoint, target, body: JobCreate, budget_gb: float) -> None:
+    """Refuse at once a job whose memory plan (from the configs alone) is above the workers' budget."""
+    batch, seq = _engine_defaults()
+    source = ligo_bridge.config_from_dict(ckpt.config)
+    refused = ligo_bridge.memory_refusal(
+        ckpt.config, target, strategy=body.strategy, fit_steps=body.fit.steps, batch_size=body.fit.batch_size or batch,
+        seq_len=min(body.fit.seq_len or seq, ligo_bridge.max_positions(source)),
+        scored=ckpt.has_tokenizer and body.fit.eval_tokens != 0, dtype=body.growth.dtype, budget_gb=budget_gb,
+    )
+    if refused is not None:
+        detail = refused.pop("detail")
+        raise Problem(422, "memory-plan", detail, title="The job does not fit the workers' memory",
+                      errors=[{"field": "target", "message": detail}], extra=refused)
 
 
 def _request_hash(body: JobCreate) -> str:

@@ -1,0 +1,171 @@
+"""A job's peak memory from its configs alone, checked against the worker's budget before any work.
+
+No torch here: the API answers 422 at submission from the same numbers the worker checks again.
+The estimate is a sum of a few named terms (bytes), each a plain formula of the sizes in the
+configs; the biggest one is named in the refusal. docs/GROWTH.md ("Memory plan") has the table.
+
+- ``runtime``: the Python process with torch and transformers imported (measured ~0.6 GiB).
+- Streamed apply (fixed strategies, and writing a fitted operator's model without scoring it):
+  ``source tensor`` (the largest small tensor in fp32) + ``output tensor`` (the largest large
+  tensor in fp32, and its cast to the output dtype). Nothing else grows with the model: shards are
+  written in place, not gathered (ligo_core/stream.py).
+- LiGO fit: ``small model`` (fp32) + ``operator`` (fp32 values, gradients and two AdamW moments:
+  16 bytes a parameter) + ``large layer`` (one large layer's weights, gradients and a recomputed
+  copy, fp32) + ``activations`` (a layer's inputs kept for every large layer, one layer's work,
+  the logits and their gradient, for batch x seq tokens).
+- Scoring (held-out loss, function gap; only when eval tokens > 0 and the checkpoint has a
+  tokenizer and an LM head): the ``grown model`` and the ``small model`` in fp32, held at once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+GiB = 2**30
+RUNTIME_BYTES = int(0.6 * GiB)
+BUDGET_ENV = "LIGO_WORKER_MEMORY_GB"
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+# Per-layer tensors of a family's operator that carry a depth-mixing row (upper bound: Llama has 9,
+# BERT 16 with biases).
+DEPTH_TENSORS_PER_LAYER = 16
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes of one model that memory depends on."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    positions: int  # learned position embeddings' rows (0 under rotary positions)
+    tied: bool
+    gated: bool  # SwiGLU FFN: gate and up projections
+
+    @property
+    def q(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def layer_parameters(self) -> int:
+        attention = self.hidden * (self.q + 2 * self.kv) + self.q * self.hidden
+        return attention + (3 if self.gated else 2) * self.hidden * self.ffn + 4 * self.hidden
+
+    def parameters(self) -> int:
+        embeddings = (self.vocab + self.positions) * self.hidden
+        head = 0 if self.tied else self.vocab * self.hidden
+        return embeddings + head + self.layers * self.layer_parameters()
+
+    def largest_tensor(self) -> int:
+        """Elements of the largest single tensor (GPT-2 fuses q, k and v into one)."""
+        return max(self.vocab * self.hidden, self.hidden * self.ffn, self.hidden * (self.q + 2 * self.kv))
+
+
+def shape_of(config: dict) -> Shape:
+    """A Shape from a config.json dict (or a transformers config's ``to_dict()``)."""
+    get = config.get
+    model_type = get("model_type")
+    if model_type == "gpt2":
+        hidden, heads = get("n_embd"), get("n_head")
+        return Shape(get("n_layer"), hidden, heads, heads, hidden // heads, get("n_inner") or 4 * hidden,
+                     get("vocab_size"), get("n_positions") or 0, bool(get("tie_word_embeddings", True)), False)
+    hidden, heads = get("hidden_size"), get("num_attention_heads")
+    rotary = model_type in ("llama", "mistral", "qwen2")
+    positions = 0 if rotary else (get("max_position_embeddings") or 0) + (get("type_vocab_size") or 0)
+    return Shape(get("num_hidden_layers"), hidden, heads, get("num_key_value_heads") or heads,
+                 get("head_dim") or hidden // heads, get("intermediate_size"), get("vocab_size"), positions,
+                 bool(get("tie_word_embeddings", not rotary)), rotary)
+
+
+def dtype_bytes(config: dict, dtype: str | None = None) -> int:
+    """Bytes per output element: ``dtype`` when named, else the config's, else fp32."""
+    name = dtype if dtype not in (None, "auto") else (config.get("dtype") or config.get("torch_dtype") or "float32")
+    return DTYPE_BYTES.get(str(name).replace("torch.", ""), 4)
+
+
+def operator_parameters(small: Shape, large: Shape) -> int:
+    """LiGO's learnable entries: ``[diag; C]`` expanders on both sides (the residual stream once,
+    the head, KV and FFN spaces per large layer) and the depth-mixing rows."""
+    def expander(d1: int, d2: int) -> int:
+        return 2 * (d1 + (d2 - d1) * d1)
+
+    per_layer = expander(small.q, large.q) + 2 * expander(small.kv, large.kv) + expander(small.ffn, large.ffn)
+    depth = DEPTH_TENSORS_PER_LAYER * large.layers * small.layers
+    return expander(small.hidden, large.hidden) + large.layers * per_layer + depth
+
+
+def plan(source: dict, target: dict, *, strategy: str, fit_steps: int = 0, batch_size: int = 8,
+         seq_len: int = 512, scored: bool = False, dtype: str | None = None) -> dict:
+    """Peak bytes by term for a job, the total and the biggest term.
+
+    ``scored``: held-out scoring will run (eval tokens > 0, and the checkpoint has a tokenizer and
+    an LM head), which holds the grown and the small model in memory."""
+    small, large = shape_of(source), shape_of(target)
+    out_bytes = dtype_bytes(source, dtype)
+    terms = {"runtime": RUNTIME_BYTES}
+    fitting = strategy == "ligo" and fit_steps > 0
+    if scored or fitting:
+        terms["small model"] = 4 * small.parameters()
+    if fitting:
+        tokens = batch_size * seq_len
+        terms["operator"] = 16 * operator_parameters(small, large)
+        terms["large layer"] = 3 * 4 * (large.layer_parameters() + large.vocab * large.hidden)
+        terms["activations"] = 4 * tokens * (large.layers * large.hidden + 20 * large.hidden + 4 * large.ffn
+                                             + 3 * large.vocab) + 2 * 4 * batch_size * large.heads * seq_len ** 2
+    if scored:
+        terms["grown model"] = 4 * large.parameters()
+    else:
+        terms["source tensor"] = 4 * small.largest_tensor()
+        terms["output tensor"] = (4 + out_bytes) * large.largest_tensor()
+    total = sum(terms.values())
+    biggest = max((k for k in terms if k != "runtime"), key=terms.get)
+    return {"bytes": total, "gib": round(total / GiB, 2), "terms": terms, "biggest": biggest}
+
+
+def budget_bytes(memory_gb: float | None = None, device: str | None = None) -> tuple[int, str]:
+    """The worker's memory budget and where it came from: ``memory_gb`` when given, else
+    LIGO_WORKER_MEMORY_GB, else the CUDA device's memory (a CUDA ``device``), else the machine's
+    available memory."""
+    if memory_gb is not None:
+        return int(memory_gb * GiB), "given"
+    env = os.environ.get(BUDGET_ENV)
+    if env:
+        try:
+            return int(float(env) * GiB), BUDGET_ENV
+        except ValueError:
+            raise ValueError(f"{BUDGET_ENV}={env!r} is not a number of GiB") from None
+    if device and device.startswith("cuda"):
+        import torch  # the worker's side only: it has torch, and a CUDA device to ask
+
+        index = int(device.split(":")[1]) if ":" in device else 0
+        return int(torch.cuda.get_device_properties(index).total_memory), f"{device} memory"
+    return _available_ram(), "available RAM"
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def refusal(estimate: dict, budget: int, source: str) -> str | None:
+    """Why the job cannot run within ``budget`` bytes, or None when it fits."""
+    if estimate["bytes"] <= budget:
+        return None
+    biggest = estimate["biggest"]
+    return (f"the job needs about {estimate['bytes'] / GiB:.1f} GiB of memory, above the worker's budget of "
+            f"{budget / GiB:.1f} GiB ({source}); the biggest term is the {biggest} "
+            f"({estimate['terms'][biggest] / GiB:.1f} GiB). Grow to a smaller target, use a fixed strategy "
+            f"without scoring (eval tokens 0), or a smaller fitting batch")
