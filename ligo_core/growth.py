@@ -5,16 +5,19 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from ligo_core.errors import CheckpointError, GrowthCancelled, TargetError
 from ligo_core.families import Family, TensorSpec
 from ligo_core.fit_guard import TOLERANCE, FitGuard, check_every, guard_slice
-from ligo_core.objective import heldout_loss, lm_loss, tokenizer_info
+from ligo_core.layerwise import LayerwiseModel
+from ligo_core.objective import heldout_loss, loss_terms, tokenizer_info
 from ligo_core.operator import GrowthOperator
 from ligo_core.separation import separation_offsets
 from ligo_core.strategies import (
@@ -170,16 +173,26 @@ def fit_operator(
     accumulate: int = 1,
     offsets: dict[str, torch.Tensor] | None = None,
     guard: FitGuard | None = None,
+    layerwise: bool = True,
 ) -> list[tuple[int, float]]:
     """Train only the operator on the large model's loss; the small weights stay frozen.
+
+    ``layerwise`` (the default) runs the large model block by block, each block's weights made from
+    the small model and the operator just in time and made again in the backward pass
+    (ligo_core/layerwise.py): no more than one large block is alive. ``layerwise=False`` is the
+    first implementation, kept as the reference the tests and bench/scale_fit.py compare with: the
+    whole large model is materialised and run with ``functional_call``.
+
+    Under torch.distributed (ligo_core/parallel.py) every rank draws the same global batch, scores
+    its own slice of it, and the operator's gradients are summed over the ranks: the same step as
+    one process on the whole batch.
 
     ``offsets`` (fixed tensors, by large name) are added to the operator's output, so the loss is
     that of the model that will be written (copies moved apart, see ligo_core/separation.py).
 
-    With ``accumulate`` > 1 each step draws that many batches: the operator is applied once, the
-    batches' gradients gather on the large weights, and one backward pass carries them through
-    the operator. The operator's cost per step stays fixed while the tokens per step grow, at the
-    memory of one batch.
+    With ``accumulate`` > 1 each step draws that many batches and their gradients add up. On the
+    reference path the operator is applied once per step and one backward pass carries the
+    gathered gradients of the large weights through it.
 
     ``guard`` (ligo_core/fit_guard.py) scores held-out loss as the fit goes, stops it when it
     diverges and leaves the operator at the best state it saw (the start, if nothing beat it).
@@ -191,40 +204,61 @@ def fit_operator(
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98)
     )
-    mask_gen = torch.Generator().manual_seed(seed + 1)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
+    rank, world = data_parallel_rank()
+    mask_gen = torch.Generator().manual_seed(seed + 1 + 7919 * rank)  # MLM masks: each rank its own
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    runner = LayerwiseModel(skeleton, operator, small_state, layout.names, offsets) if layerwise else None
     history = []
     skeleton.train()
 
-    def batch_loss(params: dict[str, torch.Tensor]) -> torch.Tensor:
-        batch = next(batches).to(device)
-        with autocast:
-            return lm_loss(skeleton, batch, layout.family.objective, info, mask_gen, params, layout.embedding_name)
+    def batch_loss(params: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, float]:
+        """(loss to differentiate, its value): this rank's token losses over the global batch's tokens."""
+        batch = rank_slice(next(batches), rank, world).to(device)
+        with autocast, (runner.active() if runner is not None else nullcontext()):
+            total, count = loss_terms(skeleton, batch, layout.family.objective, info, mask_gen, params,
+                                      layout.embedding_name)
+        shown = total.detach().double()
+        if world > 1:
+            sums = torch.stack([shown, torch.tensor(float(count), dtype=torch.float64, device=shown.device)])
+            dist.all_reduce(sums)
+            shown, count = sums[0], int(sums[1])
+        count = max(count, 1)
+        return total / count, float(shown) / count
 
     for step in range(steps):
         if should_cancel is not None and should_cancel():
             raise GrowthCancelled()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup=fit_warmup(steps))  # warm-up sized for the fit
-        with autocast:
-            large = operator.materialise(small_state, layout.names)
-            for name, offset in (offsets or {}).items():
-                large[name] = large[name] + offset
         optimizer.zero_grad(set_to_none=True)
-        if accumulate == 1:
-            loss = batch_loss(large)
-            loss.backward()
-            value = loss.item()
-        else:
-            leaves = {k: v.detach().requires_grad_() for k, v in large.items()}
-            value = 0.0
+        value = 0.0
+        if runner is not None:
             for _ in range(accumulate):
-                loss = batch_loss(leaves) / accumulate
+                loss, shown = batch_loss(None)
+                (loss / accumulate).backward()
+                value += shown / accumulate
+        else:
+            with autocast:
+                large = operator.materialise(small_state, layout.names)
+                for name, offset in (offsets or {}).items():
+                    large[name] = large[name] + offset
+            if accumulate == 1:
+                loss, value = batch_loss(large)
                 loss.backward()
-                value += loss.item()
-            used = [k for k, leaf in leaves.items() if leaf.grad is not None]
-            torch.autograd.backward([large[k] for k in used], [leaves[k].grad for k in used])
-            del leaves
+            else:
+                leaves = {k: v.detach().requires_grad_() for k, v in large.items()}
+                for _ in range(accumulate):
+                    loss, shown = batch_loss(leaves)
+                    (loss / accumulate).backward()
+                    value += shown / accumulate
+                used = [k for k, leaf in leaves.items() if leaf.grad is not None]
+                torch.autograd.backward([large[k] for k in used], [leaves[k].grad for k in used])
+                del leaves
+            del large
+        if world > 1:
+            for p in operator.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
         torch.nn.utils.clip_grad_norm_(operator.parameters(), 1.0)
         optimizer.step()
         history.append((step + 1, value))
@@ -235,6 +269,23 @@ def fit_operator(
     if guard is not None:
         guard.restore_best(operator)
     return history
+
+
+def data_parallel_rank() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_slice(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's rows of the global batch (contiguous, sizes differing by at most one)."""
+    if world == 1:
+        return batch
+    if batch.shape[0] < world:
+        raise TargetError(f"a fitting batch of {batch.shape[0]} sequences cannot be split over {world} processes; "
+                          f"use a batch size of at least {world}")
+    return batch.tensor_split(world)[rank]
 
 
 def _moved(params: dict[str, torch.Tensor], offsets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -251,14 +302,6 @@ def bare_model_refusal(model: PreTrainedModel) -> str:
         "models at integer width multiples and the same depth), 'stack' or 'interpolate'; or grow the "
         "checkpoint saved with its head (e.g. BertForMaskedLM, not BertModel)"
     )
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _scaled_eps(config: PretrainedConfig, family: Family, norm_scale: float) -> PretrainedConfig:

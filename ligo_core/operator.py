@@ -56,9 +56,12 @@ class Expander(nn.Module):
     def d2(self) -> int:
         return self.order.shape[0]
 
-    def apply(self, x: torch.Tensor, side: str) -> torch.Tensor:
-        """Expand ``x`` of shape (L, d1, m) along dim 1 to (L, d2, m); differentiable."""
+    def apply(self, x: torch.Tensor, side: str, layer: int | None = None) -> torch.Tensor:
+        """Expand ``x`` of shape (L, d1, m) along dim 1 to (L, d2, m); differentiable. With ``layer``,
+        ``x`` is that one large layer (L = 1) and a per-layer expander uses its row ``layer``."""
         top, c = (self.top_e, self.c_e) if side == "E" else (self.top_f, self.c_f)
+        if layer is not None and top.shape[0] > 1:
+            top, c = top[layer : layer + 1], c[layer : layer + 1]
         top, c = top.to(x.dtype), c.to(x.dtype)
         if top.shape[0] != x.shape[0]:  # a global expander applied to every layer
             top = top.expand(x.shape[0], -1)
@@ -239,7 +242,8 @@ class GrowthOperator(nn.Module):
             return "F" if self.head_tied else "E"
         return side
 
-    def _expand_dim(self, x: torch.Tensor, dim: tuple[str, str] | None, spec: TensorSpec) -> torch.Tensor:
+    def _expand_dim(self, x: torch.Tensor, dim: tuple[str, str] | None, spec: TensorSpec,
+                    layer: int | None = None) -> torch.Tensor:
         """Expand dim 1 of (L, d1, m)."""
         if dim is None:
             return x
@@ -248,20 +252,22 @@ class GrowthOperator(nn.Module):
         if "+" in space:  # fused projections (GPT-2's c_attn): expand each part with its own space
             sizes = [self.small_dims[s] for s in spec.fused]
             parts = torch.split(x, sizes, dim=1)
-            return torch.cat([self.expanders[s].apply(p, side) for s, p in zip(spec.fused, parts)], dim=1)
-        return self.expanders[space].apply(x, side)
+            return torch.cat([self.expanders[s].apply(p, side, layer) for s, p in zip(spec.fused, parts)], dim=1)
+        return self.expanders[space].apply(x, side, layer)
 
-    def expand_tensor(self, spec: TensorSpec, x: torch.Tensor) -> torch.Tensor:
-        """Grow one tensor; ``x`` is the stack of all small layers for a per-layer tensor."""
+    def expand_tensor(self, spec: TensorSpec, x: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Grow one tensor; ``x`` is the stack of all small layers for a per-layer tensor. With
+        ``layer``, only that large layer is grown (the result keeps a leading dim of 1)."""
         per_layer = spec.per_layer
         if per_layer:
-            w = self.depth[_key(spec.name)].to(x.dtype)
+            w = self.depth[_key(spec.name)]
+            w = (w if layer is None else w[layer : layer + 1]).to(x.dtype)
             x = torch.einsum("lj,j...->l...", w, x)
         vector = x.dim() == (2 if per_layer else 1)
         y = _canonical(x, spec, per_layer)
-        y = self._expand_dim(y, spec.dims[0], spec)
+        y = self._expand_dim(y, spec.dims[0], spec, layer)
         if len(spec.dims) == 2:
-            y = self._expand_dim(y.transpose(1, 2), spec.dims[1], spec).transpose(1, 2)
+            y = self._expand_dim(y.transpose(1, 2), spec.dims[1], spec, layer).transpose(1, 2)
         if spec.norm_gain:
             y = y * self.norm_scale
         return _stored(y, spec, per_layer, vector)
@@ -287,6 +293,15 @@ class GrowthOperator(nn.Module):
             else:
                 large[full] = self.expand_tensor(spec, small[full])
         return large
+
+    def materialise_tensor(self, spec: TensorSpec, small: dict[str, torch.Tensor], full: str,
+                           layer: int | None = None) -> torch.Tensor:
+        """One tensor of the large model (large layer ``layer`` of a per-layer spec), differentiable;
+        ``full`` is the spec's full name with ``{i}``. Costs one large tensor, not the whole model."""
+        if not spec.per_layer:
+            return self.expand_tensor(spec, small[full])
+        stack = torch.stack([small[full.format(i=j)] for j in range(self.depth[_key(spec.name)].shape[1])])
+        return self.expand_tensor(spec, stack, layer)[0]
 
     @torch.no_grad()
     def _materialise_fixed(self, small: dict[str, torch.Tensor], names: dict[str, str]) -> dict[str, torch.Tensor]:
