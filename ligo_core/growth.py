@@ -278,6 +278,12 @@ def data_parallel_rank() -> tuple[int, int]:
     return 0, 1
 
 
+def wait_for_ranks() -> None:
+    """A barrier under torch.distributed; nothing otherwise."""
+    if data_parallel_rank()[1] > 1:
+        dist.barrier()
+
+
 def rank_slice(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """This rank's rows of the global batch (contiguous, sizes differing by at most one)."""
     if world == 1:
@@ -419,10 +425,11 @@ def grow_model(
                 initial[name].add_(offset)
             losses["fit_start"] = evaluate(params=initial) if offsets else losses["before_fit"]
 
-            def score(op: GrowthOperator, offsets=offsets) -> float:
-                with torch.no_grad():
-                    params = _moved(op.materialise(small_state, layout.names), offsets)
-                    return evaluate(guard_slice(heldout), params=params)
+            scorer = LayerwiseModel(skeleton, operator, small_state, layout.names, offsets)
+
+            def score(op: GrowthOperator) -> float:  # ``op`` is ``operator``: scored a block at a time
+                with torch.no_grad(), scorer.active():
+                    return evaluate(guard_slice(heldout))
 
             guard = FitGuard(score, every=check_every(fit_steps))
             guard.start(operator)

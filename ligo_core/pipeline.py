@@ -13,7 +13,7 @@ from ligo_core.checkpoint import load_checkpoint, opened_source
 from ligo_core.data import batches, build_token_data
 from ligo_core.defaults import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
 from ligo_core.errors import DataError, TargetError
-from ligo_core.growth import bare_model_refusal, grow_model, pick_device
+from ligo_core.growth import bare_model_refusal, data_parallel_rank, grow_model, pick_device, wait_for_ranks
 from ligo_core.output import check_output_dir, write_checkpoint
 from ligo_core.strategies import DEFAULT_LIGO_INIT, DEFAULT_NOISE
 from ligo_core.targets import resolve_target, sizes_of, target_summary
@@ -169,9 +169,12 @@ def grow(
             raise GrowthCancelled()
         emit({"stage": "saving", "step": 0, "total": 1, "loss": None})
         report["seconds"] = round(time.perf_counter() - started, 3)
-        report["files"] = write_checkpoint(
-            large, out_dir, dtype=loaded.dtype, source_dir=directory, report=report, max_shard_size=max_shard_size
-        )
+        rank, report["processes"] = data_parallel_rank()
+        if rank == 0:  # several processes (ligo_core/parallel.py): rank 0 writes, the others wait for it
+            report["files"] = write_checkpoint(
+                large, out_dir, dtype=loaded.dtype, source_dir=directory, report=report, max_shard_size=max_shard_size
+            )
+        wait_for_ranks()
     return report
 
 
