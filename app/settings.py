@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     maintenance_interval_seconds: float = 5.0
     redispatch_after_seconds: float = 30.0
     worker_device: str | None = None
+    # Processes (one per GPU; gloo CPU processes with LIGO_WORKER_DEVICE=cpu) that run each job's
+    # LiGO fit together, data-parallel (ligo_core/parallel.py). Celery still hands out whole jobs.
+    worker_gpus: int = Field(1, ge=1)
     worker_tmp_dir: Path | None = None
     progress_interval_seconds: float = 0.5
     cancel_poll_seconds: float = 0.5
