@@ -308,16 +308,19 @@ class GrowthOperator(nn.Module):
         large: dict[str, torch.Tensor] = {}
         for spec in self.specs:
             full = names[spec.name]
-            if not spec.per_layer:
-                large[full] = self._expand_stored(spec, small[full], layer=0)
-                continue
-            weights = self.depth[_key(spec.name)]
-            for layer in range(self.large_layers):
-                large[full.format(i=layer)] = self._expand_stored(
-                    spec, _mix_layers(weights[layer], [small[full.format(i=j)] for j in range(weights.shape[1])]),
-                    layer,
-                )
+            for layer in range(self.large_layers) if spec.per_layer else [None]:
+                large[full if layer is None else full.format(i=layer)] = self.fixed_tensor(spec, small, full, layer)
         return large
+
+    @torch.no_grad()
+    def fixed_tensor(self, spec: TensorSpec, small: dict[str, torch.Tensor], full: str,
+                     layer: int | None = None) -> torch.Tensor:
+        """One tensor as ``materialise`` makes it under ``no_grad`` (the cheap row-by-row path)."""
+        if not spec.per_layer:
+            return self._expand_stored(spec, small[full], layer=0)
+        weights = self.depth[_key(spec.name)]
+        mixed = _mix_layers(weights[layer], [small[full.format(i=j)] for j in range(weights.shape[1])])
+        return self._expand_stored(spec, mixed, layer)
 
     def _expand_stored(self, spec: TensorSpec, x: torch.Tensor, layer: int) -> torch.Tensor:
         """Grow one layer's tensor in its stored layout (no canonical transposes, no layer stack)."""

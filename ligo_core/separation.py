@@ -20,6 +20,7 @@ not only in scale (measured on the savings GPT-2: value copies at cosine 0.58 an
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -62,17 +63,24 @@ def copy_pairs(operator: GrowthOperator) -> dict[str, CopyPairs]:
 
 @torch.no_grad()
 def separation_offsets(
-    state: dict[str, torch.Tensor],
+    state: Callable[[str], torch.Tensor] | dict[str, torch.Tensor],
     operator: GrowthOperator,
     names: dict[str, str],
     spread: float,
     generator: torch.Generator,
-) -> dict[str, torch.Tensor]:
-    """What the paired moves add to each moved matrix of the grown model (``state``: large names,
-    from the operator before fitting). LiGO's fit trains the operator with them added, so it fits
-    the model that is handed over; the fixed strategies just add them."""
+) -> LazyOffsets:
+    """What the paired moves add to each moved matrix of the grown model (``state``: large name ->
+    tensor, from the operator before fitting; a dict, or a function that makes one tensor at a
+    time). LiGO's fit trains the operator with them added, so it fits the model that is handed
+    over; the fixed strategies just add them.
+
+    The answer is a mapping that makes each offset when it is read, from a few numbers kept per
+    tensor (the random state its directions were drawn from, its copies' row norms): the offsets
+    of a large model are about as big as its matrices, and never all alive at once."""
+    get = state.__getitem__ if isinstance(state, dict) else state
     pairs = copy_pairs(operator) if spread > 0 else {}
-    offsets: dict[str, torch.Tensor] = {}
+    moves: dict[str, list[_Move]] = {}
+    shapes: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = {}
     for spec in operator.specs:
         for k, dim in enumerate(spec.dims):
             if dim is None or dim[0] not in pairs or operator._side(dim[1]) != "E" or len(spec.dims) != 2:
@@ -81,27 +89,72 @@ def separation_offsets(
             full = names[spec.name]
             tensors = [full.format(i=layer) for layer in range(operator.large_layers)] if spec.per_layer else [full]
             for layer, name in enumerate(tensors):
-                offset = offsets.setdefault(name, torch.zeros_like(state[name]))
-                _move_pairs(state[name], offset, axis, pairs[dim[0]], layer, spread, generator)
-    return offsets
+                weight = get(name)
+                shapes[name] = (weight.shape, weight.dtype, weight.device)
+                move = _Move(axis, pairs[dim[0]], layer, spread, _pair_norms(weight, axis, pairs[dim[0]], layer),
+                             generator.get_state())
+                torch.randn(move.norms.shape[0], weight.numel() // weight.shape[axis], generator=generator)  # drawn
+                moves.setdefault(name, []).append(move)
+                del weight
+    return LazyOffsets(moves, shapes)
 
 
-def _move_pairs(weight: torch.Tensor, offset: torch.Tensor, axis: int, pairs: CopyPairs, layer: int,
-                spread: float, generator: torch.Generator) -> None:
-    """Add to ``offset`` the moves of ``weight``'s copied units along ``axis``."""
+@dataclass(frozen=True)
+class _Move:
+    """One set of paired moves of a tensor along ``axis``: its directions are drawn from ``rng``."""
+
+    axis: int
+    pairs: CopyPairs
+    layer: int
+    spread: float
+    norms: torch.Tensor  # (P, 1): the row norms of the first copies (the pairs' ``a``) it moves
+    rng: torch.Tensor  # the generator's state before the directions were drawn
+
+
+class LazyOffsets(Mapping):
+    """Large name -> offset tensor, made when read (the same numbers every time)."""
+
+    def __init__(self, moves: dict[str, list[_Move]], shapes: dict[str, tuple]):
+        self._moves, self._shapes = moves, shapes
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        shape, dtype, device = self._shapes[name]
+        offset = torch.zeros(shape, dtype=dtype, device=device)
+        for move in self._moves[name]:
+            _add_moves(offset, move, torch.Generator().set_state(move.rng))
+        return offset
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._moves)
+
+    def __len__(self) -> int:
+        return len(self._moves)
+
+
+def _usable(pairs: CopyPairs, layer: int):
     row = layer if pairs.share_a.shape[0] > 1 else 0
     s_a, s_b = pairs.share_a[row], pairs.share_b[row]
     total = s_a + s_b
     usable = total != 0
-    a, b = pairs.a[usable].to(weight.device), pairs.b[usable].to(weight.device)
-    s_a, s_b, total = s_a[usable], s_b[usable], total[usable]
-    units = weight.movedim(axis, 0)
-    own = units[a].reshape(len(a), -1).float().cpu()
-    direction = torch.randn(own.shape, generator=generator)
-    direction *= own.norm(dim=1, keepdim=True) / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    shape = (-1,) + tuple(units.shape[1:])
-    step_a = ((spread * s_b / total)[:, None] * direction).reshape(shape)
-    step_b = ((spread * s_a / total)[:, None] * direction).reshape(shape)
-    moves = offset.movedim(axis, 0)  # a view: writes land in ``offset``
+    return usable, s_a[usable], s_b[usable], total[usable]
+
+
+def _pair_norms(weight: torch.Tensor, axis: int, pairs: CopyPairs, layer: int) -> torch.Tensor:
+    usable = _usable(pairs, layer)[0]
+    a = pairs.a[usable].to(weight.device)
+    own = weight.movedim(axis, 0)[a].reshape(len(a), -1).float().cpu()
+    return own.norm(dim=1, keepdim=True)
+
+
+def _add_moves(offset: torch.Tensor, move: _Move, generator: torch.Generator) -> None:
+    """Add to ``offset`` the moves of its tensor's copied units along ``move.axis``."""
+    usable, s_a, s_b, total = _usable(move.pairs, move.layer)
+    a, b = move.pairs.a[usable].to(offset.device), move.pairs.b[usable].to(offset.device)
+    moves = offset.movedim(move.axis, 0)  # a view: writes land in ``offset``
+    direction = torch.randn(len(a), moves[0].numel(), generator=generator)
+    direction *= move.norms / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    shape = (-1,) + tuple(moves.shape[1:])
+    step_a = ((move.spread * s_b / total)[:, None] * direction).reshape(shape)
+    step_b = ((move.spread * s_a / total)[:, None] * direction).reshape(shape)
     moves.index_add_(0, a, step_a.to(moves))
     moves.index_add_(0, b, -step_b.to(moves))
