@@ -17,6 +17,7 @@ docs/results/scale_fit.jsonl with the command and the machine.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import resource
@@ -122,6 +123,48 @@ def _at(entry, state):
     return spec, state, full, layer
 
 
+GPU_BYTES = 80e9
+# Growths whose fitting memory on one 80 GB GPU the plan works out (source, target, family tensors per layer).
+PLAN = (("gpt2", "gpt2-medium", 12), ("gpt2", "gpt2-large", 12), ("gpt2", "gpt2-xl", 12),
+        ("tinyllama-1.1b", "llama-2-7b", 9), ("llama-3.2-1b", "llama-3.1-8b", 9), ("qwen2-1.5b", "qwen2-7b", 9),
+        ("mistral-7b", "layers=48", 9), ("llama-3.1-8b", "layers=40", 9))
+
+
+def layer_factor(rows: list[dict]) -> float:
+    """The measured working set of a layer-by-layer step beyond its fixed terms, in fp32 large layers:
+    (peak - RSS before the step - the operator's gradient and AdamW moments (12 bytes a parameter))
+    / (4 bytes x one large layer's parameters); the largest over the measured targets."""
+    factors = [(r["peak_rss"] - r["rss_before_step"] - 12 * r["operator_parameters"]) / (4 * r["layer_parameters"])
+               for r in rows if r.get("path") == "layerwise" and "error" not in r]
+    return max(factors)
+
+
+def plan(k: float) -> str:
+    """Predicted bf16 peak of a layer-by-layer fitting step on one GPU, from the measured terms:
+    small model in fp32 (4 bytes a parameter) + operator, its gradient and AdamW moments (16) +
+    ``k`` large layers in bf16 (2 bytes a parameter; ``k`` counts the layer's weights, gradients,
+    the operator's intermediates and the block's activations, measured in fp32 at batch 2 x 128)."""
+    from ligo_core import cost
+    from ligo_core.targets import family_of, resolve_target, sizes_of
+
+    out = ["| growth | small | target | operator | small fp32 | operator + AdamW | one layer x k (bf16) | "
+           "predicted peak | fits 80 GB |", "|---|---|---|---|---|---|---|---|---|"]
+    for source, target, layer_specs in PLAN:
+        sc = resolve_target(source)
+        tc = resolve_target(target, sc)
+        small_sizes, large_sizes = sizes_of(sc), sizes_of(tc)
+        op = operator_parameters(small_sizes, large_sizes, layer_specs)
+        shallower = copy.deepcopy(tc)
+        setattr(shallower, family_of(tc).config_keys["layers"], large_sizes["layers"] - 1)
+        layer = cost.num_parameters(tc) - cost.num_parameters(shallower)
+        terms = 4 * cost.num_parameters(sc), 16 * op, k * 2 * layer
+        total = sum(terms)
+        out.append(f"| {source} -> {target} | {cost.num_parameters(sc) / 1e9:.2f}B | {cost.num_parameters(tc) / 1e9:.2f}B "
+                   f"| {op / 1e9:.2f}B | {terms[0] / 1e9:.1f} GB | {terms[1] / 1e9:.1f} GB | {terms[2] / 1e9:.1f} GB | "
+                   f"{total / 1e9:.1f} GB | {'yes' if total < GPU_BYTES else 'no'} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scale_fit", description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", default="gpt2")
@@ -133,7 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--no-record", action="store_true", help="print the table only")
     parser.add_argument("--child", nargs=3, metavar=("PATH", "SOURCE", "TARGET"), help=argparse.SUPPRESS)
+    parser.add_argument("--plan", action="store_true",
+                        help="only work out, from the recorded layer-by-layer rows, what one 80 GB GPU can fit")
     args = parser.parse_args(argv)
+    if args.plan:
+        rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+        k = layer_factor(rows)
+        print(f"measured working set of one layer-by-layer step: k = {k:.1f} fp32 large layers\n")
+        print(plan(k))
+        return 0
     if args.child:
         print("ROW " + json.dumps(_child(*args.child, args.batch, args.seq_len)), flush=True)
         return 0

@@ -264,11 +264,23 @@ def fit_operator(
         history.append((step + 1, value))
         if progress:
             progress({"stage": "fitting", "step": step + 1, "total": steps, "loss": value})
-        if guard is not None and guard.after_step(step + 1, value, operator, last=step + 1 == steps):
+        if guard is not None and _agreed(guard.after_step(step + 1, value, operator, last=step + 1 == steps), world):
             break
     if guard is not None:
         guard.restore_best(operator)
+        if world > 1:  # every rank scored the same numbers; rank 0's choice is the one written
+            for tensor in operator.state_dict().values():
+                dist.broadcast(tensor, 0)
     return history
+
+
+def _agreed(stop: bool, world: int) -> bool:
+    """Rank 0's decision, so that every rank leaves the loop at the same step."""
+    if world == 1:
+        return stop
+    flag = [stop]
+    dist.broadcast_object_list(flag, 0)
+    return bool(flag[0])
 
 
 def data_parallel_rank() -> tuple[int, int]:
