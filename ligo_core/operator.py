@@ -61,7 +61,7 @@ class Expander(nn.Module):
         ``x`` is that one large layer (L = 1) and a per-layer expander uses its row ``layer``."""
         top, c = (self.top_e, self.c_e) if side == "E" else (self.top_f, self.c_f)
         if layer is not None and top.shape[0] > 1:
-            top, c = top[layer : layer + 1], c[layer : layer + 1]
+            top, c = _LayerOf.apply(top, layer), _LayerOf.apply(c, layer)
         top, c = top.to(x.dtype), c.to(x.dtype)
         if top.shape[0] != x.shape[0]:  # a global expander applied to every layer
             top = top.expand(x.shape[0], -1)
@@ -83,6 +83,26 @@ class Expander(nn.Module):
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda(): drop plans built on the old device
         self._plans = {}
         return super()._apply(fn, *args, **kwargs)
+
+
+class _LayerOf(torch.autograd.Function):
+    """``p[layer : layer + 1]`` of a per-layer parameter, whose backward adds into ``p.grad`` in place.
+    Autograd's own slice backward makes a zero tensor the size of the whole parameter for every
+    layer: for GPT-2 124M -> gpt2-large that is 0.9 GB per FFN expander side, on every block of the
+    layer-by-layer backward pass."""
+
+    @staticmethod
+    def forward(ctx, p, layer):
+        ctx.p, ctx.layer = p, layer
+        return p.detach()[layer : layer + 1].clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        p = ctx.p
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad[ctx.layer : ctx.layer + 1].add_(grad)
+        return None, None
 
 
 class _PermuteRows(torch.autograd.Function):
