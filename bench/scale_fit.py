@@ -133,10 +133,10 @@ PLAN = (("gpt2", "gpt2-medium", 12), ("gpt2", "gpt2-large", 12), ("gpt2", "gpt2-
 def layer_factor(rows: list[dict]) -> float:
     """The measured working set of a layer-by-layer step beyond its fixed terms, in fp32 large layers:
     (peak - RSS before the step - the operator's gradient and AdamW moments (12 bytes a parameter))
-    / (4 bytes x one large layer's parameters); the largest over the measured targets."""
-    factors = [(r["peak_rss"] - r["rss_before_step"] - 12 * r["operator_parameters"]) / (4 * r["layer_parameters"])
-               for r in rows if r.get("path") == "layerwise" and "error" not in r]
-    return max(factors)
+    / (4 bytes x one large layer's parameters); the largest over the targets' latest rows."""
+    latest = {(r["source"], r["target"]): r for r in rows if r.get("path") == "layerwise" and "error" not in r}
+    return max((r["peak_rss"] - r["rss_before_step"] - 12 * r["operator_parameters"]) / (4 * r["layer_parameters"])
+               for r in latest.values())
 
 
 def plan(k: float) -> str:
