@@ -55,6 +55,10 @@ def grow_parallel(
     ``grow``'s keyword arguments (plain values: they travel as JSON)."""
     if nproc < 1:
         raise LigoError(f"nproc must be at least 1, got {nproc}")
+    if nproc == 1 or options.get("strategy", "ligo") != "ligo" or options.get("fit_steps", 100) == 0:
+        from ligo_core.pipeline import grow  # nothing to fit: more processes would only repeat the work
+
+        return grow(src, target, out_dir, progress=progress, should_cancel=should_cancel, **options)
     out = check_output_dir(out_dir).resolve()
     existed = out.exists()
     with tempfile.TemporaryDirectory(prefix="ligo-ranks-") as run_dir:

@@ -129,3 +129,9 @@ def test_an_input_error_keeps_its_kind_across_processes(checkpoint_dir, tmp_path
         grow_parallel(checkpoint_dir("gpt2"), target_for("gpt2"), tmp_path / "out", nproc=2, fit_steps=1,
                       batch_size=4, seq_len=32, device="cpu", data=str(tmp_path / "missing.txt"))
     assert not (tmp_path / "out").exists()
+
+
+def test_nothing_to_fit_runs_in_one_process(checkpoint_dir, tmp_path):
+    report = grow_parallel(checkpoint_dir("gpt2"), target_for("gpt2"), tmp_path / "out", nproc=2, strategy="stack",
+                           device="cpu")
+    assert report["processes"] == 1 and (tmp_path / "out" / "model.safetensors").is_file()
