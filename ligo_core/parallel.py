@@ -184,6 +184,7 @@ def rank_main(run_dir: str) -> int:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     options = dict(job["options"])
     device = rank_device(options.pop("device", None), local_rank)
+    error = run / ERRORS_DIR / f"rank-{rank}.json"
     try:
         if device.startswith("cuda"):
             torch.cuda.set_device(device)
@@ -193,13 +194,20 @@ def rank_main(run_dir: str) -> int:
         try:
             grow(job["src"], job["target"], job["out_dir"], device=device,
                  progress=_emit if rank == 0 else None, **options)
+        except BaseException as exc:
+            _record(error, rank, exc)  # before the group closes: the others fail only after this
+            raise
         finally:
             dist.destroy_process_group()
     except BaseException as exc:
-        (run / ERRORS_DIR / f"rank-{rank}.json").write_text(json.dumps(
-            {"rank": rank, "type": type(exc).__name__, "message": str(exc), "time": time.time()}))
+        if not error.exists():
+            _record(error, rank, exc)
         raise
     return 0
+
+
+def _record(path: Path, rank: int, exc: BaseException) -> None:
+    path.write_text(json.dumps({"rank": rank, "type": type(exc).__name__, "message": str(exc), "time": time.time()}))
 
 
 if __name__ == "__main__":
