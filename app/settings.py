@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     # The memory a job may use (GiB), checked against its plan (ligo_core/memory_plan.py) at submission
     # and by the worker; unset, the worker takes its device's memory and the API does not check.
     worker_memory_gb: float | None = Field(None, gt=0)
+    # Processes (one per GPU; gloo CPU processes with LIGO_WORKER_DEVICE=cpu) that run each job's
+    # LiGO fit together, data-parallel (ligo_core/parallel.py). Celery still hands out whole jobs.
+    worker_gpus: int = Field(1, ge=1)
     worker_tmp_dir: Path | None = None
     progress_interval_seconds: float = 0.5
     cancel_poll_seconds: float = 0.5

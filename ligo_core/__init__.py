@@ -5,6 +5,8 @@ Public API (the CLI, the worker and the benchmarks use only these names):
 - ``inspect_checkpoint(src) -> dict``: family, config and parameter count of a checkpoint.
 - ``grow(src, target, out_dir, ...) -> dict``: the whole job, from a checkpoint directory or
   archive to an output directory with ``growth_report.json``; returns the report.
+- ``grow_parallel(src, target, out_dir, nproc=N, ...) -> dict``: ``grow`` with LiGO fitted by N
+  data-parallel processes (torch.distributed; one per GPU, or gloo on the CPU).
 - ``grow_model(small_model, target_config, ...) -> (large_model, info)``: in memory.
 - ``resolve_target(spec, source_config=None)``: preset / config.json / fields -> HF config.
 """
@@ -25,7 +27,7 @@ __all__ = [
     "__version__", "CheckpointError", "DataError", "EstimateError", "GrowthCancelled", "LigoError",
     "MemoryPlanError", "TargetError",
     "PRESETS", "family_of", "resolve_target", "sizes_of",
-    "STRATEGIES", "grow", "grow_model", "inspect_checkpoint",
+    "STRATEGIES", "grow", "grow_model", "grow_parallel", "inspect_checkpoint",
 ]
 
 # Everything that needs transformers or torch loads on first use: `import ligo_core` (and its
@@ -33,7 +35,8 @@ __all__ = [
 # which forks job processes, never loads torch.
 _LAZY = {
     "PRESETS": "ligo_core.targets", "family_of": "ligo_core.targets", "resolve_target": "ligo_core.targets",
-    "sizes_of": "ligo_core.targets", "grow": "ligo_core.pipeline", "grow_model": "ligo_core.growth",
+    "sizes_of": "ligo_core.targets", "grow": "ligo_core.pipeline", "grow_parallel": "ligo_core.parallel",
+    "grow_model": "ligo_core.growth",
     "inspect_checkpoint": "ligo_core.checkpoint",
 }
 

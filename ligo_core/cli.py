@@ -137,15 +137,19 @@ def cmd_grow(args) -> int:
         # growth frees one large tensor after another (it took 1B -> 8B preserve from 4 to 7 GiB).
         keep_freed_memory()
     progress = ProgressPrinter(Console(stderr=True))
+    options = dict(
+        strategy=args.strategy, fit_steps=args.fit_steps, data=args.data, seed=args.seed, device=args.device,
+        lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, max_shard_size=args.max_shard_size,
+        ligo_init=args.ligo_init, accumulate=args.accumulate, follow_links=_own_directory(args.src),
+        eval_tokens=args.eval_tokens, dtype=args.dtype, memory_gb=args.memory_gb,
+        **{k: v for k, v in {"noise": args.noise, "spread": args.spread}.items() if v is not None},
+    )
     try:
-        report = ligo_core.grow(
-            args.src, args.target, args.out, strategy=args.strategy, fit_steps=args.fit_steps, data=args.data,
-            seed=args.seed, device=args.device, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
-            progress=progress, max_shard_size=args.max_shard_size, ligo_init=args.ligo_init,
-            accumulate=args.accumulate, follow_links=_own_directory(args.src), eval_tokens=args.eval_tokens,
-            dtype=args.dtype, memory_gb=args.memory_gb,
-            **{k: v for k, v in {"noise": args.noise, "spread": args.spread}.items() if v is not None},
-        )
+        if args.nproc > 1:  # data-parallel fitting in that many processes (ligo_core/parallel.py)
+            report = ligo_core.grow_parallel(args.src, args.target, args.out, nproc=args.nproc, progress=progress,
+                                             **options)
+        else:
+            report = ligo_core.grow(args.src, args.target, args.out, progress=progress, **options)
     finally:
         progress.close()
     if args.json:
@@ -242,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--accumulate", type=int, default=1,
                    help="batches per fitting step: the operator runs once per step, the batches' "
                         "gradients add up (bigger fitting batches at one batch's memory; default 1; e.g. 4)")
+    g.add_argument("--nproc", type=int, default=1,
+                   help="processes that fit LiGO together, data-parallel under torch.distributed: one per GPU "
+                        "(NCCL), or CPU processes (gloo) that split each batch (default 1; e.g. 4)")
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ... (e.g. cpu)")
     g.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB; e.g. 500MB)")
     g.add_argument("--dtype", default="auto", choices=catalog.OUTPUT_DTYPES,
@@ -298,7 +305,7 @@ def _raise(exc: Exception):
 
 
 def _positive(args) -> None:
-    for name in ("fit_steps", "batch_size", "seq_len", "accumulate"):
+    for name in ("fit_steps", "batch_size", "seq_len", "accumulate", "nproc"):
         value = getattr(args, name, None)
         if value is not None and value < (0 if name == "fit_steps" else 1):
             raise LigoError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'fit_steps' else 'positive'}, got {value}")

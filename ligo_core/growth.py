@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -22,7 +23,8 @@ from ligo_core.catalog import (
 from ligo_core.errors import CheckpointError, GrowthCancelled, TargetError
 from ligo_core.families import Family, TensorSpec
 from ligo_core.fit_guard import TOLERANCE, FitGuard, check_every, guard_slice
-from ligo_core.objective import heldout_loss, lm_loss, tokenizer_info
+from ligo_core.layerwise import LayerwiseModel
+from ligo_core.objective import heldout_loss, loss_terms, tokenizer_info
 from ligo_core.operator import GrowthOperator
 from ligo_core.separation import separation_offsets
 from ligo_core.strategies import build_operator
@@ -172,16 +174,26 @@ def fit_operator(
     accumulate: int = 1,
     offsets: dict[str, torch.Tensor] | None = None,
     guard: FitGuard | None = None,
+    layerwise: bool = True,
 ) -> list[tuple[int, float]]:
     """Train only the operator on the large model's loss; the small weights stay frozen.
+
+    ``layerwise`` (the default) runs the large model block by block, each block's weights made from
+    the small model and the operator just in time and made again in the backward pass
+    (ligo_core/layerwise.py): no more than one large block is alive. ``layerwise=False`` is the
+    first implementation, kept as the reference the tests and bench/scale_fit.py compare with: the
+    whole large model is materialised and run with ``functional_call``.
+
+    Under torch.distributed (ligo_core/parallel.py) every rank draws the same global batch, scores
+    its own slice of it, and the operator's gradients are summed over the ranks: the same step as
+    one process on the whole batch.
 
     ``offsets`` (fixed tensors, by large name) are added to the operator's output, so the loss is
     that of the model that will be written (copies moved apart, see ligo_core/separation.py).
 
-    With ``accumulate`` > 1 each step draws that many batches: the operator is applied once, the
-    batches' gradients gather on the large weights, and one backward pass carries them through
-    the operator. The operator's cost per step stays fixed while the tokens per step grow, at the
-    memory of one batch.
+    With ``accumulate`` > 1 each step draws that many batches and their gradients add up. On the
+    reference path the operator is applied once per step and one backward pass carries the
+    gathered gradients of the large weights through it.
 
     ``guard`` (ligo_core/fit_guard.py) scores held-out loss as the fit goes, stops it when it
     diverges and leaves the operator at the best state it saw (the start, if nothing beat it).
@@ -193,50 +205,106 @@ def fit_operator(
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98)
     )
-    mask_gen = torch.Generator().manual_seed(seed + 1)
+    rank, world = data_parallel_rank()
+    mask_gen = torch.Generator().manual_seed(seed + 1 + 7919 * rank)  # MLM masks: each rank its own
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    runner = LayerwiseModel(skeleton, operator, small_state, layout.names, offsets) if layerwise else None
     history = []
     skeleton.train()
 
-    def batch_loss(params: dict[str, torch.Tensor]) -> torch.Tensor:
-        batch = next(batches).to(device)
-        with autocast:
-            return lm_loss(skeleton, batch, layout.family.objective, info, mask_gen, params, layout.embedding_name)
+    def batch_loss(params: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, float]:
+        """(loss to differentiate, its value): this rank's token losses over the global batch's tokens."""
+        batch = rank_slice(next(batches), rank, world).to(device)
+        with autocast, (runner.active() if runner is not None else contextlib.nullcontext()):
+            total, count = loss_terms(skeleton, batch, layout.family.objective, info, mask_gen, params,
+                                      layout.embedding_name)
+        shown = total.detach().double()
+        if world > 1:
+            sums = torch.stack([shown, torch.tensor(float(count), dtype=torch.float64, device=shown.device)])
+            dist.all_reduce(sums)
+            shown, count = sums[0], int(sums[1])
+        count = max(count, 1)
+        return total / count, float(shown) / count
 
     for step in range(steps):
         if should_cancel is not None and should_cancel():
             raise GrowthCancelled()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup=fit_warmup(steps))  # warm-up sized for the fit
-        with autocast:
-            large = operator.materialise(small_state, layout.names)
-            for name, offset in (offsets or {}).items():
-                large[name] = large[name] + offset
         optimizer.zero_grad(set_to_none=True)
-        if accumulate == 1:
-            loss = batch_loss(large)
-            loss.backward()
-            value = loss.item()
-        else:
-            leaves = {k: v.detach().requires_grad_() for k, v in large.items()}
-            value = 0.0
+        value = 0.0
+        if runner is not None:
             for _ in range(accumulate):
-                loss = batch_loss(leaves) / accumulate
+                loss, shown = batch_loss(None)
+                (loss / accumulate).backward()
+                value += shown / accumulate
+        else:
+            with autocast:
+                large = operator.materialise(small_state, layout.names)
+                for name, offset in (offsets or {}).items():
+                    large[name] = large[name] + offset
+            if accumulate == 1:
+                loss, value = batch_loss(large)
                 loss.backward()
-                value += loss.item()
-            used = [k for k, leaf in leaves.items() if leaf.grad is not None]
-            torch.autograd.backward([large[k] for k in used], [leaves[k].grad for k in used])
-            del leaves
+            else:
+                leaves = {k: v.detach().requires_grad_() for k, v in large.items()}
+                for _ in range(accumulate):
+                    loss, shown = batch_loss(leaves)
+                    (loss / accumulate).backward()
+                    value += shown / accumulate
+                used = [k for k, leaf in leaves.items() if leaf.grad is not None]
+                torch.autograd.backward([large[k] for k in used], [leaves[k].grad for k in used])
+                del leaves
+            del large
+        if world > 1:
+            for p in operator.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
         torch.nn.utils.clip_grad_norm_(operator.parameters(), 1.0)
         optimizer.step()
         history.append((step + 1, value))
         if progress:
             progress({"stage": "fitting", "step": step + 1, "total": steps, "loss": value})
-        if guard is not None and guard.after_step(step + 1, value, operator, last=step + 1 == steps):
+        if guard is not None and _agreed(guard.after_step(step + 1, value, operator, last=step + 1 == steps), world):
             break
     if guard is not None:
         guard.restore_best(operator)
+        if world > 1:  # every rank scored the same numbers; rank 0's choice is the one written
+            for tensor in operator.state_dict().values():
+                dist.broadcast(tensor, 0)
     return history
+
+
+def _agreed(stop: bool, world: int) -> bool:
+    """Rank 0's decision, so that every rank leaves the loop at the same step."""
+    if world == 1:
+        return stop
+    flag = [stop]
+    dist.broadcast_object_list(flag, 0)
+    return bool(flag[0])
+
+
+def data_parallel_rank() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def wait_for_ranks() -> None:
+    """A barrier under torch.distributed; nothing otherwise."""
+    if data_parallel_rank()[1] > 1:
+        dist.barrier()
+
+
+def rank_slice(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's rows of the global batch (contiguous, sizes differing by at most one)."""
+    if world == 1:
+        return batch
+    if batch.shape[0] < world:
+        raise TargetError(f"a fitting batch of {batch.shape[0]} sequences cannot be split over {world} processes; "
+                          f"use a batch size of at least {world}")
+    return batch.tensor_split(world)[rank]
 
 
 def _moved(params: dict[str, torch.Tensor], offsets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -382,10 +450,11 @@ def grow_model(
                 initial[name].add_(offset)
             losses["fit_start"] = evaluate(params=initial) if offsets else losses["before_fit"]
 
-            def score(op: GrowthOperator, offsets=offsets) -> float:
-                with torch.no_grad():
-                    params = _moved(op.materialise(small_state, layout.names), offsets)
-                    return evaluate(guard_slice(heldout), params=params)
+            scorer = LayerwiseModel(skeleton, operator, small_state, layout.names, offsets)
+
+            def score(op: GrowthOperator) -> float:  # ``op`` is ``operator``: scored a block at a time
+                with torch.no_grad(), scorer.active():
+                    return evaluate(guard_slice(heldout))
 
             guard = FitGuard(score, every=check_every(fit_steps))
             guard.start(operator)

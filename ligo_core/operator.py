@@ -57,9 +57,12 @@ class Expander(nn.Module):
     def d2(self) -> int:
         return self.order.shape[0]
 
-    def expand(self, x: torch.Tensor, side: str) -> torch.Tensor:
-        """Expand ``x`` of shape (L, d1, m) along dim 1 to (L, d2, m); differentiable."""
+    def expand(self, x: torch.Tensor, side: str, layer: int | None = None) -> torch.Tensor:
+        """Expand ``x`` of shape (L, d1, m) along dim 1 to (L, d2, m); differentiable. With ``layer``,
+        ``x`` is that one large layer (L = 1) and a per-layer expander uses its row ``layer``."""
         top, c = (self.top_e, self.c_e) if side == "E" else (self.top_f, self.c_f)
+        if layer is not None and top.shape[0] > 1:
+            top, c = _LayerOf.apply(top, layer), _LayerOf.apply(c, layer)
         top, c = top.to(x.dtype), c.to(x.dtype)
         if top.shape[0] != x.shape[0]:  # a global expander applied to every layer
             top = top.expand(x.shape[0], -1)
@@ -96,7 +99,7 @@ def dense(init: ExpanderInit) -> ExpanderInit:
 class PlannedExpander(nn.Module):
     """A fixed expander kept as its row plans only (``RowPlan.from_compact``): what a fixed strategy
     applies, without the dense C matrices of a learnable one (an 8B target's FFN expanders alone
-    would be 13 GB in fp32). Nothing to learn: ``apply`` (the differentiable path) is refused."""
+    would be 13 GB in fp32). Nothing to learn: ``expand`` (the differentiable path) is refused."""
 
     def __init__(self, layers: list[ExpanderInit]):
         super().__init__()
@@ -126,8 +129,28 @@ class PlannedExpander(nn.Module):
     def row_plan(self, side: str) -> RowPlan:
         return self._plans[side]
 
-    def apply(self, x: torch.Tensor, side: str) -> torch.Tensor:
+    def expand(self, x: torch.Tensor, side: str, layer: int | None = None) -> torch.Tensor:
         raise TypeError("a planned expander is fixed: build the operator without planned=True to fit it")
+
+
+class _LayerOf(torch.autograd.Function):
+    """``p[layer : layer + 1]`` of a per-layer parameter, whose backward adds into ``p.grad`` in place.
+    Autograd's own slice backward makes a zero tensor the size of the whole parameter for every
+    layer: for GPT-2 124M -> gpt2-large that is 0.9 GB per FFN expander side, on every block of the
+    layer-by-layer backward pass."""
+
+    @staticmethod
+    def forward(ctx, p, layer):
+        ctx.p, ctx.layer = p, layer
+        return p.detach()[layer : layer + 1].clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        p = ctx.p
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad[ctx.layer : ctx.layer + 1].add_(grad)
+        return None, None
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -330,7 +353,8 @@ class GrowthOperator(nn.Module):
             return "F" if self.head_tied else "E"
         return side
 
-    def _expand_dim(self, x: torch.Tensor, dim: tuple[str, str] | None, spec: TensorSpec) -> torch.Tensor:
+    def _expand_dim(self, x: torch.Tensor, dim: tuple[str, str] | None, spec: TensorSpec,
+                    layer: int | None = None) -> torch.Tensor:
         """Expand dim 1 of (L, d1, m)."""
         if dim is None:
             return x
@@ -339,20 +363,22 @@ class GrowthOperator(nn.Module):
         if "+" in space:  # fused projections (GPT-2's c_attn): expand each part with its own space
             sizes = [self.small_dims[s] for s in spec.fused]
             parts = torch.split(x, sizes, dim=1)
-            return torch.cat([self.expanders[s].expand(p, side) for s, p in zip(spec.fused, parts)], dim=1)
-        return self.expanders[space].expand(x, side)
+            return torch.cat([self.expanders[s].expand(p, side, layer) for s, p in zip(spec.fused, parts)], dim=1)
+        return self.expanders[space].expand(x, side, layer)
 
-    def expand_tensor(self, spec: TensorSpec, x: torch.Tensor) -> torch.Tensor:
-        """Grow one tensor; ``x`` is the stack of all small layers for a per-layer tensor."""
+    def expand_tensor(self, spec: TensorSpec, x: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Grow one tensor; ``x`` is the stack of all small layers for a per-layer tensor. With
+        ``layer``, only that large layer is grown (the result keeps a leading dim of 1)."""
         per_layer = spec.per_layer
         if per_layer:
-            w = self.depth[_key(spec.name)].to(x.dtype)
+            w = self.depth[_key(spec.name)]
+            w = (w if layer is None else w[layer : layer + 1]).to(x.dtype)
             x = torch.einsum("lj,j...->l...", w, x)
         vector = x.dim() == (2 if per_layer else 1)
         y = _canonical(x, spec, per_layer)
-        y = self._expand_dim(y, spec.dims[0], spec)
+        y = self._expand_dim(y, spec.dims[0], spec, layer)
         if len(spec.dims) == 2:
-            y = self._expand_dim(y.transpose(1, 2), spec.dims[1], spec).transpose(1, 2)
+            y = self._expand_dim(y.transpose(1, 2), spec.dims[1], spec, layer).transpose(1, 2)
         if spec.norm_gain:
             y = y * self.norm_scale
         return _stored(y, spec, per_layer, vector)
@@ -379,6 +405,15 @@ class GrowthOperator(nn.Module):
                 large[full] = self.expand_tensor(spec, small[full])
         return large
 
+    def materialise_tensor(self, spec: TensorSpec, small: dict[str, torch.Tensor], full: str,
+                           layer: int | None = None) -> torch.Tensor:
+        """One tensor of the large model (large layer ``layer`` of a per-layer spec), differentiable;
+        ``full`` is the spec's full name with ``{i}``. Costs one large tensor, not the whole model."""
+        if not spec.per_layer:
+            return self.expand_tensor(spec, small[full])
+        stack = torch.stack([small[full.format(i=j)] for j in range(self.depth[_key(spec.name)].shape[1])])
+        return self.expand_tensor(spec, stack, layer)[0]
+
     @torch.no_grad()
     def _materialise_fixed(self, small: dict[str, torch.Tensor], names: dict[str, str]) -> dict[str, torch.Tensor]:
         return {name: tensor for _, _, name, tensor in self.iter_fixed(small.__getitem__, names)}
@@ -394,13 +429,22 @@ class GrowthOperator(nn.Module):
         before asking for the next holds one output tensor at a time (ligo_core/stream.py)."""
         for spec in self.specs:
             full = names[spec.name]
-            if not spec.per_layer:
-                yield spec, 0, full, self._expand_stored(spec, read(full), layer=0)
-                continue
-            weights = self.depth[_key(spec.name)]
-            for layer in range(self.large_layers):
-                mixed = _mix_layers(weights[layer], _LayerReader(read, full, weights.shape[1]))
-                yield spec, layer, full.format(i=layer), self._expand_stored(spec, mixed, layer)
+            for layer in range(self.large_layers) if spec.per_layer else [0]:
+                yield spec, layer, full.format(i=layer) if spec.per_layer else full, \
+                    self.fixed_tensor(spec, read, full, layer)
+
+    @torch.no_grad()
+    def fixed_tensor(self, spec: TensorSpec, small: Callable[[str], torch.Tensor] | dict[str, torch.Tensor],
+                     full: str, layer: int | None = None) -> torch.Tensor:
+        """One tensor as ``materialise`` makes it under ``no_grad`` (the cheap row-by-row path);
+        ``small`` gives the small tensors by full name (a dict, or a reader); only the small layers
+        that large layer ``layer`` mixes are read."""
+        read = small.__getitem__ if isinstance(small, dict) else small
+        if not spec.per_layer:
+            return self._expand_stored(spec, read(full), layer=0)
+        weights = self.depth[_key(spec.name)]
+        mixed = _mix_layers(weights[layer], _LayerReader(read, full, weights.shape[1]))
+        return self._expand_stored(spec, mixed, layer)
 
     def _expand_stored(self, spec: TensorSpec, x: torch.Tensor, layer: int) -> torch.Tensor:
         """Grow one layer's tensor in its stored layout (no canonical transposes, no layer stack)."""

@@ -19,7 +19,13 @@ from ligo_core.catalog import (
 from ligo_core.checkpoint import check_checkpoint, load_checkpoint, load_tokenizer, opened_source
 from ligo_core.data import MIN_HELDOUT_SEQUENCES, batches, build_token_data
 from ligo_core.errors import CheckpointError, DataError, TargetError
-from ligo_core.growth import bare_model_refusal, grow_model, start_operator
+from ligo_core.growth import (
+    bare_model_refusal,
+    data_parallel_rank,
+    grow_model,
+    start_operator,
+    wait_for_ranks,
+)
 from ligo_core.matrices import target_summary
 from ligo_core.output import check_output_dir, staged_output, write_checkpoint, write_side_files
 from ligo_core.stream import grown_shapes, output_dtype, stream_weights, write_config
@@ -198,23 +204,27 @@ def grow(
         _check_cancel(should_cancel)
         emit({"stage": "saving", "step": 0, "total": 1, "loss": None})
         report["seconds"] = round(time.perf_counter() - started, 3)
-        if large is not None:
+        rank, report["processes"] = data_parallel_rank()
+        files: list[str] = []
+        if rank == 0 and large is not None:  # several processes (ligo_core/parallel.py): rank 0 writes
             files = write_checkpoint(large, out_dir, dtype=out_dtype, source_dir=directory, report=report,
                                      max_shard_size=max_shard_size)
-            return _finish(report, files)
-        del loaded
-        offsets = grown.offsets
+        elif rank == 0:
+            del loaded
+            offsets = grown.offsets
 
-        def add_offset(spec, layer, name, tensor):
-            return tensor.add_(offsets[name]) if name in offsets else tensor
+            def add_offset(spec, layer, name, tensor):
+                return tensor.add_(offsets[name]) if name in offsets else tensor
 
-        with staged_output(out_dir) as tmp:
-            names, _ = stream_weights(tmp, grown.operator, layout.names, grown.small_state.__getitem__,
-                                      _shapes(grown.small_state), dtype=out_dtype, adjust=add_offset,
-                                      max_shard_size=max_shard_size)
-            write_config(tmp, grown.config, checked.model_class, out_dtype)
-            write_side_files(tmp, directory, report)
-        return _finish(report, sorted(p.name for p in Path(out_dir).iterdir()))
+            with staged_output(out_dir) as tmp:
+                stream_weights(tmp, grown.operator, layout.names, grown.small_state.__getitem__,
+                               _shapes(grown.small_state), dtype=out_dtype, adjust=add_offset,
+                               max_shard_size=max_shard_size)
+                write_config(tmp, grown.config, checked.model_class, out_dtype)
+                write_side_files(tmp, directory, report)
+            files = sorted(p.name for p in Path(out_dir).iterdir())
+        wait_for_ranks()  # the other ranks return once rank 0 has written
+        return _finish(report, files)
 
 
 def _grow_streamed(directory, follow_links, checked, target_config, out_dir, out_dtype, max_shard_size, emit,
@@ -244,6 +254,7 @@ def _grow_streamed(directory, follow_links, checked, target_config, out_dir, out
             {} if layout.has_head else {"note": "a bare model (no LM head) has no language-model loss"})})
         report["eval_tokens"] = 0
         report["function_gap_max_logit"] = None
+        report["processes"] = 1  # nothing to fit: one process whatever --nproc says
         costs = _fit_flops(config, large_config, {**report, "fit": {**report["fit"], "batch_size": 1, "seq_len": 1}})
         report["fit"]["flops"], report["fit"]["operator_flops"] = costs["flops"], costs["operator_flops"]
 

@@ -20,7 +20,7 @@ not only in scale (measured on the savings GPT-2: value copies at cosine 0.58 an
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -78,18 +78,24 @@ def moved_axis(operator: GrowthOperator, spec, pairs: dict[str, CopyPairs]) -> t
 
 @torch.no_grad()
 def separation_offsets(
-    state: dict[str, torch.Tensor],
+    state: Callable[[str], torch.Tensor] | dict[str, torch.Tensor],
     operator: GrowthOperator,
     names: dict[str, str],
     spread: float,
     generator: torch.Generator,
-) -> dict[str, torch.Tensor]:
-    """What the paired moves add to each moved matrix of the grown model (``state``: large names,
-    from the operator before fitting). LiGO's fit trains the operator with them added, so it fits
-    the model that is handed over; the fixed strategies just add them (``move_apart``, one tensor
-    at a time, draws the same numbers in the same order)."""
+) -> LazyOffsets:
+    """What the paired moves add to each moved matrix of the grown model (``state``: large name ->
+    tensor, from the operator before fitting; a dict, or a function that makes one tensor at a
+    time). LiGO's fit trains the operator with them added, so it fits the model that is handed
+    over; the fixed strategies just add them (``move_apart``, one tensor at a time, draws the same
+    numbers in the same order).
+
+    The answer is a mapping that makes each offset when it is read, from a few numbers kept per
+    tensor (the random state its directions were drawn from, its copies' row norms): the offsets
+    of a large model are about as big as its matrices, and are never all alive at once."""
+    get = state.__getitem__ if isinstance(state, dict) else state
     pairs = copy_pairs(operator) if spread > 0 else {}
-    offsets: dict[str, torch.Tensor] = {}
+    moves: dict[str, _Move] = {}
     for spec in operator.specs:
         moved = moved_axis(operator, spec, pairs)
         if moved is None:
@@ -98,10 +104,14 @@ def separation_offsets(
         full = names[spec.name]
         tensors = [full.format(i=layer) for layer in range(operator.large_layers)] if spec.per_layer else [full]
         for layer, name in enumerate(tensors):
-            offset = offsets.setdefault(name, torch.zeros_like(state[name]))
-            for rows, step, sign in _pair_moves(state[name], axis, pairs[space], layer, spread, generator):
-                offset.index_add_(axis, rows, step.movedim(0, axis).to(offset), alpha=sign)
-    return offsets
+            weight = get(name)
+            move = _Move(axis, pairs[space], layer, spread, _pair_norms(weight, axis, pairs[space], layer),
+                         generator.get_state(), weight.shape, weight.dtype, weight.device)
+            for _ in move.steps(generator):  # draws what the move draws, so the next tensor's start where they did
+                pass
+            moves[name] = move
+            del weight
+    return LazyOffsets(moves)
 
 
 @torch.no_grad()
@@ -113,48 +123,109 @@ def move_apart(weight: torch.Tensor, spec, layer: int, operator: GrowthOperator,
     moved = moved_axis(operator, spec, pairs) if spread > 0 else None
     if moved is not None:
         axis, space = moved
-        for rows, step, sign in _pair_moves(weight, axis, pairs[space], layer, spread, generator):
-            # along ``axis`` itself: an index_add_ into a moved-axis view is ~4x slower
-            weight.index_add_(axis, rows, step.movedim(0, axis).to(weight), alpha=sign)
+        move = _Move(axis, pairs[space], layer, spread, _pair_norms(weight, axis, pairs[space], layer),
+                     None, weight.shape, weight.dtype, weight.device)
+        move.add_to(weight, generator)
     return weight
 
 
-def _pair_moves(weight: torch.Tensor, axis: int, pairs: CopyPairs, layer: int, spread: float,
-                generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-    """The moves of ``weight``'s copied units along ``axis``, as (rows, step, sign) to add, a chunk of
-    whole copy groups at a time. A first copy's moves are summed before they are yielded, so adding
-    them to the weight gives the same bits as adding a zero-started offset that gathered them.
-    Each chunk's rows are read before any chunk is added, as the chunks touch disjoint rows."""
+@dataclass(frozen=True)
+class _Move:
+    """The paired moves of one tensor's copied units along ``axis``."""
+
+    axis: int
+    pairs: CopyPairs
+    layer: int
+    spread: float
+    norms: torch.Tensor  # (P, 1): the row norms of the first copies (the pairs' usable ``a``)
+    rng: torch.Tensor | None  # the generator's state before the directions were drawn
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+
+    def add_to(self, weight: torch.Tensor, generator: torch.Generator) -> None:
+        for rows, step, sign in self.steps(generator):
+            # along ``axis`` itself: an index_add_ into a moved-axis view is ~4x slower
+            weight.index_add_(self.axis, rows.to(weight.device), step.movedim(0, self.axis).to(weight), alpha=sign)
+
+    def steps(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """(rows, step, sign) to add along the moved axis, a chunk of whole copy groups at a time. A
+        first copy's moves are summed before they are yielded, so adding them to the weight gives
+        the same bits as adding a zero-started offset that gathered them."""
+        usable, s_a, s_b, total = _usable(self.pairs, self.layer)
+        a, b = self.pairs.a[usable], self.pairs.b[usable]
+        unit_shape = tuple(self.shape[:self.axis] + self.shape[self.axis + 1:])
+        for start, end in _chunks(a, unit_shape):
+            ca, cb = a[start:end], b[start:end]
+            direction = torch.randn((len(ca), _numel(unit_shape)), generator=generator)
+            direction *= self.norms[start:end] / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            step_a = ((self.spread * s_b[start:end] / total[start:end])[:, None] * direction).reshape((-1,) + unit_shape)
+            step_b = ((self.spread * s_a[start:end] / total[start:end])[:, None] * direction).reshape((-1,) + unit_shape)
+            first, slot = torch.unique_consecutive(ca, return_inverse=True)
+            if len(first) == len(ca):  # one pair per first copy (two copies a unit): nothing to gather
+                yield ca, step_a, 1
+            else:
+                gathered = torch.zeros((len(first),) + unit_shape, dtype=step_a.dtype)
+                gathered.index_add_(0, slot, step_a)
+                yield first, gathered, 1
+            yield cb, step_b, -1  # adding -1 x step: the same bits as adding -step
+
+
+class LazyOffsets(Mapping):
+    """Large name -> offset tensor, made when read (the same numbers every time)."""
+
+    def __init__(self, moves: dict[str, _Move]):
+        self._moves = moves
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        move = self._moves[name]
+        offset = torch.zeros(move.shape, dtype=move.dtype, device=move.device)
+        move.add_to(offset, torch.Generator().set_state(move.rng))
+        return offset
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._moves)
+
+    def __len__(self) -> int:
+        return len(self._moves)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _usable(pairs: CopyPairs, layer: int):
+    """The pairs whose unit is read at all (shares summing to non-zero), with their shares."""
     row = layer if pairs.share_a.shape[0] > 1 else 0
     s_a, s_b = pairs.share_a[row], pairs.share_b[row]
     total = s_a + s_b
     usable = total != 0
-    a, b = pairs.a[usable], pairs.b[usable]
-    s_a, s_b, total = s_a[usable], s_b[usable], total[usable]
-    units = weight.movedim(axis, 0)
-    width = units[0].numel() if len(units) else 1
-    # Random draws split into pieces give the same numbers as one draw when every piece holds a
-    # multiple of 16 elements (torch's CPU normal fills 16 at a time); else one piece.
-    step_rows = max(1, MOVE_CHUNK // width) if width % 16 == 0 else len(a)
+    return usable, s_a[usable], s_b[usable], total[usable]
+
+
+def _chunks(a: torch.Tensor, unit_shape: tuple[int, ...]) -> Iterator[tuple[int, int]]:
+    """Pieces of the pairs, each holding whole copy groups and about MOVE_CHUNK elements. Random
+    draws split into pieces give the same numbers as one draw when every piece holds a multiple
+    of 16 elements (torch's CPU normal fills 16 at a time); else one piece."""
+    width = _numel(unit_shape) or 1
+    step_rows = max(1, MOVE_CHUNK // width) if width % 16 == 0 else max(len(a), 1)
     start = 0
     while start < len(a):
         end = min(start + step_rows, len(a))
         while end < len(a) and a[end] == a[end - 1]:  # a copy group stays in one chunk
             end += 1
-        ca, cb = a[start:end], b[start:end]
-        own = units[ca.to(weight.device)].reshape(len(ca), -1).float().cpu()
-        direction = torch.randn(own.shape, generator=generator)
-        direction *= own.norm(dim=1, keepdim=True) / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        del own
-        shape = (-1,) + tuple(units.shape[1:])
-        step_a = ((spread * s_b[start:end] / total[start:end])[:, None] * direction).reshape(shape)
-        step_b = ((spread * s_a[start:end] / total[start:end])[:, None] * direction).reshape(shape)
-        first, slot = torch.unique_consecutive(ca, return_inverse=True)
-        if len(first) == len(ca):  # one pair per first copy (two copies a unit): nothing to gather
-            yield ca.to(weight.device), step_a, 1
-        else:
-            gathered = torch.zeros((len(first),) + tuple(units.shape[1:]), dtype=step_a.dtype)
-            gathered.index_add_(0, slot, step_a)
-            yield first.to(weight.device), gathered, 1
-        yield cb.to(weight.device), step_b, -1  # adding -1 x step: the same bits as adding -step
+        yield start, end
         start = end
+
+
+def _pair_norms(weight: torch.Tensor, axis: int, pairs: CopyPairs, layer: int) -> torch.Tensor:
+    """(P, 1): the row norms of the usable pairs' first copies, read a chunk at a time."""
+    usable = _usable(pairs, layer)[0]
+    a = pairs.a[usable]
+    units = weight.movedim(axis, 0)
+    norms = [units[a[start:end].to(weight.device)].reshape(end - start, -1).float().norm(dim=1, keepdim=True).cpu()
+             for start, end in _chunks(a, tuple(units.shape[1:]))]
+    return torch.cat(norms) if norms else torch.zeros(0, 1)

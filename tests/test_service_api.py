@@ -456,3 +456,23 @@ def test_file_links_are_signed(svc):
     assert 'filename="a.txt"' in r.headers["content-disposition"]
     assert_problem(client.get(url[:-3] + "AAA"), 403)
     storage.delete_prefix("jobs/x/")
+
+
+@pytest.mark.slow
+def test_a_worker_with_two_gpus_runs_one_job_across_two_processes(svc, alice, ckpt):
+    """LIGO_WORKER_GPUS=2 (gloo CPU processes here): the job's fit runs in two ranks; a rank that
+    fails (an input no rank can read) fails the job with its error, as one process would."""
+    from worker.runner import JobRunner
+
+    services = svc["services"]
+    settings = services.settings.model_copy(update={"worker_gpus": 2, "worker_device": "cpu"})
+    job = alice.submit(ckpt["id"], strategy="ligo", fit={"steps": 2, "batch_size": 2, "seq_len": 16}).json()
+    assert JobRunner(settings, services.db, services.storage).run(job["id"]) == "succeeded"
+    manifest = json.loads(services.storage.get_bytes(f"jobs/{job['id']}/manifest.json"))
+    assert manifest["report"]["processes"] == 2 and len(manifest["report"]["fit"]["loss_history"]) == 2
+    assert alice.job(job["id"])["progress"]["step"] == 2
+    bad = alice.submit(ckpt["id"], strategy="ligo", fit={"steps": 1, "batch_size": 1, "seq_len": 16}).json()
+    assert JobRunner(settings, services.db, services.storage).run(bad["id"]) == "failed"
+    failed = alice.job(bad["id"])
+    assert failed["error"]["type"] == "target_error" and "cannot be split over 2 processes" in failed["error"]["detail"]
+    assert not services.storage.list(f"jobs/{bad['id']}/")

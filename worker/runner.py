@@ -19,6 +19,7 @@ import socket
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 from app import lifecycle, ligo_bridge, scratch
@@ -185,8 +186,10 @@ class JobRunner:
             if should_cancel():
                 raise ligo_core.GrowthCancelled()
             out = work / "out"
+            # A worker that owns several GPUs runs the job across them; a failed rank fails the job.
+            grow = (partial(ligo_core.grow_parallel, nproc=s.worker_gpus) if s.worker_gpus > 1 else ligo_core.grow)
             with opened_source(src, max_bytes=s.resolved_max_extract_bytes, tmp_dir=work) as directory:
-                report = ligo_core.grow(  # the target resolved at submission, which the job's answers show
+                report = grow(  # the target resolved at submission, which the job's answers show
                     directory, ligo_bridge.config_from_dict(job.target_config), out, strategy=job.strategy, fit_steps=job.fit["steps"], data=data,
                     seed=job.seed, device=s.worker_device, lr=job.fit.get("lr"), batch_size=job.fit.get("batch_size"),
                     seq_len=job.fit.get("seq_len"), progress=progress, should_cancel=should_cancel,
