@@ -55,7 +55,8 @@ def grow_parallel(
     ``grow``'s keyword arguments (plain values: they travel as JSON)."""
     if nproc < 1:
         raise LigoError(f"nproc must be at least 1, got {nproc}")
-    fitted = catalog.strategy(options.get("strategy", catalog.DEFAULT_STRATEGY)).fitted
+    name = options.get("strategy", catalog.DEFAULT_STRATEGY)
+    fitted = name in catalog.STRATEGY_NAMES and catalog.strategy(name).fitted  # an unknown name: grow names it
     if nproc == 1 or not fitted or options.get("fit_steps", catalog.DEFAULT_FIT_STEPS) == 0:
         from ligo_core.pipeline import grow  # nothing to fit: more processes would only repeat the work
 
