@@ -19,6 +19,13 @@ from ligo_core import calibration
 # ----------------------------------------------------------------------------- savings arithmetic
 
 
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    """A Markdown table: a header row, the separator, one line per row (cells as given)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def cost_to_reach(costs: list[float], losses: list[float], target: float) -> float | None:
     """Cost at which a loss curve first reaches ``target``, linear between points; None if never."""
     for i, loss in enumerate(losses):

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from bench.common import ROOT, machine
+from bench.report import markdown_table
 from ligo_core.checkpoint import read_config
 from ligo_core.growth import plan_layout
 from ligo_core.stream import ShardWriter, write_config
@@ -225,13 +226,11 @@ def _count(config) -> int:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| pair | strategy | path | output GiB | peak RSS GiB | plan GiB | wall s | sync s | write s (fsync) "
-             "| (wall+sync)/write |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['pair']} | {r['strategy']} | {r['path']} | {r['output_gib']} | {r['peak_rss_gib']} | "
-                     f"{r.get('memory_plan_gib') or '-'} | {r['wall_s']} | {r['sync_s']} | {r['write_s']} | "
-                     f"{r['wall_over_write']} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["pair", "strategy", "path", "output GiB", "peak RSS GiB", "plan GiB", "wall s", "sync s", "write s (fsync)",
+         "(wall+sync)/write"],
+        [[r["pair"], r["strategy"], r["path"], r["output_gib"], r["peak_rss_gib"], r.get("memory_plan_gib") or "-",
+          r["wall_s"], r["sync_s"], r["write_s"], r["wall_over_write"]] for r in rows])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,6 +27,7 @@ import time
 import torch
 
 from bench.common import ROOT, machine, run_module
+from bench.report import markdown_table
 
 RESULTS = ROOT / "docs" / "results" / "scale_fit.jsonl"
 GiB = 2**30
@@ -147,8 +148,7 @@ def plan(k: float) -> str:
     from ligo_core import cost
     from ligo_core.targets import family_of, resolve_target, sizes_of
 
-    out = ["| growth | small | target | operator | small fp32 | operator + AdamW | one layer x k (bf16) | "
-           "predicted peak | fits 80 GB |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for source, target, layer_specs in PLAN:
         sc = resolve_target(source)
         tc = resolve_target(target, sc)
@@ -159,10 +159,12 @@ def plan(k: float) -> str:
         layer = cost.num_parameters(tc) - cost.num_parameters(shallower)
         terms = 4 * cost.num_parameters(sc), 16 * op, k * 2 * layer
         total = sum(terms)
-        out.append(f"| {source} -> {target} | {cost.num_parameters(sc) / 1e9:.2f}B | {cost.num_parameters(tc) / 1e9:.2f}B "
-                   f"| {op / 1e9:.2f}B | {terms[0] / 1e9:.1f} GB | {terms[1] / 1e9:.1f} GB | {terms[2] / 1e9:.1f} GB | "
-                   f"{total / 1e9:.1f} GB | {'yes' if total < GPU_BYTES else 'no'} |")
-    return "\n".join(out)
+        rows.append([f"{source} -> {target}", f"{cost.num_parameters(sc) / 1e9:.2f}B",
+                     f"{cost.num_parameters(tc) / 1e9:.2f}B", f"{op / 1e9:.2f}B", f"{terms[0] / 1e9:.1f} GB",
+                     f"{terms[1] / 1e9:.1f} GB", f"{terms[2] / 1e9:.1f} GB", f"{total / 1e9:.1f} GB",
+                     "yes" if total < GPU_BYTES else "no"])
+    return markdown_table(["growth", "small", "target", "operator", "small fp32", "operator + AdamW",
+                           "one layer x k (bf16)", "predicted peak", "fits 80 GB"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
