@@ -143,13 +143,14 @@ def heldout_loss(
     seed: int = 1234,
 ) -> float:
     """Mean loss per target token over held-out sequences ``tokens`` (n, seq_len), on ``device``
-    (default: where the model's weights are).
+    (default: where the model's weights are, else the CPU).
 
     Deterministic: no dropout, and MLM masks drawn from ``seed`` (the same masks for every model
     scored with the same seed and tokens), so runs compare.
     """
-    if device is None:
-        device = next(model.parameters()).device
+    if device is None:  # where the weights are (a skeleton's are on "meta": its buffers say)
+        held = [t.device for t in (*model.parameters(), *model.buffers()) if t.device.type != "meta"]
+        device = held[0] if held else torch.device("cpu")
     was_training = model.training
     model.eval()
     g = torch.Generator().manual_seed(seed)
