@@ -371,6 +371,9 @@ def distributed(tmp_path_factory, redis_url, postgres_url, s3_server):
         "LIGO_S3_ENDPOINT_URL": s3_server["endpoint"], "LIGO_S3_ACCESS_KEY_ID": "test",
         "LIGO_S3_SECRET_ACCESS_KEY": "test", "LIGO_S3_REGISTER_BUCKETS": "external",
         "LIGO_S3_PART_SIZE_BYTES": str(5 * 2**20), "LIGO_MAX_UPLOAD_BYTES": str(8 * 2**20),
+        # One key for every instance on the session's shared schema: an instance whose loop outlives
+        # its module would otherwise take another's webhooks and fail to open their sealed secrets.
+        "LIGO_SECRET_KEY": "distributed-tests-shared-secret",
     }
     settings = Settings.model_validate({k[5:].lower(): v for k, v in {**TEST_ENV, **env}.items()
                                         if k.startswith("LIGO_")})

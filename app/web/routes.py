@@ -21,9 +21,9 @@ from pathlib import Path
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 
-import ligo_core
 from ligo_core import catalog
 from ligo_core.families import FAMILIES, family_for_model_type
+from ligo_core.targets import PRESETS  # loaded with the app: the form's first /ui/meta answers at once
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -126,7 +126,7 @@ def meta() -> dict:
             "fields": [f for f in ("layers", "hidden", "heads", "kv_heads", "ffn") if f in family.config_keys],
             "presets": [],
         }
-    for preset in ligo_core.PRESETS.values():
+    for preset in PRESETS.values():
         family = family_for_model_type(preset.model_type)
         if family is None:
             continue

@@ -115,6 +115,7 @@ export function startUpload(meta, { onCheckpoint }) {
   step.meta = meta;
   step.onCheckpoint = onCheckpoint;
   $("upload-form").addEventListener("submit", upload);
+  $("upload-button").disabled = false;  // off in the page until the form can handle it (never a native submit)
   $("upload-abort").addEventListener("click", () => step.xhr && step.xhr.abort());
   $("upload-file").addEventListener("change", () => clearFieldErrors($("upload-form")));
   // The checkpoint this tab uploaded last (or one put there for it) survives a reload.
