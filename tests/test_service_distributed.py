@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 
 from app.db import Checkpoint, Job, Upload, WebhookDelivery
 from app.schemas import job_json
-from tests.service_fixtures import Api, CeleryWorker, job_objects, manifest_keys, tar_gz
+from tests.service_fixtures import FIT, Api, CeleryWorker, job_objects, manifest_keys, tar_gz
 
 pytestmark = pytest.mark.slow
 
@@ -68,6 +68,22 @@ def test_grow_end_to_end_with_presigned_downloads(distributed, alice, ckpt, chec
     assert job_objects(storage(distributed), job_id) == manifest_keys(job_id, row.manifest)
     assert job_json(db.jobs.get(job_id)) == job_json(row) == job  # the fast reader, on PostgreSQL
     assert result["estimate"]["target"]["layers"] == 4
+
+
+def test_a_one_paragraph_per_line_text_of_a_few_mb_is_the_fitting_data(distributed, alice, ckpt):
+    """fit.data_uri: a plain-text corpus, one paragraph per line (no blank lines), of ~3 MB."""
+    from ligo_core.data import default_corpus_texts
+
+    lines = [" ".join(t.split()) for t in default_corpus_texts()]
+    text = "\n".join(lines * (3 * 2**20 // len("\n".join(lines)) + 1)) + "\n"
+    distributed["s3"]["client"].put_object(Bucket="external", Key="corpus/lines.txt", Body=text.encode())
+    r = alice.submit(ckpt["id"], fit={**FIT, "data_uri": "s3://external/corpus/lines.txt"})
+    assert r.status_code == 202, r.text
+    job = alice.wait(r.json()["id"], timeout=180)
+    assert job["state"] == "succeeded", (job, (distributed["data"] / "worker.log").read_text()[-4000:])
+    report = alice.get(f"/v1/jobs/{job['id']}/result").json()["report"]
+    assert len(text) > 3 * 2**20 and report["fit"]["data"].endswith("lines.txt")
+    assert report["fit"]["steps"] == FIT["steps"] and report["heldout_loss"]["sequences"] > 0
 
 
 def test_presigned_multipart_upload(distributed, alice, service_checkpoint):
