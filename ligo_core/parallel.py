@@ -21,7 +21,7 @@ import os
 import queue
 import shutil
 import signal
-import subprocess
+import subprocess  # nosec B404 - launches this package's own ranks, no shell
 import sys
 import tempfile
 import threading
@@ -74,8 +74,9 @@ def grow_parallel(
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                    "--max-restarts=0", "-m", "ligo_core.parallel", str(run)]
+        # A fixed command (this Python, torch's launcher, this module), no shell: nothing a user typed.
         with open(run / "launcher.log", "w") as log:
-            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env,  # nosec B603
                                     start_new_session=True)  # its own process group: cancel stops every rank
             try:
                 _follow(proc, progress, should_cancel)
