@@ -81,6 +81,16 @@ BATCH_SIZE = Option(16, 1, 65_536)  # sequences per fitting step
 SEQ_LEN = Option(128, 8, 1_048_576)  # tokens per fitting sequence (capped at the model's positions)
 SEED = Option(0, 0, 2**31 - 1)
 EVAL_TOKENS = Option(None, 0, 2**30)  # held-out tokens scored; None: 64 sequences of seq_len, 0: none
+MIN_HELDOUT_SEQUENCES = 2  # the fewest held-out sequences a score (or the fit's guard) is made on
+
+
+def eval_tokens_problem(eval_tokens: int | None, seq_len: int) -> str | None:
+    """Why ``eval_tokens`` cannot be scored at ``seq_len`` (None when it can): 0 skips scoring,
+    anything else must fill at least MIN_HELDOUT_SEQUENCES sequences."""
+    if eval_tokens is None or eval_tokens == 0 or eval_tokens >= MIN_HELDOUT_SEQUENCES * seq_len:
+        return None
+    return (f"eval_tokens={eval_tokens} is below {MIN_HELDOUT_SEQUENCES} sequences of {seq_len} tokens "
+            f"({MIN_HELDOUT_SEQUENCES * seq_len}); give at least that, or 0 to skip scoring")
 # The written weights' dtype (growth option `dtype`, `--dtype`): "auto" keeps the checkpoint's.
 OUTPUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ligo_core.catalog import MIN_HELDOUT_SEQUENCES
 from ligo_core.errors import DataError
 from ligo_core.families import MASK_PROBABILITY
 
@@ -29,7 +30,6 @@ DEFAULT_CORPUS_NAME = "wikipedia-en-leads (CC BY-SA 4.0, see ligo_core/corpus/RE
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".json", ".gz")
 PIECE_CHARS = 2_000  # about 400-500 tokens of English: a few held-out sequences per piece
 HELDOUT_FRACTION = 0.05
-MIN_HELDOUT_SEQUENCES = 2
 
 
 def default_corpus_texts() -> list[str]:

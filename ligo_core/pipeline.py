@@ -15,9 +15,10 @@ from ligo_core.catalog import (
     DEFAULT_LIGO_INIT,
     DEFAULT_NOISE,
     DEFAULT_SEQ_LEN,
+    eval_tokens_problem,
 )
 from ligo_core.checkpoint import check_checkpoint, load_checkpoint, load_tokenizer, opened_source
-from ligo_core.data import MIN_HELDOUT_SEQUENCES, batches, build_token_data
+from ligo_core.data import batches, build_token_data
 from ligo_core.errors import CheckpointError, DataError, TargetError
 from ligo_core.growth import (
     bare_model_refusal,
@@ -131,9 +132,8 @@ def grow(
         batch_size = batch_size or DEFAULT_BATCH_SIZE
         seq_len = min(seq_len or DEFAULT_SEQ_LEN, max_positions(config))
         heldout_tokens = HELDOUT_SEQUENCES * seq_len if eval_tokens is None else eval_tokens
-        if 0 < heldout_tokens < MIN_HELDOUT_SEQUENCES * seq_len:
-            raise DataError(f"eval_tokens={heldout_tokens} is below {MIN_HELDOUT_SEQUENCES} sequences of {seq_len} "
-                            f"tokens ({MIN_HELDOUT_SEQUENCES * seq_len}); give at least that, or 0 to skip scoring")
+        if problem := eval_tokens_problem(heldout_tokens, seq_len):
+            raise DataError(problem, field="eval_tokens")
         fitting = strategy == "ligo" and fit_steps > 0
         # A bare model (no LM head) has no language-model loss: nothing to fit, no held-out loss to show.
         scored = layout.has_head

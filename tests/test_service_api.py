@@ -356,6 +356,10 @@ def test_eval_tokens_and_dtype_reach_the_engine(svc, alice, ckpt):
     assert report["eval_tokens"] == 64 and report["heldout_loss"]["sequences"] == 4
     assert json.loads(services.storage.get_bytes(f"jobs/{job['id']}/output/config.json"))["dtype"] == "bfloat16"
     assert_problem(alice.submit(ckpt["id"], fit={"steps": 0, "eval_tokens": -1}), 422, field="fit.eval_tokens")
+    # Too few to score (under 2 sequences): refused at submission, not as a failed job later.
+    body = assert_problem(alice.submit(ckpt["id"], fit={"steps": 0, "seq_len": 16, "eval_tokens": 20}), 422,
+                          field="fit.eval_tokens")
+    assert "below 2 sequences of 16 tokens (32)" in body["detail"]
     assert_problem(alice.submit(ckpt["id"], growth={"dtype": "int8"}), 422, field="growth.dtype")
 
 

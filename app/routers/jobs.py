@@ -19,6 +19,7 @@ from app.problems import Problem, field_problem, fields_of_ligo_errors, not_foun
 from app.routers.checkpoints import check_external_uri
 from app.schemas import JobCreate, JobList, JobOut, JobResult, ResultFile, iso, job_json
 from app.services import Services, Svc
+from ligo_core import catalog
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -43,9 +44,7 @@ def _job_of(svc: Services, tenant: str, job_id: str, job: Job | None = None) -> 
 
 
 def _engine_defaults() -> tuple[int, int]:
-    from ligo_core.pipeline import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
-
-    return DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
+    return catalog.DEFAULT_BATCH_SIZE, catalog.DEFAULT_SEQ_LEN
 
 
 def job_estimate(source_config: dict, target_config, job_fit: dict, plan: dict, strategy: str) -> dict:
@@ -86,6 +85,10 @@ def _validate(svc: Services, tenant: str, body: JobCreate) -> tuple[Checkpoint, 
         raise field_problem("checkpoint_id", "the checkpoint has no tokenizer files, which fitting 'ligo' needs; "
                                              "upload it with its tokenizer, set fit.steps to 0, or pick another strategy")
     _check_growth(body)
+    source = ligo_bridge.config_from_dict(ckpt.config)
+    seq_len = min(body.fit.seq_len or catalog.DEFAULT_SEQ_LEN, ligo_bridge.max_positions(source))
+    if problem := catalog.eval_tokens_problem(body.fit.eval_tokens, seq_len):
+        raise field_problem("fit.eval_tokens", problem)
     if body.fit.data_uri is not None:
         _bucket, key = check_external_uri(svc, body.fit.data_uri, "fit.data_uri")
         if not key.lower().endswith(DATA_SUFFIXES):
