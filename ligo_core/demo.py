@@ -11,6 +11,8 @@ import shutil
 import time
 from pathlib import Path
 
+from ligo_core import catalog
+
 DEMO_SMALL = dict(n_layer=2, n_embd=128, n_head=4, n_positions=128)
 DEMO_TARGET = "layers=4,hidden=256,heads=8,ffn=1024"
 VOCAB = 2048
@@ -85,9 +87,11 @@ def add_parser(subparsers) -> None:
                    help="pretraining steps of the small GPT-2 (default 250; e.g. 100 for a quicker, weaker model)")
     p.add_argument("--target", default=DEMO_TARGET,
                    help=f"the grown size, as in `ligo grow` (default {DEMO_TARGET}; e.g. layers=4,hidden=128)")
-    p.add_argument("--strategy", default="ligo",
-                   help="growth strategy, as in `ligo grow` (default ligo; e.g. preserve)")
-    p.add_argument("--fit-steps", type=int, default=100, help="operator fitting steps (default 100; e.g. 20)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--strategy", default=catalog.DEFAULT_STRATEGY, choices=catalog.STRATEGY_NAMES, metavar="NAME",
+                   help=f"growth strategy, as in `ligo grow`: {', '.join(catalog.STRATEGY_NAMES)} "
+                        f"(default {catalog.DEFAULT_STRATEGY}; e.g. preserve)")
+    p.add_argument("--fit-steps", type=int, default=catalog.DEFAULT_FIT_STEPS,
+                   help=f"operator fitting steps (default {catalog.DEFAULT_FIT_STEPS}; e.g. 20)")
+    p.add_argument("--seed", type=int, default=catalog.DEFAULT_SEED,
                    help="random seed of pretraining and fitting (default 0; e.g. 1)")
     p.set_defaults(func=cmd_demo)
