@@ -43,19 +43,13 @@ def _job_of(svc: Services, tenant: str, job_id: str, job: Job | None = None) -> 
     return job
 
 
-def _engine_defaults() -> tuple[int, int]:
-    return catalog.DEFAULT_BATCH_SIZE, catalog.DEFAULT_SEQ_LEN
-
-
-def job_estimate(source_config: dict, target_config, job_fit: dict, plan: dict, strategy: str) -> dict:
+def job_estimate(source, target_config, body: JobCreate, batch_size: int, seq_len: int) -> dict:
     """The cost estimate for a job, with the fitting settings the engine will use."""
-    batch, seq = _engine_defaults()
-    source = ligo_bridge.config_from_dict(source_config)
+    plan = body.plan
     return ligo_bridge.estimate(
-        source, target_config, strategy=strategy,
-        fit_steps=job_fit["steps"] if strategy == "ligo" else 0, fit_batch=job_fit.get("batch_size") or batch,
-        seq_len=min(job_fit.get("seq_len") or seq, ligo_bridge.max_positions(source)), tokens=plan.get("tokens"), gpu=plan.get("gpu", "H100"),
-        price_per_gpu_hour=plan.get("price_per_gpu_hour"), utilisation=plan.get("utilisation"),
+        source, target_config, strategy=body.strategy, fit_steps=body.fit.steps if body.strategy == "ligo" else 0,
+        fit_batch=batch_size, seq_len=seq_len, tokens=plan.tokens, gpu=plan.gpu,
+        price_per_gpu_hour=plan.price_per_gpu_hour, utilisation=plan.utilisation,
     )
 
 
@@ -85,7 +79,9 @@ def _validate(svc: Services, tenant: str, body: JobCreate) -> tuple[Checkpoint, 
         raise field_problem("checkpoint_id", "the checkpoint has no tokenizer files, which fitting 'ligo' needs; "
                                              "upload it with its tokenizer, set fit.steps to 0, or pick another strategy")
     _check_growth(body)
+    # The fitting settings the engine will use: the estimate, the memory plan and eval_tokens read them.
     source = ligo_bridge.config_from_dict(ckpt.config)
+    batch_size = body.fit.batch_size or catalog.DEFAULT_BATCH_SIZE
     seq_len = min(body.fit.seq_len or catalog.DEFAULT_SEQ_LEN, ligo_bridge.max_positions(source))
     if problem := catalog.eval_tokens_problem(body.fit.eval_tokens, seq_len):
         raise field_problem("fit.eval_tokens", problem)
@@ -98,19 +94,17 @@ def _validate(svc: Services, tenant: str, body: JobCreate) -> tuple[Checkpoint, 
         except Exception as exc:
             raise field_problem("fit.data_uri", f"cannot read {body.fit.data_uri}: {exc}") from None
     with fields_of_ligo_errors("plan", ESTIMATE_PARAMETERS_IN_JOB):
-        job_estimate(ckpt.config, target, body.fit.model_dump(), body.plan.model_dump(), body.strategy)
+        job_estimate(source, target, body, batch_size, seq_len)
     if svc.settings.worker_memory_gb is not None:
-        _check_memory(ckpt, target, body, svc.settings.worker_memory_gb)
+        _check_memory(ckpt, target, body, batch_size, seq_len, svc.settings.worker_memory_gb)
     return ckpt, target.to_dict()
 
 
-def _check_memory(ckpt: Checkpoint, target, body: JobCreate, budget_gb: float) -> None:
+def _check_memory(ckpt: Checkpoint, target, body: JobCreate, batch_size: int, seq_len: int,
+                  budget_gb: float) -> None:
     """Refuse at once a job whose memory plan (from the configs alone) is above the workers' budget."""
-    batch, seq = _engine_defaults()
-    source = ligo_bridge.config_from_dict(ckpt.config)
     refused = ligo_bridge.memory_refusal(
-        ckpt.config, target, strategy=body.strategy, fit_steps=body.fit.steps, batch_size=body.fit.batch_size or batch,
-        seq_len=min(body.fit.seq_len or seq, ligo_bridge.max_positions(source)),
+        ckpt.config, target, strategy=body.strategy, fit_steps=body.fit.steps, batch_size=batch_size, seq_len=seq_len,
         scored=ckpt.has_tokenizer and body.fit.eval_tokens != 0, dtype=body.growth.dtype, budget_gb=budget_gb,
     )
     if refused is not None:
