@@ -107,8 +107,7 @@ def separation_offsets(
             weight = get(name)
             move = _Move(axis, pairs[space], layer, spread, _pair_norms(weight, axis, pairs[space], layer),
                          generator.get_state(), weight.shape, weight.dtype, weight.device)
-            for _ in move.steps(generator):  # draws what the move draws, so the next tensor's start where they did
-                pass
+            move.skip(generator)  # the next tensor's draws start where they did when the moves were made
             moves[name] = move
             del weight
     return LazyOffsets(moves)
@@ -148,13 +147,23 @@ class _Move:
             # along ``axis`` itself: an index_add_ into a moved-axis view is ~4x slower
             weight.index_add_(self.axis, rows.to(weight.device), step.movedim(0, self.axis).to(weight), alpha=sign)
 
+    @property
+    def unit_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[:self.axis] + self.shape[self.axis + 1:])
+
+    def skip(self, generator: torch.Generator) -> None:
+        """Draw from ``generator`` exactly what ``steps`` draws, without making the moves."""
+        a = self.pairs.a[_usable(self.pairs, self.layer)[0]]
+        for start, end in _chunks(a, self.unit_shape):
+            torch.randn((end - start, _numel(self.unit_shape)), generator=generator)
+
     def steps(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         """(rows, step, sign) to add along the moved axis, a chunk of whole copy groups at a time. A
         first copy's moves are summed before they are yielded, so adding them to the weight gives
         the same bits as adding a zero-started offset that gathered them."""
         usable, s_a, s_b, total = _usable(self.pairs, self.layer)
         a, b = self.pairs.a[usable], self.pairs.b[usable]
-        unit_shape = tuple(self.shape[:self.axis] + self.shape[self.axis + 1:])
+        unit_shape = self.unit_shape
         for start, end in _chunks(a, unit_shape):
             ca, cb = a[start:end], b[start:end]
             direction = torch.randn((len(ca), _numel(unit_shape)), generator=generator)
