@@ -28,6 +28,7 @@ import torch
 
 from bench.common import ROOT, machine, run_module
 from bench.report import markdown_table
+from ligo_core import memory_plan
 
 RESULTS = ROOT / "docs" / "results" / "scale_fit.jsonl"
 GiB = 2**30
@@ -40,19 +41,6 @@ def rss_bytes() -> int:
 
 def peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def operator_parameters(small: dict, large: dict, layer_specs: int) -> int:
-    """LiGO's parameter count from the sizes alone: per space an output and an input expander
-    ``[diag(top); C]`` (d1 + (d2 - d1) d1 each), ``res`` once, q/k/v/ffn per large layer, and an
-    (L2 x L1) depth matrix per per-layer tensor."""
-    def space(d1, d2):
-        return 2 * (d1 + (d2 - d1) * d1)
-
-    dh1, dh2 = small["head_dim"], large["head_dim"]
-    per_layer = (space(small["heads"] * dh1, large["heads"] * dh2)
-                 + 2 * space(small["kv_heads"] * dh1, large["kv_heads"] * dh2) + space(small["ffn"], large["ffn"]))
-    return space(small["hidden"], large["hidden"]) + large["layers"] * per_layer + layer_specs * large["layers"] * small["layers"]
 
 
 def _child(path: str, source: str, target: str, batch: int, seq: int) -> dict:
@@ -95,8 +83,9 @@ def _child(path: str, source: str, target: str, batch: int, seq: int) -> dict:
         _move_buffers(skeleton, device)
         row["target_parameters"] = sum(p.numel() for p in skeleton.parameters())
         row["operator_parameters"] = operator.num_parameters()
-        row["operator_parameters_formula"] = operator_parameters(
-            sizes_of(small_config), sizes_of(target_config), sum(s.per_layer for s in layout.specs))
+        row["operator_parameters_formula"] = memory_plan.operator_parameters(
+            memory_plan.shape_of(small_config.to_dict()), memory_plan.shape_of(target_config.to_dict()),
+            sum(s.per_layer for s in layout.specs))
         by_name = {}
         for spec in layout.specs:
             full = layout.names[spec.name]
@@ -152,8 +141,9 @@ def plan(k: float) -> str:
     for source, target, layer_specs in PLAN:
         sc = resolve_target(source)
         tc = resolve_target(target, sc)
-        small_sizes, large_sizes = sizes_of(sc), sizes_of(tc)
-        op = operator_parameters(small_sizes, large_sizes, layer_specs)
+        large_sizes = sizes_of(tc)
+        op = memory_plan.operator_parameters(memory_plan.shape_of(sc.to_dict()), memory_plan.shape_of(tc.to_dict()),
+                                             layer_specs)
         shallower = copy.deepcopy(tc)
         setattr(shallower, family_of(tc).config_keys["layers"], large_sizes["layers"] - 1)
         layer = cost.num_parameters(tc) - cost.num_parameters(shallower)

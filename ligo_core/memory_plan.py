@@ -90,14 +90,15 @@ def dtype_bytes(config: dict, dtype: str | None = None) -> int:
     return DTYPE_BYTES.get(str(name).replace("torch.", ""), 4)
 
 
-def operator_parameters(small: Shape, large: Shape) -> int:
+def operator_parameters(small: Shape, large: Shape, depth_tensors: int = DEPTH_TENSORS_PER_LAYER) -> int:
     """LiGO's learnable entries: ``[diag; C]`` expanders on both sides (the residual stream once,
-    the head, KV and FFN spaces per large layer) and the depth-mixing rows."""
+    the head, KV and FFN spaces per large layer) and the depth-mixing rows (an L2 x L1 matrix for
+    each of ``depth_tensors`` per-layer tensors; the default is an upper bound over the families)."""
     def expander(d1: int, d2: int) -> int:
         return 2 * (d1 + (d2 - d1) * d1)
 
     per_layer = expander(small.q, large.q) + 2 * expander(small.kv, large.kv) + expander(small.ffn, large.ffn)
-    depth = DEPTH_TENSORS_PER_LAYER * large.layers * small.layers
+    depth = depth_tensors * large.layers * small.layers
     return expander(small.hidden, large.hidden) + large.layers * per_layer + depth
 
 
