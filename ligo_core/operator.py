@@ -476,7 +476,13 @@ def _runs(src: torch.Tensor, skip: torch.Tensor, limit: int) -> list[list[tuple[
     ``limit`` runs (random copies, as net2net draws them)."""
     skipped = set(skip.tolist())
     out = []
-    for row in src.tolist():
+    seen: dict[bytes, list[tuple[int, int, int]]] = {}  # layers with the same sources share their runs
+    for row_tensor in src:
+        key = row_tensor.numpy().tobytes()
+        if key in seen:
+            out.append(seen[key])
+            continue
+        row = row_tensor.tolist()
         runs: list[tuple[int, int, int]] = []
         for i, unit in enumerate(row):
             if i in skipped:
@@ -487,6 +493,7 @@ def _runs(src: torch.Tensor, skip: torch.Tensor, limit: int) -> list[list[tuple[
                 return None
             else:
                 runs.append((i, unit, 1))
+        seen[key] = runs
         out.append(runs)
     return out
 

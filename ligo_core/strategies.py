@@ -24,7 +24,7 @@ import torch
 
 from ligo_core.catalog import DEFAULT_LIGO_INIT, DEFAULT_NOISE, check_growth_options, default_spread
 from ligo_core.families import Family, TensorSpec
-from ligo_core.operator import ExpanderInit, GrowthOperator, PlannedExpander, compact, dense
+from ligo_core.operator import ExpanderInit, GrowthOperator, PlannedExpander, compact
 
 COPY, MEAN, ZERO = "copy", "mean", "zero"
 
@@ -47,73 +47,107 @@ class Source:
     scale: float = 1.0
 
 
-def _expander_from_sources(sources: list[Source], d1: int, generator: torch.Generator, noise: float,
+@dataclass(frozen=True)
+class _Walk:
+    """Where every large unit of a space comes from, as index tensors: worked out once for a list
+    of sources and shared by every layer that has the same list (only the random draws differ)."""
+
+    d1: int
+    order: torch.Tensor  # (d2,) final row i = stacked row order[i]
+    top_units: torch.Tensor  # old units that keep their own row (their first copy)
+    top_scales: torch.Tensor
+    new_rows: torch.Tensor  # rows of C that copy an old unit (its second, third... copy)
+    new_units: torch.Tensor
+    new_scales: torch.Tensor
+    mean_rows: list[int]  # rows of C that are mean pads
+    pad_rows: list[int]  # rows of C that are pads (mean or zero): paired noise on the input side
+    counts: torch.Tensor  # (d1,) copies of each old unit
+    top_slot: torch.Tensor  # each top unit's share, as an index into ``_random_shares``' answer
+    new_slot: torch.Tensor
+
+    @staticmethod
+    def of(sources: list[Source], d1: int) -> _Walk:
+        """The walk over units is plain Python collecting indices, once per distinct list: the
+        tensors are filled in bulk (element-wise tensor writes made this the slowest part of
+        growing a 355M model)."""
+        sources = _ensure_coverage(list(sources), d1)
+        counts = [0] * d1
+        for s in sources:
+            if s.kind == COPY:
+                counts[s.unit] += 1
+        first = [0] * d1  # each old unit's first share slot: its copies' shares are consecutive
+        at = 0
+        for unit, c in enumerate(counts):
+            first[unit], at = at, at + max(c, 1)
+        order = [0] * len(sources)
+        top_units, top_scales, top_slot = [], [], []
+        new_rows, new_units, new_scales, new_slot, mean_rows, pad_rows = [], [], [], [], [], []
+        used = [0] * d1  # copies of each old unit placed so far
+        for i, s in enumerate(sources):
+            if s.kind == COPY and used[s.unit] == 0:
+                order[i] = s.unit
+                top_units.append(s.unit)
+                top_scales.append(s.scale)
+                top_slot.append(first[s.unit])
+                used[s.unit] = 1
+                continue
+            row = len(new_rows) + len(pad_rows)
+            order[i] = d1 + row
+            if s.kind == COPY:
+                new_rows.append(row)
+                new_units.append(s.unit)
+                new_scales.append(s.scale)
+                new_slot.append(first[s.unit] + used[s.unit])
+                used[s.unit] += 1
+            else:
+                pad_rows.append(row)
+                if s.kind == MEAN:
+                    mean_rows.append(row)
+        long = torch.long
+        return _Walk(d1, torch.tensor(order), torch.tensor(top_units, dtype=long), torch.tensor(top_scales),
+                     torch.tensor(new_rows, dtype=long), torch.tensor(new_units, dtype=long),
+                     torch.tensor(new_scales), mean_rows, pad_rows, torch.tensor(counts, dtype=long),
+                     torch.tensor(top_slot, dtype=long), torch.tensor(new_slot, dtype=long))
+
+
+def _expander_from_sources(sources: list[Source] | _Walk, d1: int, generator: torch.Generator, noise: float,
                            even_shares: bool = False, sparse: bool = False) -> ExpanderInit:
     """Build ``P [diag(top); C]`` for E, and the matching input side F with ``F^T E = I``.
 
+    ``sources``: a list, or its ``_Walk`` (for many layers with the same list).
     ``even_shares``: copies split the input side evenly (``noise`` then only reaches the pads).
     ``sparse``: C comes back as a coalesced sparse (r, d1) tensor (``operator.compact``'s layout).
-
-    The walk over units is plain Python collecting indices; the tensors are filled in bulk
-    (element-wise tensor writes made this the slowest part of growing a 355M model).
     """
-    d2 = len(sources)
-    sources = _ensure_coverage(list(sources), d1)
-    counts = [0] * d1
-    for s in sources:
-        if s.kind == COPY:
-            counts[s.unit] += 1
-    shares = _random_shares(counts, generator, 0.0 if even_shares else noise)
+    walk = sources if isinstance(sources, _Walk) else _Walk.of(sources, d1)
+    d2 = len(walk.order)
+    shares = _random_shares(walk.counts, generator, 0.0 if even_shares else noise)
     top_e, top_f = torch.ones(d1), torch.ones(d1)
-    order = [0] * d2
-    top_units, top_scales, top_shares = [], [], []
-    new_rows, new_units, new_scales, new_shares, mean_rows, pad_rows = [], [], [], [], [], []
-    used = [0] * d1  # copies of each old unit placed so far
-    for i, s in enumerate(sources):
-        if s.kind == COPY and used[s.unit] == 0:
-            order[i] = s.unit
-            top_units.append(s.unit)
-            top_scales.append(s.scale)
-            top_shares.append(shares[s.unit][0])
-            used[s.unit] = 1
-            continue
-        row = len(new_rows) + len(pad_rows)
-        order[i] = d1 + row
-        if s.kind == COPY:
-            new_rows.append(row)
-            new_units.append(s.unit)
-            new_scales.append(s.scale)
-            new_shares.append(shares[s.unit][used[s.unit]])
-            used[s.unit] += 1
-        else:
-            pad_rows.append(row)
-            if s.kind == MEAN:
-                mean_rows.append(row)
-    top_e[top_units], top_f[top_units] = torch.tensor(top_scales), torch.tensor(top_shares)
-    pads = _paired_noise(len(pad_rows), d1, generator, PAD_NOISE * noise)
+    top_e[walk.top_units], top_f[walk.top_units] = walk.top_scales, shares[walk.top_slot]
+    new_shares = shares[walk.new_slot]
+    pad_row, pad_unit, pad_value = _paired_noise(len(walk.pad_rows), d1, generator, PAD_NOISE * noise)
+    pad_row = torch.tensor(walk.pad_rows, dtype=torch.long)[pad_row]  # C's rows
+    mean_row = torch.tensor(walk.mean_rows, dtype=torch.long).repeat_interleave(d1)
+    mean_unit = torch.arange(d1).repeat(len(walk.mean_rows))
     if sparse:  # the same entries as the dense C below, without its (d2 - d1) x d1 zeros
-        c_e = _sparse_rows(d2 - d1, d1, new_rows, new_units, new_scales, mean_rows,
-                           torch.full((len(mean_rows), d1), 1.0 / d1))
-        c_f = _sparse_rows(d2 - d1, d1, new_rows, new_units, new_shares, pad_rows, pads)
-        return ExpanderInit(order=torch.tensor(order), top_e=top_e[None], c_e=c_e, top_f=top_f[None], c_f=c_f)
+        c_e = _sparse_rows(d2 - d1, d1, torch.cat([walk.new_rows, mean_row]), torch.cat([walk.new_units, mean_unit]),
+                           torch.cat([walk.new_scales, torch.full((len(mean_row),), 1.0 / d1)]))
+        c_f = _sparse_rows(d2 - d1, d1, torch.cat([walk.new_rows, pad_row]), torch.cat([walk.new_units, pad_unit]),
+                           torch.cat([new_shares, pad_value]))
+        return ExpanderInit(order=walk.order, top_e=top_e[None], c_e=c_e, top_f=top_f[None], c_f=c_f)
     c_e, c_f = torch.zeros(d2 - d1, d1), torch.zeros(d2 - d1, d1)
-    c_e[new_rows, new_units], c_f[new_rows, new_units] = torch.tensor(new_scales), torch.tensor(new_shares)
-    c_e[mean_rows] = 1.0 / d1
-    c_f[pad_rows] = pads
-    return ExpanderInit(order=torch.tensor(order), top_e=top_e[None], c_e=c_e[None], top_f=top_f[None], c_f=c_f[None])
+    c_e[walk.new_rows, walk.new_units], c_f[walk.new_rows, walk.new_units] = walk.new_scales, new_shares
+    c_e[mean_row, mean_unit] = 1.0 / d1
+    c_f[pad_row, pad_unit] = pad_value
+    return ExpanderInit(order=walk.order, top_e=top_e[None], c_e=c_e[None], top_f=top_f[None], c_f=c_f[None])
 
 
-def _sparse_rows(r: int, d1: int, rows: list[int], units: list[int], values: list[float], full_rows: list[int],
-                 full: torch.Tensor) -> torch.Tensor:
-    """A coalesced sparse (r, d1) C: one entry per (row, unit, value), and whole rows ``full``
-    (their non-zero entries) at ``full_rows``; as ``operator.compact`` would store the dense C."""
-    values_t = torch.tensor(values, dtype=torch.float32)
-    keep = values_t != 0
-    at = full.nonzero()
-    index = torch.cat([torch.stack([torch.tensor(rows, dtype=torch.long)[keep], torch.tensor(units, dtype=torch.long)[keep]]),
-                       torch.stack([torch.tensor(full_rows, dtype=torch.long)[at[:, 0]], at[:, 1]])], dim=1)
-    data = torch.cat([values_t[keep], full[at[:, 0], at[:, 1]]])
-    return torch.sparse_coo_tensor(index, data, (r, d1), check_invariants=True).coalesce()
+def _sparse_rows(r: int, d1: int, rows: torch.Tensor, units: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A coalesced sparse (r, d1) C from its (row, unit, value) entries, zeros left out: as
+    ``operator.compact`` would store the dense C."""
+    values = values.float()
+    keep = values != 0
+    return torch.sparse_coo_tensor(torch.stack([rows[keep], units[keep]]), values[keep], (r, d1),
+                                   check_invariants=False).coalesce()  # built valid: no check
 
 
 def _ensure_coverage(sources: list[Source], d1: int) -> list[Source]:
@@ -134,37 +168,38 @@ def _ensure_coverage(sources: list[Source], d1: int) -> list[Source]:
     return sources
 
 
-def _random_shares(counts: list[int], generator: torch.Generator, noise: float) -> list[list[float]]:
-    """Per old unit, how its copies split the input side: about 1/count each, summing to 1."""
-    copied = [c for c in counts if c > 1]
-    z = (torch.rand(sum(copied), generator=generator) * 2 - 1) * noise
-    owner = torch.repeat_interleave(torch.arange(len(copied)), torch.tensor(copied, dtype=torch.long))
-    mean = torch.zeros(len(copied)).index_add_(0, owner, z) / torch.tensor(copied, dtype=torch.float)
-    split = ((1 + z - mean[owner]) / torch.tensor(copied, dtype=torch.float)[owner]).tolist()
-    shares, at = [], 0
-    for c in counts:
-        if c <= 1:
-            shares.append([1.0] * max(c, 1))
-        else:
-            shares.append(split[at : at + c])
-            at += c
+def _random_shares(counts: torch.Tensor, generator: torch.Generator, noise: float) -> torch.Tensor:
+    """How each old unit's copies split the input side: about 1/count each, summing to 1. One flat
+    tensor, each unit's copies in a run (``_Walk``'s slots); a unit with no copy or one has 1."""
+    slots = counts.clamp_min(1)
+    copied = counts[counts > 1]
+    z = (torch.rand(int(copied.sum()), generator=generator) * 2 - 1) * noise
+    owner = torch.repeat_interleave(torch.arange(len(copied)), copied)
+    mean = torch.zeros(len(copied)).index_add_(0, owner, z) / copied.float()
+    split = (1 + z - mean[owner]) / copied.float()[owner]
+    shares = torch.ones(int(slots.sum()))
+    shares[torch.repeat_interleave(counts > 1, slots)] = split
     return shares
 
 
-def _paired_noise(n: int, d1: int, generator: torch.Generator, noise: float, nonzeros: int = 8) -> torch.Tensor:
-    """Rows that cancel in pairs: identical pad units then contribute nothing in sum.
+def _paired_noise(n: int, d1: int, generator: torch.Generator, noise: float,
+                  nonzeros: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows that cancel in pairs: identical pad units then contribute nothing in sum. Returned as
+    entries (row in [0, n), old unit, value).
 
-    Each pair reads ``nonzeros`` random old units (as much noise in total as a dense row), so a
-    fixed operator applies these rows with a few gathers rather than a matrix product.
+    Each pair reads ``nonzeros`` random old units, one in each of as many equal strata of the units
+    (so they are distinct, drawn without a sort of ``d1`` numbers per row), with as much noise in
+    total as a dense row; a fixed operator applies these rows with a few gathers rather than a
+    matrix product.
     """
-    rows = torch.zeros(n, d1)
     pairs, k = n // 2, min(nonzeros, d1)
     if pairs == 0:
-        return rows
-    units = torch.rand(pairs, d1, generator=generator).argsort(-1)[:, :k]
-    half = torch.zeros(pairs, d1).scatter_(1, units, torch.randn(pairs, k, generator=generator) * noise / math.sqrt(k))
-    rows[0 : 2 * pairs : 2], rows[1 : 2 * pairs : 2] = half, -half
-    return rows
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0)
+    stride = d1 // k
+    units = (torch.randint(stride, (pairs, k), generator=generator) + torch.arange(k) * stride).flatten()
+    values = (torch.randn(pairs, k, generator=generator) * noise / math.sqrt(k)).flatten()
+    rows = torch.arange(pairs).repeat_interleave(k) * 2
+    return torch.cat([rows, rows + 1]), torch.cat([units, units]), torch.cat([values, -values])
 
 
 def _stack_layers(inits: list[ExpanderInit]) -> ExpanderInit:
@@ -265,10 +300,17 @@ def _jitter_copies(init: ExpanderInit, generator: torch.Generator, noise: float)
     every step, and the block trains as if it were as narrow as the small model (measured: copies'
     incoming weights at cosine 1.0000000 after 600 AdamW steps).
     """
-    def jitter(t: torch.Tensor) -> torch.Tensor:
-        return t * (1 + (torch.rand(t.shape, generator=generator) - 0.5) * noise)
+    def factors(n: int) -> torch.Tensor:
+        return 1 + (torch.rand(n, generator=generator) - 0.5) * noise
 
-    return replace(init, top_e=jitter(init.top_e), c_e=jitter(init.c_e))  # zero entries stay zero
+    top_e = init.top_e * factors(init.top_e.shape[-1])
+    rows = factors(init.c_e.shape[-2])  # one per row of C: a copy's row holds its one entry
+    if init.c_e.is_sparse:  # ``compact``'s layout: scale the stored entries, zeros stay zeros
+        c_e = torch.sparse_coo_tensor(init.c_e.indices(), init.c_e.values() * rows[init.c_e.indices()[0]],
+                                      init.c_e.shape, check_invariants=False).coalesce()
+    else:
+        c_e = init.c_e * rows[:, None]
+    return replace(init, top_e=top_e, c_e=c_e)
 
 
 def depth_init(specs: list[TensorSpec], l1: int, l2: int, mode: str, zero_new_outputs: bool) -> dict[str, torch.Tensor]:
@@ -342,22 +384,27 @@ def build_operator(
     expanders = {"res": res}
     per_layer = {"q": [], "k": [], "v": [], "ffn": []}
     src_q, src_kv = head_maps(small, large, width, g)  # one head map: every layer keeps one placement
-    for _ in range(l2):
-        per_layer["q"].append(head_sources(src_q, dh, dh2, family.rotary, q_scale))
-        per_layer["k"].append(head_sources(src_kv, dh, dh2, family.rotary, 1.0))
-        per_layer["v"].append(head_sources(src_kv, dh, dh2, family.rotary, 1.0))
-        per_layer["ffn"].append(unit_sources(small["ffn"], large["ffn"], width, g))
+    q_sources = head_sources(src_q, dh, dh2, family.rotary, q_scale)
+    kv_sources = head_sources(src_kv, dh, dh2, family.rotary, 1.0)
+    ffn_sources = None if width == "net2net" else unit_sources(small["ffn"], large["ffn"], width, g)
+    for _ in range(l2):  # the same list object for every layer, so its walk is worked out once
+        per_layer["q"].append(q_sources)
+        per_layer["k"].append(kv_sources)
+        per_layer["v"].append(kv_sources)
+        per_layer["ffn"].append(ffn_sources or unit_sources(small["ffn"], large["ffn"], width, g))
     small_dims = {
         "res": small["hidden"], "q": small["heads"] * dh, "k": small["kv_heads"] * dh,
         "v": small["kv_heads"] * dh, "ffn": small["ffn"],
     }
     silent = silent_layers(small["layers"], l2, depth_mode) if zero_new else set()
-    # ``planned``: each layer's C is made sparse as soon as it is drawn (the same draws, in the same order).
-    keep = compact if planned else (lambda init: init)
     for space, layers in per_layer.items():
-        inits = [_expander_from_sources(s, small_dims[space], g, noise, sparse=planned) for s in layers]
+        walks: dict[int, _Walk] = {}  # layers with the same sources (all, unless net2net) share one walk
+        for sources in layers:
+            if id(sources) not in walks:
+                walks[id(sources)] = _Walk.of(sources, small_dims[space])
+        inits = [_expander_from_sources(walks[id(s)], small_dims[space], g, noise, sparse=planned) for s in layers]
         for layer in sorted(silent):  # a fixed order of random draws, not a set's
-            inits[layer] = keep(_jitter_copies(dense(inits[layer]) if planned else inits[layer], g, noise))
+            inits[layer] = _jitter_copies(inits[layer], g, noise)
         expanders[space] = PlannedExpander(inits) if planned else _stack_layers(inits)
     if planned:
         expanders["res"] = PlannedExpander([compact(res)])
