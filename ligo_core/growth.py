@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +26,8 @@ from ligo_core.fit_guard import TOLERANCE, FitGuard, check_every, guard_slice
 from ligo_core.layerwise import LayerwiseModel
 from ligo_core.objective import heldout_loss, loss_terms, tokenizer_info
 from ligo_core.operator import GrowthOperator
-from ligo_core.separation import separation_offsets
+from ligo_core.rowblocks import fixed_tensors
+from ligo_core.separation import Separation
 from ligo_core.strategies import build_operator
 from ligo_core.targets import check_growth, family_of, sizes_of
 from ligo_core.training import default_device, lr_at
@@ -148,8 +149,18 @@ class GrownOperator:
     operator: GrowthOperator
     small_state: dict[str, torch.Tensor]  # fp32, by full name
     layout: Layout
-    offsets: dict[str, torch.Tensor]  # added to the operator's output (ligo_core/separation.py)
+    offsets: Mapping[str, torch.Tensor]  # added to a fitted operator's output (ligo_core/separation.py)
     config: PretrainedConfig  # the large config (norm epsilon rescaled)
+    moves: Separation | None = None  # a fixed operator's: each tensor moved as it is made
+
+    def tensors(self, dtype: torch.dtype, allocate=None) -> Iterator[tuple[TensorSpec, int, str, torch.Tensor]]:
+        """The large tensors in spec order, as they are handed over (``stream.stream_weights``)."""
+        if self.moves is not None:
+            yield from fixed_tensors(self.operator, self.small_state.__getitem__, self.layout.names, self.moves,
+                                     dtype, allocate)
+            return
+        for spec, layer, name, tensor in self.operator.iter_fixed(self.small_state.__getitem__, self.layout.names):
+            yield spec, layer, name, tensor.add_(self.offsets[name]) if name in self.offsets else tensor
 
 
 def fit_warmup(steps: int) -> int:
@@ -423,9 +434,11 @@ def grow_model(
         initial = operator.materialise(small_state, layout.names)
         if heldout is not None:
             losses["before_fit"] = evaluate(params=initial)
-    # Copies moved apart (ligo_core/separation.py), as offsets: the fit trains with them in place.
-    offsets = separation_offsets(initial, operator, layout.names, operator.spread,
-                                 torch.Generator().manual_seed(seed + 2))
+    # Copies moved apart (ligo_core/separation.py): LiGO's fit trains with them in place, as offsets; a
+    # fixed strategy moves each tensor once it is made, drawing what a streamed grow draws.
+    separation = Separation(operator, operator.spread, torch.Generator().manual_seed(seed + 2))
+    offsets = separation.offsets(initial, layout.names) if strategy == "ligo" else {}
+    moves = None if strategy == "ligo" else separation
     info: dict = {
         "strategy": strategy,
         "operator_parameters": operator.num_parameters(),
@@ -472,11 +485,16 @@ def grow_model(
         progress({"stage": "materialising", "step": 0, "total": 1, "loss": None})
     if stream and heldout is None:
         # Nothing left to score: the caller writes the tensors one at a time (ligo_core/stream.py).
-        info["grown"] = GrownOperator(operator, small_state, layout, offsets, target_config)
+        info["grown"] = GrownOperator(operator, small_state, layout, offsets, target_config, moves)
         return None, info
     with torch.no_grad():
-        large_state = operator.materialise(small_state, layout.names) if info["fit_steps"] else initial
-        del initial
+        if moves is not None:  # a fixed strategy: made as a streamed grow makes it, the same bits
+            del initial
+            large_state = {name: tensor for _, _, name, tensor in
+                           fixed_tensors(operator, small_state.__getitem__, layout.names, moves, torch.float32)}
+        else:
+            large_state = operator.materialise(small_state, layout.names) if info["fit_steps"] else initial
+            del initial
         for name, offset in offsets.items():
             large_state[name].add_(offset)  # materialised tensors own their memory: no second copy
         if heldout is not None:

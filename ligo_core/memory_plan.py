@@ -6,9 +6,11 @@ configs; the biggest one is named in the refusal. docs/GROWTH.md ("Memory plan")
 
 - ``runtime``: the Python process with torch and transformers imported (measured ~0.6 GiB).
 - Streamed apply (fixed strategies, and writing a fitted operator's model without scoring it):
-  ``source tensor`` (the largest small tensor in fp32) + ``output tensor`` (the largest large
-  tensor in fp32, and its cast to the output dtype). Nothing else grows with the model: shards are
-  written in place, not gathered (ligo_core/stream.py).
+  ``source tensor`` (the largest small tensor, stored dtype) + ``source cache`` (small tensors kept
+  once read, at most READ_CACHE_BYTES) + ``output tensor`` (three buffers of the largest large
+  tensor in the output dtype: one filled, one queued, one written; and for a fitted operator the
+  tensor made whole in fp32; a fixed strategy makes it a block of rows at a time). Nothing else
+  grows with the model: shards are written in place, not gathered (ligo_core/stream.py).
 - LiGO fit: ``small model`` (fp32) + ``operator`` (fp32 values, gradients and two AdamW moments:
   16 bytes a parameter) + ``large layer`` (one large layer's weights, gradients and a recomputed
   copy, fp32) + ``activations`` (a layer's inputs kept for every large layer, one layer's work,
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 
 GiB = 2**30
 RUNTIME_BYTES = int(0.6 * GiB)
+READ_CACHE_BYTES = GiB  # small tensors a streamed grow keeps once read (ligo_core/weights.ReadCache)
 BUDGET_ENV = "LIGO_WORKER_MEMORY_GB"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 # Per-layer tensors of a family's operator that carry a depth-mixing row (upper bound: Llama has 9,
@@ -123,8 +126,11 @@ def plan(source: dict, target: dict, *, strategy: str, fit_steps: int = 0, batch
     if scored:
         terms["grown model"] = 4 * large.parameters()
     else:
-        terms["source tensor"] = 4 * small.largest_tensor()
-        terms["output tensor"] = (4 + out_bytes) * large.largest_tensor()
+        stored = dtype_bytes(source)
+        terms["source tensor"] = stored * small.largest_tensor()
+        terms["source cache"] = min(READ_CACHE_BYTES, stored * small.parameters())
+        # a fixed strategy's tensors are made by blocks into the buffers; a fitted operator's whole, in fp32
+        terms["output tensor"] = (3 * out_bytes + (4 if strategy == "ligo" else 0)) * large.largest_tensor()
     total = sum(terms.values())
     biggest = max((k for k in terms if k != "runtime"), key=terms.get)
     return {"bytes": total, "gib": round(total / GiB, 2), "terms": terms, "biggest": biggest}

@@ -266,6 +266,44 @@ class RowPlan:
             runs=_runs(src, position[d1 + rest], RowPlan.MAX_RUNS),
         )
 
+    def expand_at(self, x: torch.Tensor, layer: int, positions: torch.Tensor, total: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        """Rows ``positions`` of ``expand(x, 0, layer)`` for a 2D ``x``, in fp32, from ``x``'s rows alone
+        (the other large rows are never made; rows are gathered in ``x``'s dtype, then widened);
+        ``total``: ``x.sum(0)`` in fp32, for mean pads."""
+        layer = layer if self.src.shape[0] > 1 else 0
+        y = x.index_select(0, self.src[layer, positions]).float()
+        if not self.all_ones:
+            y.mul_(self.scale[layer, positions, None].float())
+        kinds = self._kinds()
+        for kind, slots in ((k, kinds[k][positions]) for k in ("mean", "sparse", "dense")):
+            at = (slots >= 0).nonzero().squeeze(1)
+            if not len(at):
+                continue
+            slot = slots[at]
+            if kind == "mean":
+                y[at] = (total if total is not None else x.float().sum(0)) * self.mean_coef[layer, slot, None].float()
+            elif kind == "sparse":
+                idx, val = self.sparse_idx[layer, slot], self.sparse_val[layer, slot].float()  # (n, K)
+                part = x.index_select(0, idx[:, 0]).float() * val[:, :1]
+                for t in range(1, idx.shape[1]):
+                    part.add_(x.index_select(0, idx[:, t]).float() * val[:, t : t + 1])
+                y[at] = part
+            else:
+                y[at] = self.dense_c[layer, slot].float() @ x.float()
+        return y
+
+    def _kinds(self) -> dict[str, torch.Tensor]:
+        """Per large position: its slot among the mean, sparse and dense rows (-1 where it is none)."""
+        if getattr(self, "_kind_slots", None) is None:
+            slots = {}
+            for kind, rows in (("mean", self.mean_rows), ("sparse", self.sparse_rows), ("dense", self.dense_rows)):
+                slot = torch.full((self.src.shape[1],), -1, dtype=torch.long, device=self.src.device)
+                slot[rows] = torch.arange(len(rows), device=self.src.device)
+                slots[kind] = slot
+            self._kind_slots = slots
+        return self._kind_slots
+
     def expand(self, x: torch.Tensor, dim: int, layer: int) -> torch.Tensor:
         """Expand dim ``dim`` of one layer's tensor ``x`` (any rank) from d1 to d2 units."""
         layer = layer if self.src.shape[0] > 1 else 0
@@ -275,13 +313,18 @@ class RowPlan:
             shape = list(x.shape)
             shape[dim] = self.src.shape[1]
             y = x.new_empty(shape)
+            scale = None if self.all_ones else self.scale[layer].to(x.dtype).view([-1] + [1] * (x.dim() - dim - 1))
             for to, start, length in self.runs[layer]:
-                y.narrow(dim, to, length).copy_(x.narrow(dim, start, length))
+                if scale is None:
+                    y.narrow(dim, to, length).copy_(x.narrow(dim, start, length))
+                else:  # copied and scaled in one pass
+                    torch.mul(x.narrow(dim, start, length), scale.narrow(0, to, length), out=y.narrow(dim, to, length))
         if self.all_ones:
             return y
         shape = [1] * x.dim()
         shape[dim] = -1
-        y.mul_(self.scale[layer].to(x.dtype).view(shape))
+        if self.runs is None:
+            y.mul_(self.scale[layer].to(x.dtype).view(shape))
         if len(self.mean_rows):
             total = x.sum(dim, keepdim=True)
             y.index_copy_(dim, self.mean_rows, total * self.mean_coef[layer].to(x.dtype).view(shape))
@@ -439,20 +482,35 @@ class GrowthOperator(nn.Module):
         """One tensor as ``materialise`` makes it under ``no_grad`` (the cheap row-by-row path);
         ``small`` gives the small tensors by full name (a dict, or a reader); only the small layers
         that large layer ``layer`` mixes are read."""
+        return self._expand_stored(spec, self.small_tensor(spec, small, full, layer), layer if spec.per_layer else 0)
+
+    @torch.no_grad()
+    def small_tensor(self, spec: TensorSpec, small: Callable[[str], torch.Tensor] | dict[str, torch.Tensor],
+                     full: str, layer: int | None = None) -> torch.Tensor:
+        """What large layer ``layer`` of ``spec`` widens: the small layers it mixes, mixed (only those
+        are read); the small tensor itself for a global spec."""
         read = small.__getitem__ if isinstance(small, dict) else small
         if not spec.per_layer:
-            return self._expand_stored(spec, read(full), layer=0)
+            return read(full)
         weights = self.depth[_key(spec.name)]
-        mixed = _mix_layers(weights[layer], _LayerReader(read, full, weights.shape[1]))
-        return self._expand_stored(spec, mixed, layer)
+        return _mix_layers(weights[layer], _LayerReader(read, full, weights.shape[1]))
 
     def _expand_stored(self, spec: TensorSpec, x: torch.Tensor, layer: int) -> torch.Tensor:
         """Grow one layer's tensor in its stored layout (no canonical transposes, no layer stack)."""
         source = x
+        # The stored axis 1 first, while the tensor is small: gathers and scatters across columns
+        # cost several times those of whole rows, which axis 0 then copies.
+        for axis in range(x.dim() - 1, -1, -1):
+            x = self.expand_axis(spec, x, axis, layer)
+        if spec.norm_gain and self.norm_scale != 1.0:
+            x = x * self.norm_scale
+        return x.contiguous() if x is not source else x.clone()
+
+    def expand_axis(self, spec: TensorSpec, x: torch.Tensor, axis: int, layer: int) -> torch.Tensor:
+        """Widen stored axis ``axis`` of one layer's tensor ``x`` (``x`` itself if that axis keeps its size)."""
         for k, dim in enumerate(spec.dims):
-            if dim is None:
+            if dim is None or stored_axis(spec, k, x.dim()) != axis:
                 continue
-            axis = stored_axis(spec, k, x.dim())
             space, side = dim[0], self._side(dim[1])
             if "+" in space:
                 parts = torch.split(x, [self.small_dims[s] for s in spec.fused], dim=axis)
@@ -460,9 +518,17 @@ class GrowthOperator(nn.Module):
                                for s, p in zip(spec.fused, parts)], dim=axis)
             else:
                 x = self.expanders[space].row_plan(side).expand(x, axis, layer)
-        if spec.norm_gain and self.norm_scale != 1.0:
-            x = x * self.norm_scale
-        return x.contiguous() if x is not source else x.clone()
+        return x
+
+    def axis_plan(self, spec: TensorSpec, axis: int, ndim: int) -> RowPlan | None:
+        """The row plan that widens stored axis ``axis`` (None if it keeps its size); a fused axis
+        (several spaces side by side) has none and is refused."""
+        for k, dim in enumerate(spec.dims):
+            if dim is not None and stored_axis(spec, k, ndim) == axis:
+                if "+" in dim[0]:
+                    raise ValueError(f"{spec.name}: axis {axis} is fused")
+                return self.expanders[dim[0]].row_plan(self._side(dim[1]))
+        return None
 
 
 def stored_axis(spec: TensorSpec, k: int, ndim: int) -> int:
@@ -515,9 +581,11 @@ def _mix_layers(weights: torch.Tensor, layers) -> torch.Tensor:
         return layers[nonzero[0]]
     if not nonzero:
         return torch.zeros_like(layers[0])
-    out = layers[nonzero[0]] * weights[nonzero[0]].to(layers[0].dtype)
+    first = layers[nonzero[0]]
+    dtype = torch.promote_types(first.dtype, torch.float32)  # a mix of bf16 layers is summed in fp32
+    out = first.to(dtype) * weights[nonzero[0]].to(dtype)
     for j in nonzero[1:]:
-        out.add_(layers[j], alpha=float(weights[j]))
+        out.add_(layers[j].to(dtype), alpha=float(weights[j]))
     return out
 
 

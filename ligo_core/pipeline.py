@@ -19,7 +19,7 @@ from ligo_core.catalog import (
 )
 from ligo_core.checkpoint import check_checkpoint, load_checkpoint, load_tokenizer, opened_source
 from ligo_core.data import batches, build_token_data
-from ligo_core.errors import CheckpointError, DataError, TargetError
+from ligo_core.errors import DataError, TargetError
 from ligo_core.growth import (
     bare_model_refusal,
     data_parallel_rank,
@@ -28,11 +28,12 @@ from ligo_core.growth import (
     wait_for_ranks,
 )
 from ligo_core.matrices import target_summary
+from ligo_core.memory_plan import READ_CACHE_BYTES
 from ligo_core.output import check_output_dir, staged_output, write_checkpoint, write_side_files
 from ligo_core.stream import grown_shapes, output_dtype, stream_weights, write_config
 from ligo_core.targets import max_positions, resolve_target, sizes_of
 from ligo_core.training import default_device
-from ligo_core.weights import open_weights
+from ligo_core.weights import ReadCache, open_weights
 
 HELDOUT_SEQUENCES = 64
 
@@ -211,14 +212,9 @@ def grow(
                                      max_shard_size=max_shard_size)
         elif rank == 0:
             del loaded
-            offsets = grown.offsets
-
-            def add_offset(spec, layer, name, tensor):
-                return tensor.add_(offsets[name]) if name in offsets else tensor
-
             with staged_output(out_dir) as tmp:
-                stream_weights(tmp, grown.operator, layout.names, grown.small_state.__getitem__,
-                               _shapes(grown.small_state), dtype=out_dtype, adjust=add_offset,
+                shapes = grown_shapes(grown.operator, layout.names, _shapes(grown.small_state))
+                stream_weights(tmp, shapes, lambda allocate: grown.tensors(out_dtype, allocate), dtype=out_dtype,
                                max_shard_size=max_shard_size)
                 write_config(tmp, grown.config, checked.model_class, out_dtype)
                 write_side_files(tmp, directory, report)
@@ -231,14 +227,15 @@ def _grow_streamed(directory, follow_links, checked, target_config, out_dir, out
                    should_cancel, started, run) -> tuple[dict, list[str]]:
     """A fixed strategy with nothing to score: no model is built; the small tensors are read from
     disk as the operator needs them, and each grown tensor is written before the next is made."""
-    from ligo_core.separation import copy_pairs, move_apart
+    from ligo_core.rowblocks import fixed_tensors
+    from ligo_core.separation import Separation
 
     config, layout = checked.config, checked.layout
     operator, large_config = start_operator(config, layout, target_config, strategy=run["strategy"],
                                             seed=run["seed"], noise=run["noise"], spread=run["spread"],
                                             ligo_init=run["ligo_init"], planned=True)
-    pairs = copy_pairs(operator) if operator.spread > 0 else {}
-    generator = torch.Generator().manual_seed(run["seed"] + 2)  # grow_model's separation draws, in its order
+    # grow_model's separation draws, in its order
+    separation = Separation(operator, operator.spread, torch.Generator().manual_seed(run["seed"] + 2))
     info = {
         "strategy": run["strategy"], "operator_parameters": operator.num_parameters(), "fit_steps": 0,
         "fit_history": [], "fit_seconds": 0.0, "dropped_tensors": layout.dropped, "ligo_init": None,
@@ -258,25 +255,18 @@ def _grow_streamed(directory, follow_links, checked, target_config, out_dir, out
         costs = _fit_flops(config, large_config, {**report, "fit": {**report["fit"], "batch_size": 1, "seq_len": 1}})
         report["fit"]["flops"], report["fit"]["operator_flops"] = costs["flops"], costs["operator_flops"]
 
-        finite: set[str] = set()  # checked once, though stacking reads a small layer several times
-
-        def read(name: str) -> torch.Tensor:
-            tensor = weights.get(name)
-            if name not in finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise CheckpointError(f"tensor {name!r} holds NaN or infinite values")
-            finite.add(name)
-            return tensor.float()
-
-        def move(spec, layer, name, tensor):
-            return move_apart(tensor, spec, layer, operator, pairs, operator.spread, generator)
+        # Small tensors in their stored dtype (the blocks are widened in fp32), each read once while
+        # they fit the cache: stacking reads a small layer once per copy.
+        read = ReadCache(weights.get, READ_CACHE_BYTES)
 
         def written(done: int, total: int) -> None:
             _check_cancel(should_cancel)
             emit({"stage": "saving", "step": done, "total": total, "loss": None})
 
         with staged_output(out_dir) as tmp:
-            stream_weights(tmp, operator, layout.names, read, weights.shapes, dtype=out_dtype, adjust=move,
-                           max_shard_size=max_shard_size, progress=written)
+            stream_weights(tmp, shapes, lambda allocate: fixed_tensors(operator, read, layout.names, separation,
+                                                                       out_dtype, allocate),
+                           dtype=out_dtype, max_shard_size=max_shard_size, progress=written)
             write_config(tmp, large_config, checked.model_class, out_dtype)
             report["seconds"] = round(time.perf_counter() - started, 3)
             write_side_files(tmp, directory, report)

@@ -8,7 +8,8 @@ slowly: measured on the savings GPT-2, live blocks' FFN copies were still at cos
 For two copies ``a``, ``b`` of one unit that the readers sum with shares ``s_a``, ``s_b``, moving
 their incoming weights by ``+s_b d`` and ``-s_a d`` leaves ``s_a f(w_a) + s_b f(w_b)`` equal to
 ``f(w)`` up to second order in ``d``, whatever the unit's function ``f`` is, and exactly where ``f``
-is linear. ``d`` is a random direction as long as ``spread / 2`` times the unit's incoming weights.
+is linear. ``d`` is a random direction as long as ``spread / 2`` times the unit's incoming weights
+(a window of one pool of normals, see ``POOL``).
 
 Only spaces whose units are read through their own input-side shares take it: the residual stream
 and the FFN units. Attention heads are left alone (their copies are read through the attention
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ligo_core.families import TensorSpec
 from ligo_core.operator import GrowthOperator, stored_axis
 
 SEPARATED_SPACES = ("res", "ffn")
@@ -61,10 +63,17 @@ def copy_pairs(operator: GrowthOperator) -> dict[str, CopyPairs]:
     return pairs
 
 
-# Elements of a move's random directions drawn at once: bounds the memory of moving a large
-# tensor's copies (an 8B model's embedding has 2048 copied columns of 128k entries), and keeps
-# the several passes over each piece within the CPU's caches.
+# Elements of a move's steps made at once where copies are not in runs (``_Move``): bounds the
+# memory of moving a large tensor's copies (an 8B model's embedding has 2048 copied columns of 128k
+# entries).
 MOVE_CHUNK = 2**24
+# Elements of a run of moved units handled at once: small enough to stay in the CPU's cache.
+MOVE_BLOCK = 2**18
+# Every direction is a window of one pool of standard normals, at its own random start: drawing a
+# normal costs about as much as the rest of a streamed grow's work per element (3B of them for
+# 1B -> 8B), a window costs a copy. A window of i.i.d. normals is an isotropic random direction;
+# two windows at different starts are uncorrelated, as two draws would be.
+POOL = 2**23
 
 
 def moved_axis(operator: GrowthOperator, spec, pairs: dict[str, CopyPairs]) -> tuple[int, str] | None:
@@ -74,6 +83,128 @@ def moved_axis(operator: GrowthOperator, spec, pairs: dict[str, CopyPairs]) -> t
     if len(found) > 1:  # the draws' order would depend on the loop order; no family has such a tensor
         raise AssertionError(f"{spec.name}: more than one moved axis")
     return found[0] if found else None
+
+
+class Separation:
+    """The moves of one grown model, drawn from ``generator`` tensor by tensor in spec order: a fixed
+    strategy adds them to each tensor's blocks as it is made (``block_moves``, ligo_core/rowblocks.py)
+    or to a whole tensor (``move``); LiGO's fit takes them all as offsets (``offsets``). Each way
+    draws the same numbers."""
+
+    def __init__(self, operator: GrowthOperator, spread: float, generator: torch.Generator):
+        self.operator, self.spread, self.generator = operator, spread, generator
+        self.pairs = copy_pairs(operator) if spread > 0 else {}
+        self._pool: torch.Tensor | None = None
+        self._squares: torch.Tensor | None = None  # running sums of the pool's squares, for window norms
+
+    @torch.no_grad()
+    def plan(self, weight: torch.Tensor, spec, layer: int) -> BlockMoves | _Move | None:
+        """Draw the moves of one tensor (``weight``: as grown, before moving): None if it has none."""
+        runs = self._runs(spec, layer)
+        drawn = self._draw(spec, layer, weight.shape)
+        if drawn is None:
+            return None
+        axis, a, b, starts, length, window_norms, share_a, share_b = drawn
+        norms = _pair_norms(weight, axis, a)
+        if runs is not None:  # the layout of every fixed strategy: added by blocks of rows
+            return BlockMoves(axis, *runs, len(a), starts, length, window_norms, share_a, share_b, self._pool, norms)
+        reach = norms / window_norms
+        return _Move(axis, a, b, starts, length, share_a * reach, share_b * reach, self._pool)
+
+    @torch.no_grad()
+    def block_moves(self, spec, layer: int, shape: torch.Size) -> BlockMoves | None:
+        """The moves of one tensor of ``shape`` drawn as ``plan`` draws them, to be added a block of
+        rows at a time while the tensor is made (ligo_core/rowblocks.py), the first copies' norms
+        taken as their rows are made; None if it has none. Only for copies laid out in runs
+        (``_runs``); else ``ValueError``, before any draw."""
+        if self._draw_spec(spec) is None:
+            return None
+        runs = self._runs(spec, layer)
+        if runs is None:
+            raise ValueError(f"{spec.name}: copies not in two runs, first copies first")
+        axis, a, _, starts, length, window_norms, share_a, share_b = self._draw(spec, layer, shape)
+        return BlockMoves(axis, *runs, len(a), starts, length, window_norms, share_a, share_b, self._pool)
+
+    def _draw_spec(self, spec) -> tuple[int, str] | None:
+        return moved_axis(self.operator, spec, self.pairs) if self.spread > 0 else None
+
+    def _runs(self, spec, layer: int) -> tuple[int, int] | None:
+        """(first of ``a``, first of ``b``) when the usable pairs' first copies are one run of
+        consecutive units and their copies another after it; else None."""
+        moved = self._draw_spec(spec)
+        if moved is None:
+            return None
+        pairs = self.pairs[moved[1]]
+        usable = _usable(pairs, layer)[0]
+        a_start, b_start = _run_start(pairs.a[usable]), _run_start(pairs.b[usable])
+        if a_start is None or b_start is None or b_start < a_start + int(usable.sum()):
+            return None
+        return a_start, b_start
+
+    def _draw(self, spec, layer: int, shape: torch.Size):
+        moved = self._draw_spec(spec)
+        if moved is None:
+            return None
+        axis, space = moved
+        pairs = self.pairs[space]
+        usable, s_a, s_b, total = _usable(pairs, layer)
+        count, length = int(usable.sum()), _numel(shape) // shape[axis]  # pairs, elements a unit
+        # Units that are rows take a window each; units that are columns take, row by row, a window
+        # across the pairs: either way each unit's direction is i.i.d. normals, read as whole rows.
+        width, windows = (length, count) if axis == 0 else (count, length)
+        if width > POOL // 2:
+            raise AssertionError(f"{spec.name}: windows of {width} elements, longer than the direction pool allows")
+        pool, squares = self._draw_pool()
+        starts = torch.randint(POOL - width + 1, (windows,), generator=self.generator)
+        if axis == 0:
+            window_norms = (squares[starts + width] - squares[starts]).sqrt().float()
+        else:
+            window_norms = _across_norms(pool, starts, width)
+        # a step is (spread x the other side's share) x (the first copy's norm / its window's norm)
+        return (axis, pairs.a[usable], pairs.b[usable], starts, length, window_norms.clamp_min(1e-12),
+                self.spread * s_b / total, self.spread * s_a / total)
+
+    @torch.no_grad()
+    def offsets(self, state: Callable[[str], torch.Tensor] | dict[str, torch.Tensor],
+                names: dict[str, str]) -> LazyOffsets:
+        """Every tensor's moves, drawn in spec order, as offsets (``separation_offsets``)."""
+        get = state.__getitem__ if isinstance(state, dict) else state
+        moves: dict[str, tuple[BlockMoves | _Move, torch.Size, torch.dtype, torch.device]] = {}
+        for spec, layer, name in self._moved_tensors(names):
+            weight = get(name)
+            moves[name] = (self.plan(weight, spec, layer), weight.shape, weight.dtype, weight.device)
+            del weight
+        return LazyOffsets(moves)
+
+    @torch.no_grad()
+    def move_all(self, state: dict[str, torch.Tensor], names: dict[str, str]) -> None:
+        """Move every tensor of a grown ``state`` in place, in spec order (what a streamed grow does
+        one tensor at a time)."""
+        for spec, layer, name in self._moved_tensors(names):
+            self.move(state[name], spec, layer)
+
+    def _moved_tensors(self, names: dict[str, str]) -> Iterator[tuple[TensorSpec, int, str]]:
+        for spec in self.operator.specs:
+            if self.spread <= 0 or moved_axis(self.operator, spec, self.pairs) is None:
+                continue
+            full = names[spec.name]
+            for layer in range(self.operator.large_layers) if spec.per_layer else [0]:
+                yield spec, layer, full.format(i=layer) if spec.per_layer else full
+
+    @torch.no_grad()
+    def move(self, weight: torch.Tensor, spec, layer: int) -> torch.Tensor:
+        """``weight`` with its copies moved apart, in place."""
+        move = self.plan(weight, spec, layer)
+        if move is not None:
+            move.add_to(weight)
+        return weight
+
+    def _draw_pool(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._pool is None:
+            self._pool = torch.randn(POOL, generator=self.generator)
+            self._squares = torch.cat([torch.zeros(1, dtype=torch.float64),
+                                       self._pool.double().square().cumsum(0)])
+        return self._pool, self._squares
 
 
 @torch.no_grad()
@@ -87,109 +218,133 @@ def separation_offsets(
     """What the paired moves add to each moved matrix of the grown model (``state``: large name ->
     tensor, from the operator before fitting; a dict, or a function that makes one tensor at a
     time). LiGO's fit trains the operator with them added, so it fits the model that is handed
-    over; the fixed strategies just add them (``move_apart``, one tensor at a time, draws the same
-    numbers in the same order).
+    over; the fixed strategies move each tensor in place as it is made instead (``Separation.move``
+    draws the same numbers in the same order).
 
     The answer is a mapping that makes each offset when it is read, from a few numbers kept per
-    tensor (the random state its directions were drawn from, its copies' row norms): the offsets
-    of a large model are about as big as its matrices, and are never all alive at once."""
-    get = state.__getitem__ if isinstance(state, dict) else state
-    pairs = copy_pairs(operator) if spread > 0 else {}
-    moves: dict[str, _Move] = {}
-    for spec in operator.specs:
-        moved = moved_axis(operator, spec, pairs)
-        if moved is None:
-            continue
-        axis, space = moved
-        full = names[spec.name]
-        tensors = [full.format(i=layer) for layer in range(operator.large_layers)] if spec.per_layer else [full]
-        for layer, name in enumerate(tensors):
-            weight = get(name)
-            move = _Move(axis, pairs[space], layer, spread, _pair_norms(weight, axis, pairs[space], layer),
-                         generator.get_state(), weight.shape, weight.dtype, weight.device)
-            move.skip(generator)  # the next tensor's draws start where they did when the moves were made
-            moves[name] = move
-            del weight
-    return LazyOffsets(moves)
-
-
-@torch.no_grad()
-def move_apart(weight: torch.Tensor, spec, layer: int, operator: GrowthOperator, pairs: dict[str, CopyPairs],
-               spread: float, generator: torch.Generator) -> torch.Tensor:
-    """``weight`` (one grown tensor, from the operator before fitting) with its copies moved apart, in
-    place: equal to ``weight + separation_offsets(...)[name]`` when called for every tensor in spec
-    order with the same generator, without an offset tensor as large as the weight."""
-    moved = moved_axis(operator, spec, pairs) if spread > 0 else None
-    if moved is not None:
-        axis, space = moved
-        move = _Move(axis, pairs[space], layer, spread, _pair_norms(weight, axis, pairs[space], layer),
-                     None, weight.shape, weight.dtype, weight.device)
-        move.add_to(weight, generator)
-    return weight
+    pair (its window's start and its two step sizes): the offsets of a large model are about as
+    big as its matrices, and are never all alive at once."""
+    return Separation(operator, spread, generator).offsets(state, names)
 
 
 @dataclass(frozen=True)
 class _Move:
-    """The paired moves of one tensor's copied units along ``axis``."""
+    """The paired moves of one tensor whose copies are not laid out in runs (``BlockMoves`` takes
+    those): pair ``p`` adds ``step_a[p] * d_p`` to unit ``a[p]`` and takes ``step_b[p] * d_p`` from
+    unit ``b[p]``. For units that are rows, ``d_p`` is the pool's window at ``starts[p]``; for units
+    that are columns, row ``r`` of the directions (one entry per pair) is the window at ``starts[r]``."""
 
     axis: int
-    pairs: CopyPairs
-    layer: int
-    spread: float
-    norms: torch.Tensor  # (P, 1): the row norms of the first copies (the pairs' usable ``a``)
-    rng: torch.Tensor | None  # the generator's state before the directions were drawn
-    shape: torch.Size
-    dtype: torch.dtype
-    device: torch.device
+    a: torch.Tensor  # (P,) long, in copy groups (a unit's pairs next to each other)
+    b: torch.Tensor
+    starts: torch.Tensor  # (P,) long for axis 0, (rows,) for axis 1
+    length: int  # elements of one unit
+    step_a: torch.Tensor  # (P,)
+    step_b: torch.Tensor
+    pool: torch.Tensor
 
-    def add_to(self, weight: torch.Tensor, generator: torch.Generator) -> None:
-        for rows, step, sign in self.steps(generator):
+    def directions(self, start: int, end: int) -> torch.Tensor:
+        """(end - start, length): the directions of pairs ``start:end``."""
+        if self.axis == 0:
+            return self.pool.unfold(0, self.length, 1).index_select(0, self.starts[start:end])
+        return self.pool.unfold(0, end - start, 1).index_select(0, self.starts + start).t()
+
+    def add_to(self, weight: torch.Tensor) -> None:
+        for rows, step, sign in self.steps():
             # along ``axis`` itself: an index_add_ into a moved-axis view is ~4x slower
             weight.index_add_(self.axis, rows.to(weight.device), step.movedim(0, self.axis).to(weight), alpha=sign)
 
-    @property
-    def unit_shape(self) -> tuple[int, ...]:
-        return tuple(self.shape[:self.axis] + self.shape[self.axis + 1:])
-
-    def skip(self, generator: torch.Generator) -> None:
-        """Draw from ``generator`` exactly what ``steps`` draws, without making the moves."""
-        a = self.pairs.a[_usable(self.pairs, self.layer)[0]]
-        for start, end in _chunks(a, self.unit_shape):
-            torch.randn((end - start, _numel(self.unit_shape)), generator=generator)
-
-    def steps(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def steps(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         """(rows, step, sign) to add along the moved axis, a chunk of whole copy groups at a time. A
         first copy's moves are summed before they are yielded, so adding them to the weight gives
         the same bits as adding a zero-started offset that gathered them."""
-        usable, s_a, s_b, total = _usable(self.pairs, self.layer)
-        a, b = self.pairs.a[usable], self.pairs.b[usable]
-        unit_shape = self.unit_shape
-        for start, end in _chunks(a, unit_shape):
-            ca, cb = a[start:end], b[start:end]
-            direction = torch.randn((len(ca), _numel(unit_shape)), generator=generator)
-            direction *= self.norms[start:end] / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            step_a = ((self.spread * s_b[start:end] / total[start:end])[:, None] * direction).reshape((-1,) + unit_shape)
-            step_b = ((self.spread * s_a[start:end] / total[start:end])[:, None] * direction).reshape((-1,) + unit_shape)
+        for start, end in _chunks(self.a, self.length):
+            ca, cb = self.a[start:end], self.b[start:end]
+            direction = self.directions(start, end)
+            step_b = direction * self.step_b[start:end, None]
+            step_a = direction * self.step_a[start:end, None]
             first, slot = torch.unique_consecutive(ca, return_inverse=True)
             if len(first) == len(ca):  # one pair per first copy (two copies a unit): nothing to gather
                 yield ca, step_a, 1
             else:
-                gathered = torch.zeros((len(first),) + unit_shape, dtype=step_a.dtype)
+                gathered = torch.zeros((len(first), self.length), dtype=step_a.dtype)
                 gathered.index_add_(0, slot, step_a)
                 yield first, gathered, 1
             yield cb, step_b, -1  # adding -1 x step: the same bits as adding -step
 
 
+@dataclass
+class BlockMoves:
+    """One tensor's moves (``Separation.block_moves``), added to each block of rows as the tensor
+    is made, top to bottom. Pair ``p`` moves units ``a_start + p`` and ``b_start + p``; for units
+    that are rows, a first copy's norm is taken from its block, which comes before its copy's."""
+
+    axis: int
+    a_start: int
+    b_start: int
+    count: int
+    starts: torch.Tensor
+    length: int
+    window_norms: torch.Tensor
+    share_a: torch.Tensor
+    share_b: torch.Tensor
+    pool: torch.Tensor
+    # The first copies' norms: given (``Separation.plan``), or taken from the blocks as they are made:
+    # up front for columns (``add_column_squares``), from each block for rows.
+    norms: torch.Tensor | None = None
+
+    def __post_init__(self):
+        self._measure = self.norms is None and self.axis == 0
+
+    def add_to(self, weight: torch.Tensor) -> None:
+        """Move a whole tensor in place, a block of rows at a time."""
+        width = weight.shape[1] if self.axis == 0 else self.count
+        rows = max(1, MOVE_BLOCK // max(width, 1))
+        for top in range(0, weight.shape[0], rows):
+            self.add_to_block(weight[top : top + rows], top)
+
+    def add_column_squares(self, total: torch.Tensor, block: torch.Tensor) -> None:
+        """For units that are columns, the first pass: add up one block's sums of squares."""
+        add_squares(total, block[:, self.a_start : self.a_start + self.count])
+
+    def add_to_block(self, block: torch.Tensor, top: int) -> None:
+        """Move rows ``top:top + len(block)`` of the tensor (``block``, fp32) in place."""
+        height = block.shape[0]
+        if self.axis == 1:
+            across = self.pool.unfold(0, self.count, 1).index_select(0, self.starts[top : top + height]).to(block)
+            for first, share, sign in ((self.a_start, self.share_a, 1), (self.b_start, self.share_b, -1)):
+                step = (share * (self.norms / self.window_norms)).to(block)[None]
+                block[:, first : first + self.count].addcmul_(across, step, value=sign)
+            return
+        if self.norms is None:
+            self.norms = torch.full((self.count,), float("nan"))
+        lo, hi = max(top, self.a_start), min(top + height, self.a_start + self.count)
+        if lo < hi:  # first copies: their norms as made (unless given), then their moves
+            rows = block[lo - top : hi - top]
+            if self._measure:
+                self.norms[lo - self.a_start : hi - self.a_start] = torch.linalg.vector_norm(rows, dim=1).cpu()
+            self._add(rows, lo - self.a_start, hi - self.a_start, self.share_a, 1)
+        lo, hi = max(top, self.b_start), min(top + height, self.b_start + self.count)
+        if lo < hi:
+            self._add(block[lo - top : hi - top], lo - self.b_start, hi - self.b_start, self.share_b, -1)
+
+    def _add(self, rows: torch.Tensor, first: int, end: int, share: torch.Tensor, sign: int) -> None:
+        """rows += sign * step * direction, for pairs first:end, in one pass over the rows."""
+        direction = self.pool.unfold(0, self.length, 1).index_select(0, self.starts[first:end]).to(rows)
+        step = share[first:end] * (self.norms[first:end] / self.window_norms[first:end])
+        rows.addcmul_(direction, step[:, None].to(rows), value=sign)
+
+
 class LazyOffsets(Mapping):
     """Large name -> offset tensor, made when read (the same numbers every time)."""
 
-    def __init__(self, moves: dict[str, _Move]):
+    def __init__(self, moves: dict[str, tuple[BlockMoves | _Move, torch.Size, torch.dtype, torch.device]]):
         self._moves = moves
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        move = self._moves[name]
-        offset = torch.zeros(move.shape, dtype=move.dtype, device=move.device)
-        move.add_to(offset, torch.Generator().set_state(move.rng))
+        move, shape, dtype, device = self._moves[name]
+        offset = torch.zeros(shape, dtype=dtype, device=device)
+        move.add_to(offset)
         return offset
 
     def __iter__(self) -> Iterator[str]:
@@ -215,12 +370,9 @@ def _usable(pairs: CopyPairs, layer: int):
     return usable, s_a[usable], s_b[usable], total[usable]
 
 
-def _chunks(a: torch.Tensor, unit_shape: tuple[int, ...]) -> Iterator[tuple[int, int]]:
-    """Pieces of the pairs, each holding whole copy groups and about MOVE_CHUNK elements. Random
-    draws split into pieces give the same numbers as one draw when every piece holds a multiple
-    of 16 elements (torch's CPU normal fills 16 at a time); else one piece."""
-    width = _numel(unit_shape) or 1
-    step_rows = max(1, MOVE_CHUNK // width) if width % 16 == 0 else max(len(a), 1)
+def _chunks(a: torch.Tensor, length: int, elements: int | None = None) -> Iterator[tuple[int, int]]:
+    """Pieces of the pairs, each holding whole copy groups and about ``elements`` (MOVE_CHUNK)."""
+    step_rows = max(1, (elements or MOVE_CHUNK) // max(length, 1))
     start = 0
     while start < len(a):
         end = min(start + step_rows, len(a))
@@ -230,11 +382,48 @@ def _chunks(a: torch.Tensor, unit_shape: tuple[int, ...]) -> Iterator[tuple[int,
         start = end
 
 
-def _pair_norms(weight: torch.Tensor, axis: int, pairs: CopyPairs, layer: int) -> torch.Tensor:
-    """(P, 1): the row norms of the usable pairs' first copies, read a chunk at a time."""
-    usable = _usable(pairs, layer)[0]
-    a = pairs.a[usable]
+def _across_norms(pool: torch.Tensor, starts: torch.Tensor, width: int) -> torch.Tensor:
+    """(width,): the norm of each column of the directions whose row ``r`` is the pool's window at
+    ``starts[r]``, summed a block of rows at a time."""
+    across = pool.square().unfold(0, width, 1)
+    total = torch.zeros(width, dtype=torch.float64)
+    rows = max(1, MOVE_BLOCK // max(width, 1))
+    for first in range(0, len(starts), rows):
+        total += across.index_select(0, starts[first : first + rows]).sum(0)
+    return total.sqrt().float()
+
+
+def _run_start(units: torch.Tensor) -> int | None:
+    """The first unit of ``units`` if they are consecutive (``first, first + 1, ...``), else None."""
+    if len(units) == 0 or not torch.equal(units, torch.arange(int(units[0]), int(units[0]) + len(units))):
+        return None
+    return int(units[0])
+
+
+def _pair_norms(weight: torch.Tensor, axis: int, a: torch.Tensor) -> torch.Tensor:
+    """(P,): the norms of the first copies ``a`` (units along ``axis``), read a chunk at a time."""
+    first = _run_start(a)
+    if first is not None and axis == 0:  # a run of rows: the norms of a view, nothing gathered
+        return torch.linalg.vector_norm(weight[first : first + len(a)].float(), dim=1).cpu()
+    if first is not None:  # a run of columns: sums of squares a block of rows at a time (a strided norm is slow)
+        return column_norms(weight[:, first : first + len(a)])
     units = weight.movedim(axis, 0)
-    norms = [units[a[start:end].to(weight.device)].reshape(end - start, -1).float().norm(dim=1, keepdim=True).cpu()
-             for start, end in _chunks(a, tuple(units.shape[1:]))]
-    return torch.cat(norms) if norms else torch.zeros(0, 1)
+    norms = [units[a[start:end].to(weight.device)].reshape(end - start, -1).float().norm(dim=1).cpu()
+             for start, end in _chunks(a, _numel(tuple(units.shape[1:])))]
+    return torch.cat(norms) if norms else torch.zeros(0)
+
+
+def column_norms(columns: torch.Tensor) -> torch.Tensor:
+    """(n,): the norms of a (rows, n) view's columns, summed a block of rows at a time (fp32 within a
+    block, fp64 across: a strided norm is slow, and fp32 over 128k rows loses digits)."""
+    total = torch.zeros(columns.shape[1], dtype=torch.float64, device=columns.device)
+    rows = max(1, MOVE_BLOCK // max(columns.shape[1], 1))
+    for top in range(0, columns.shape[0], rows):
+        add_squares(total, columns[top : top + rows])
+    return total.sqrt().float().cpu()
+
+
+def add_squares(total: torch.Tensor, block: torch.Tensor) -> None:
+    """``total`` += the sums of squares of ``block``'s columns."""
+    block = block.float()
+    total += (block * block).sum(0)

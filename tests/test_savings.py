@@ -175,8 +175,10 @@ def test_tiny_pipeline_produces_a_curve_for_every_strategy(tmp_path):
                 # Fixed operators: one materialisation, cheaper than one training step.
                 assert 0.0 < run["fit_flops"] < step_flops
             if run["strategy"] == "preserve":
-                # Function-preserving growth of the pretrained small model starts at its loss.
-                assert run["init_loss"] == pytest.approx(res["small_loss"], abs=0.02)
+                # Function-preserving growth of the pretrained small model starts at its loss, up to
+                # the second-order effect of moving copies apart (spread 2): 0.004-0.022 nats on the
+                # tiny BERT over seeds 0-3.
+                assert run["init_loss"] == pytest.approx(res["small_loss"], abs=0.03)
         assert res["recipe"]["steps"] == size.steps and res["recipe"]["bert"] == {}
     seen = {(res["model"], run["strategy"]): run["final_seen_loss"] for res in curves for run in res["runs"]}
     assert {(r["model"], r["strategy"]): r["final_seen_loss"] for r in recs} == seen

@@ -175,9 +175,13 @@ def test_memory_plan_formula():
     assert small.parameters() == pytest.approx(1_235_814_400, rel=1e-4)  # Llama 3.2 1B (norms approximate)
     assert large.largest_tensor() == 128256 * 4096
     apply = memory_plan.plan(LLAMA_1B, LLAMA_8B, strategy="stack")
-    # runtime + one fp32 source tensor + one fp32 output tensor and its bf16 cast
-    assert apply["bytes"] == memory_plan.RUNTIME_BYTES + 4 * 128256 * 2048 + (4 + 2) * 128256 * 4096
-    assert apply["biggest"] == "output tensor" and 3.5 < apply["gib"] < 5
+    # runtime + one bf16 source tensor + the read cache + three bf16 output buffers (made by blocks)
+    assert apply["bytes"] == (memory_plan.RUNTIME_BYTES + 2 * 128256 * 2048 + memory_plan.READ_CACHE_BYTES
+                              + 3 * 2 * 128256 * 4096)
+    assert apply["biggest"] == "output tensor" and 4.5 < apply["gib"] < 5.5
+    # writing a fitted operator's model makes each tensor whole in fp32 first
+    written = memory_plan.plan(LLAMA_1B, LLAMA_8B, strategy="ligo")
+    assert written["bytes"] - apply["bytes"] == 4 * 128256 * 4096
     scored = memory_plan.plan(LLAMA_1B, LLAMA_8B, strategy="stack", scored=True)
     assert scored["biggest"] == "grown model" and scored["gib"] > 30
     fit = memory_plan.plan(LLAMA_1B, LLAMA_8B, strategy="ligo", fit_steps=10, batch_size=8, seq_len=512)
@@ -207,8 +211,8 @@ def test_cli_refuses_a_job_above_the_budget(tmp_path, capsys):
 
 
 def test_moves_drawn_in_pieces_are_the_same_numbers(tmp_path, monkeypatch):
-    """Copies are moved apart a few rows at a time (bounded memory at 8B); torch's CPU normal fills 16
-    values at a time, so pieces of whole rows of a multiple of 16 draw what one draw would."""
+    """Copies are moved apart a few rows at a time (bounded memory at 8B): the pieces add what one
+    piece would, first copies with several pairs included."""
     import ligo_core.separation as separation
 
     src = _saved(tmp_path, "llama-tied")
@@ -216,3 +220,72 @@ def test_moves_drawn_in_pieces_are_the_same_numbers(tmp_path, monkeypatch):
     monkeypatch.setattr(separation, "MOVE_CHUNK", 64)
     grow(src, TARGETS["llama-tied"], tmp_path / "streamed", strategy="stack")
     _assert_same_checkpoint(tmp_path / "streamed", tmp_path / "reference")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-tied"])
+@pytest.mark.parametrize("block", [64, 2**22])
+def test_tensors_made_by_blocks_equal_whole_tensors_moved_whole(name, block, monkeypatch):
+    """rowblocks makes each tensor a block of rows at a time and moves it as it goes (first copies'
+    norms from their own rows, columns' norms in a first pass); the same operator applied to whole
+    tensors, then moved whole with the same draws (``Separation.move``), gives the same model."""
+    import ligo_core.rowblocks as rowblocks
+    from ligo_core.growth import plan_layout, start_operator
+    from ligo_core.separation import Separation
+
+    monkeypatch.setattr(rowblocks, "BLOCK", block)  # 64: blocks of a row or two, cutting every run
+    small = make_model(name)
+    state = {k: v.float() for k, v in small.state_dict().items()}
+    layout = plan_layout(small.config, {k: tuple(v.shape) for k, v in state.items()})
+    operator, _ = start_operator(small.config, layout, resolve_target(TARGETS[name], small.config), strategy="stack",
+                                 planned=True)
+    blocks = Separation(operator, operator.spread, torch.Generator().manual_seed(2))
+    whole = Separation(operator, operator.spread, torch.Generator().manual_seed(2))
+    moved = 0
+    for spec, layer, full_name, tensor in rowblocks.fixed_tensors(operator, state.__getitem__, layout.names, blocks,
+                                                                  torch.float32):
+        reference = operator.fixed_tensor(spec, state, layout.names[spec.name], layer)
+        unmoved = reference.clone()
+        whole.move(reference, spec, layer)
+        moved += not torch.equal(reference, unmoved)
+        torch.testing.assert_close(tensor, reference, rtol=1e-5, atol=1e-6, msg=full_name)
+    assert moved >= 3  # the embedding (columns) and the blocks' output and FFN matrices (rows)
+
+
+def test_read_cache_reads_each_tensor_once_within_its_budget_and_refuses_nan():
+    from ligo_core.weights import ReadCache
+
+    store = {"a": torch.ones(4, 4), "b": torch.ones(4, 4), "bad": torch.tensor([1.0, float("nan")]),
+             "huge": torch.full((2,), 3e38)}
+    reads = []
+
+    def read(name):
+        reads.append(name)
+        return store[name].clone()
+
+    cache = ReadCache(read, budget=64 + 8)  # one 4x4 fp32 tensor and a bit
+    cache("a"), cache("a")
+    assert reads == ["a"]
+    cache("b"), cache("a")  # "b" pushed "a" out
+    assert reads == ["a", "b", "a"]
+    assert torch.equal(cache("huge"), store["huge"])  # its sum overflows: checked entry by entry, and finite
+    with pytest.raises(CheckpointError, match="'bad' holds NaN"):
+        cache("bad")
+
+
+def test_writer_hands_back_written_buffers(tmp_path):
+    """A buffer is refilled once the writing thread has written it, instead of a new allocation."""
+    from ligo_core.stream import ShardWriter
+
+    shapes = {f"t{i}": (64, 32) for i in range(4)}
+    writer = ShardWriter(tmp_path, shapes, torch.bfloat16, "1GB")
+    addresses = set()
+    for i, name in enumerate(shapes):
+        buffer = writer.buffer(shapes[name])
+        addresses.add(buffer.untyped_storage().data_ptr())
+        buffer.fill_(i)
+        writer.write(name, buffer)
+        writer.close()  # wait for the write, so the buffer is back before the next one is asked for
+    writer.finish()
+    assert len(addresses) == 1
+    written = _tensors(tmp_path)
+    assert all(torch.equal(written[f"t{i}"], torch.full((64, 32), float(i), dtype=torch.bfloat16)) for i in range(4))

@@ -1,0 +1,116 @@
+"""A fixed operator's tensors made a block of rows at a time, moved apart and cast as they are made.
+
+A 2D tensor is made top to bottom: the small tensor's columns are widened (once: most small rows
+become several large rows), then each block of large rows is gathered (and scaled) from those rows
+(``RowPlan.expand_at``), moved apart where it holds copies (``separation.BlockMoves``) and cast
+into its place in the output. Every block is about BLOCK elements, so it stays in the CPU's
+last-level cache and its memory is reused; besides the output, only the column-widened small
+tensor is as large as a fraction of the tensor (none for an embedding, whose rows keep their
+number: its blocks are widened one by one). Growing 1B -> 8B this way is several times faster than
+widening whole tensors and moving them afterwards (docs/BENCHMARKS.md, "Real sizes").
+
+The in-memory and the streamed grow of a fixed strategy both make their tensors here, so they
+write the same bits. Tensors this cannot make by blocks (vectors, a fused first axis, copies not
+laid out in runs) are made whole, as ``GrowthOperator.fixed_tensor`` makes them, and moved whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from ligo_core.families import TensorSpec
+from ligo_core.operator import GrowthOperator
+from ligo_core.separation import Separation
+
+BLOCK = 2**22  # elements of a block: 16 MB in fp32 (2^18 to 2^24 measured on 1B -> 8B: 2^22 was fastest)
+
+# shape -> the tensor to fill (a writer's reusable buffer); None: a new tensor
+Allocate = Callable[[tuple[int, ...]], torch.Tensor]
+
+
+def fixed_tensors(operator: GrowthOperator, read: Callable[[str], torch.Tensor], names: dict[str, str],
+                  separation: Separation | None, dtype: torch.dtype, allocate: Allocate | None = None
+                  ) -> Iterator[tuple[TensorSpec, int, str, torch.Tensor]]:
+    """Every large tensor in spec order, (spec, large layer, full name, tensor in ``dtype``), moved
+    apart by ``separation`` (its draws are taken in this order)."""
+    for spec in operator.specs:
+        full = names[spec.name]
+        for layer in range(operator.large_layers) if spec.per_layer else [0]:
+            name = full.format(i=layer) if spec.per_layer else full
+            yield spec, layer, name, grown_tensor(operator, spec, read, full, layer, separation, dtype, allocate)
+
+
+@torch.no_grad()
+def grown_tensor(operator: GrowthOperator, spec: TensorSpec, read: Callable[[str], torch.Tensor], full: str,
+                 layer: int, separation: Separation | None, dtype: torch.dtype,
+                 allocate: Allocate | None = None) -> torch.Tensor:
+    """Large layer ``layer`` of ``spec`` (``full``: its name with ``{i}``), moved apart, in ``dtype``."""
+    small = operator.small_tensor(spec, read, full, layer)
+    plan = _first_axis_plan(operator, spec, small)
+    moves = _block_moves(separation, spec, layer, operator, small, plan) if plan is not False else None
+    if plan is False or moves is False:
+        grown = operator._expand_stored(spec, small.float(), layer)
+        if separation is not None:
+            separation.move(grown, spec, layer)
+        return _filled(grown.to(dtype), allocate)
+
+    rows = plan.src.shape[1] if plan is not None else small.shape[0]
+    columns = operator.expand_axis(spec, small[:0].float(), 1, layer).shape[1]
+    out = allocate((rows, columns)) if allocate is not None else torch.empty((rows, columns), dtype=dtype,
+                                                                             device=small.device)
+    height = max(1, BLOCK // max(columns, 1))
+    if plan is not None:
+        # Rows copied into several large rows: their columns are widened once, before the blocks gather them.
+        wide = operator.expand_axis(spec, small.float(), 1, layer)  # small may be in its stored dtype (ReadCache)
+        total = wide.sum(0) if len(plan.mean_rows) else None
+
+    def block_at(top: int) -> torch.Tensor:
+        end = min(top + height, rows)
+        if plan is not None:
+            return plan.expand_at(wide, layer, torch.arange(top, end), total)
+        block = operator.expand_axis(spec, small[top:end].float(), 1, layer)
+        # a block that is still a view of the small tensor is copied before it is moved
+        return block.clone() if block.untyped_storage().data_ptr() == small.untyped_storage().data_ptr() else block
+
+    if moves is not None and moves.axis == 1:  # units are columns: their norms need every row first
+        squares = torch.zeros(moves.count, dtype=torch.float64, device=small.device)
+        for top in range(0, rows, height):
+            moves.add_column_squares(squares, block_at(top))
+        moves.norms = squares.sqrt().float().cpu()
+    for top in range(0, rows, height):
+        block = block_at(top)
+        if moves is not None:
+            moves.add_to_block(block, top)
+        out[top : top + block.shape[0]].copy_(block)
+    return out
+
+
+def _first_axis_plan(operator: GrowthOperator, spec: TensorSpec, small: torch.Tensor):
+    """The row plan of stored axis 0 (None: it keeps its size), or False: not made by blocks."""
+    if small.dim() != 2 or spec.norm_gain:
+        return False
+    try:
+        return operator.axis_plan(spec, 0, 2)
+    except ValueError:  # a fused first axis
+        return False
+
+
+def _block_moves(separation: Separation | None, spec: TensorSpec, layer: int, operator: GrowthOperator,
+                 small: torch.Tensor, plan):
+    """The tensor's ``BlockMoves`` (None: nothing to move), or False: its copies are not in runs."""
+    if separation is None:
+        return None
+    rows = plan.src.shape[1] if plan is not None else small.shape[0]
+    shape = torch.Size((rows, operator.expand_axis(spec, small[:0].float(), 1, layer).shape[1]))
+    try:
+        return separation.block_moves(spec, layer, shape)
+    except ValueError:
+        return False
+
+
+def _filled(tensor: torch.Tensor, allocate: Allocate | None) -> torch.Tensor:
+    if allocate is None:
+        return tensor
+    return allocate(tuple(tensor.shape)).copy_(tensor)
