@@ -29,7 +29,8 @@ from ligo_core.calibration import (
 from ligo_core.catalog import DEFAULT_BATCH_SIZE, DEFAULT_FIT_STEPS, DEFAULT_SEQ_LEN, STRATEGY_NAMES
 from ligo_core.errors import EstimateError
 from ligo_core.families import MASK_PROBABILITY
-from ligo_core.matrices import SHAPES, global_matrices, layer_matrices, num_parameters
+from ligo_core.families import MATRIX_SHAPES as SHAPES
+from ligo_core.matrices import global_matrices, layer_matrices, num_parameters
 from ligo_core.targets import check_growth, family_of, sizes_of
 
 # --- counting conventions ----------------------------------------------------------------------

@@ -230,3 +230,59 @@ def family_for_model_type(model_type: str) -> Family | None:
 
 def supported_model_types() -> list[str]:
     return sorted(t for f in FAMILIES for t in f.model_types)
+
+
+# ---- sizes and weight matrices from a config's values (no transformers: the memory plan reads a
+# config.json dict, the engine a PretrainedConfig; both pass a getter) ----------------------------
+
+@dataclass(frozen=True)
+class MatrixShape:
+    """What a family's weight matrices are, beyond the six sizes."""
+
+    ffn_inputs: int  # FFN input projections: 1, or 2 for a gated FFN (SwiGLU: gate and up)
+    head_transform: bool  # a dense hidden x hidden layer before the LM decoder (BERT, RoBERTa)
+    positions: str | None  # config attribute of a learned position table
+    token_types: str | None  # config attribute of a token-type table
+
+
+MATRIX_SHAPES = {
+    "gpt2": MatrixShape(1, False, "n_positions", None),
+    "bert": MatrixShape(1, True, "max_position_embeddings", "type_vocab_size"),
+    "roberta": MatrixShape(1, True, "max_position_embeddings", "type_vocab_size"),
+    "llama": MatrixShape(2, False, None, None),
+}
+
+
+def config_sizes(family: Family, get) -> dict[str, int]:
+    """The size fields of a config (``get``: attribute name -> value or None), with derived values
+    (GPT-2's n_inner=None is 4 x hidden)."""
+    value = {f: get(key) for f, key in family.config_keys.items()}
+    hidden, heads = int(value["hidden"]), int(value["heads"])
+    return {
+        "layers": int(value["layers"]),
+        "hidden": hidden,
+        "heads": heads,
+        "kv_heads": int(value.get("kv_heads") or heads),
+        "ffn": int(value["ffn"] or 4 * hidden),
+        "head_dim": int(value.get("head_dim") or hidden // heads),
+    }
+
+
+def layer_matrices_of(family: Family, sizes: dict[str, int]) -> list[tuple[int, int]]:
+    """(out, in) of every weight matrix of one layer: Q, K, V, O, FFN in (x1 or x2), FFN out."""
+    h, q, kv, f = sizes["hidden"], sizes["heads"] * sizes["head_dim"], sizes["kv_heads"] * sizes["head_dim"], sizes["ffn"]
+    return [(q, h), (kv, h), (kv, h), (h, q)] + [(f, h)] * MATRIX_SHAPES[family.name].ffn_inputs + [(h, f)]
+
+
+def global_matrices_of(family: Family, sizes: dict[str, int], get) -> list[tuple[int, int]]:
+    """(rows, hidden) of the embedding tables, the head transform and an untied LM head. An absent
+    ``tie_word_embeddings`` takes the family's default (tied, but not under rotary positions)."""
+    shape, h = MATRIX_SHAPES[family.name], sizes["hidden"]
+    rows = [get("vocab_size")] + [get(a) or 0 for a in (shape.positions, shape.token_types) if a]
+    mats = [(int(r), h) for r in rows]
+    if shape.head_transform:
+        mats.append((h, h))
+    tied = get("tie_word_embeddings")
+    if not (tied if tied is not None else not family.rotary):
+        mats.append((int(get("vocab_size")), h))
+    return mats

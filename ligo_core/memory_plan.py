@@ -24,6 +24,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ligo_core.families import config_sizes, family_for_model_type, global_matrices_of, layer_matrices_of
+
 GiB = 2**30
 RUNTIME_BYTES = int(0.6 * GiB)
 READ_CACHE_BYTES = GiB  # small tensors a streamed grow keeps once read (ligo_core/weights.ReadCache)
@@ -45,9 +47,8 @@ class Shape:
     head_dim: int
     ffn: int
     vocab: int
-    positions: int  # learned position embeddings' rows (0 under rotary positions)
-    tied: bool
-    gated: bool  # SwiGLU FFN: gate and up projections
+    matrices: tuple[tuple[int, int], ...]  # one layer's weight matrices (families.layer_matrices_of)
+    globals: tuple[tuple[int, int], ...]  # embeddings, head transform, untied head (families.global_matrices_of)
 
     @property
     def q(self) -> int:
@@ -58,13 +59,11 @@ class Shape:
         return self.kv_heads * self.head_dim
 
     def layer_parameters(self) -> int:
-        attention = self.hidden * (self.q + 2 * self.kv) + self.q * self.hidden
-        return attention + (3 if self.gated else 2) * self.hidden * self.ffn + 4 * self.hidden
+        """One layer's weight matrices and its four norm or bias vectors of ``hidden``."""
+        return sum(o * i for o, i in self.matrices) + 4 * self.hidden
 
     def parameters(self) -> int:
-        embeddings = (self.vocab + self.positions) * self.hidden
-        head = 0 if self.tied else self.vocab * self.hidden
-        return embeddings + head + self.layers * self.layer_parameters()
+        return sum(o * i for o, i in self.globals) + self.layers * self.layer_parameters()
 
     def largest_tensor(self) -> int:
         """Elements of the largest single tensor (GPT-2 fuses q, k and v into one)."""
@@ -72,19 +71,15 @@ class Shape:
 
 
 def shape_of(config: dict) -> Shape:
-    """A Shape from a config.json dict (or a transformers config's ``to_dict()``)."""
-    get = config.get
-    model_type = get("model_type")
-    if model_type == "gpt2":
-        hidden, heads = get("n_embd"), get("n_head")
-        return Shape(get("n_layer"), hidden, heads, heads, hidden // heads, get("n_inner") or 4 * hidden,
-                     get("vocab_size"), get("n_positions") or 0, bool(get("tie_word_embeddings", True)), False)
-    hidden, heads = get("hidden_size"), get("num_attention_heads")
-    rotary = model_type in ("llama", "mistral", "qwen2")
-    positions = 0 if rotary else (get("max_position_embeddings") or 0) + (get("type_vocab_size") or 0)
-    return Shape(get("num_hidden_layers"), hidden, heads, get("num_key_value_heads") or heads,
-                 get("head_dim") or hidden // heads, get("intermediate_size"), get("vocab_size"), positions,
-                 bool(get("tie_word_embeddings", not rotary)), rotary)
+    """A Shape from a config.json dict (or a transformers config's ``to_dict()``), read with the
+    engine's own size fields and weight-matrix lists (ligo_core/families.py)."""
+    family = family_for_model_type(config.get("model_type"))
+    if family is None:
+        raise ValueError(f"no family for model_type {config.get('model_type')!r}")
+    sizes = config_sizes(family, config.get)
+    return Shape(sizes["layers"], sizes["hidden"], sizes["heads"], sizes["kv_heads"], sizes["head_dim"], sizes["ffn"],
+                 int(config["vocab_size"]), tuple(layer_matrices_of(family, sizes)),
+                 tuple(global_matrices_of(family, sizes, config.get)))
 
 
 def dtype_bytes(config: dict, dtype: str | None = None) -> int:

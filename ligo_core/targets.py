@@ -20,7 +20,7 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 
 from ligo_core.errors import TargetError
-from ligo_core.families import FAMILIES, Family, family_for_model_type
+from ligo_core.families import FAMILIES, Family, config_sizes, family_for_model_type
 
 SIZE_FIELDS = ("layers", "hidden", "heads", "kv_heads", "ffn", "head_dim")
 FIELD_ALIASES = {
@@ -84,18 +84,7 @@ def family_of(config: PretrainedConfig) -> Family:
 
 def sizes_of(config: PretrainedConfig) -> dict[str, int]:
     """The size fields of a config, with derived values (GPT-2's n_inner=None is 4 x hidden)."""
-    family = family_of(config)
-    get = {f: getattr(config, key, None) for f, key in family.config_keys.items()}
-    hidden, heads = int(get["hidden"]), int(get["heads"])
-    head_dim = get.get("head_dim") or hidden // heads
-    return {
-        "layers": int(get["layers"]),
-        "hidden": hidden,
-        "heads": heads,
-        "kv_heads": int(get.get("kv_heads") or heads),
-        "ffn": int(get["ffn"] or 4 * hidden),
-        "head_dim": int(head_dim),
-    }
+    return config_sizes(family_of(config), lambda key: getattr(config, key, None))
 
 
 def parse_fields(text: str) -> dict[str, Any]:
