@@ -66,7 +66,13 @@ def test_grow_end_to_end_with_presigned_downloads(distributed, alice, ckpt, chec
     with db.read() as s:
         row = s.get(Job, job_id)
     assert job_objects(storage(distributed), job_id) == manifest_keys(job_id, row.manifest)
-    assert job_json(db.jobs.get(job_id)) == job_json(row) == job  # the fast reader, on PostgreSQL
+    # The fast reader, on PostgreSQL, reads what the ORM reads. The webhook's delivery state moves
+    # on its own clock (retries to an unreachable callback), so the readings, taken at different
+    # moments, are compared without it.
+    fast, orm = job_json(db.jobs.get(job_id)), job_json(row)
+    assert {k: v for k, v in fast.items() if k != "webhook"} == {k: v for k, v in orm.items() if k != "webhook"} \
+        == {k: v for k, v in job.items() if k != "webhook"}
+    assert fast["webhook"].keys() == orm["webhook"].keys() == job["webhook"].keys()
     assert result["estimate"]["target"]["layers"] == 4
 
 
