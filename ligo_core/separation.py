@@ -69,10 +69,10 @@ def copy_pairs(operator: GrowthOperator) -> dict[str, CopyPairs]:
 MOVE_CHUNK = 2**24
 # Elements of a run of moved units handled at once: small enough to stay in the CPU's cache.
 MOVE_BLOCK = 2**18
-# Every direction is a window of one pool of standard normals, at its own random start: drawing a
-# normal costs about as much as the rest of a streamed grow's work per element (3B of them for
-# 1B -> 8B), a window costs a copy. A window of i.i.d. normals is an isotropic random direction;
-# two windows at different starts are uncorrelated, as two draws would be.
+# Every direction is a window of one pool of standard normals: drawing a normal costs about as much
+# as the rest of a streamed grow's work per element (3B of them for 1B -> 8B), a window costs
+# nothing (a view). A window of i.i.d. normals is an isotropic random direction; windows of one
+# group are disjoint, and windows at different starts are uncorrelated, as separate draws would be.
 POOL = 2**23
 
 
@@ -104,10 +104,11 @@ class Separation:
         drawn = self._draw(spec, layer, weight.shape)
         if drawn is None:
             return None
-        axis, a, b, starts, length, window_norms, share_a, share_b = drawn
+        axis, a, b, starts, length, window_norms, share_a, share_b, group = drawn
         norms = _pair_norms(weight, axis, a)
         if runs is not None:  # the layout of every fixed strategy: added by blocks of rows
-            return BlockMoves(axis, *runs, len(a), starts, length, window_norms, share_a, share_b, self._pool, norms)
+            return BlockMoves(axis, *runs, len(a), starts, length, window_norms, share_a, share_b, self._pool, group,
+                              norms)
         reach = norms / window_norms
         return _Move(axis, a, b, starts, length, share_a * reach, share_b * reach, self._pool)
 
@@ -122,8 +123,8 @@ class Separation:
         runs = self._runs(spec, layer)
         if runs is None:
             raise ValueError(f"{spec.name}: copies not in two runs, first copies first")
-        axis, a, _, starts, length, window_norms, share_a, share_b = self._draw(spec, layer, shape)
-        return BlockMoves(axis, *runs, len(a), starts, length, window_norms, share_a, share_b, self._pool)
+        axis, a, _, starts, length, window_norms, share_a, share_b, group = self._draw(spec, layer, shape)
+        return BlockMoves(axis, *runs, len(a), starts, length, window_norms, share_a, share_b, self._pool, group)
 
     def _draw_spec(self, spec) -> tuple[int, str] | None:
         return moved_axis(self.operator, spec, self.pairs) if self.spread > 0 else None
@@ -155,14 +156,19 @@ class Separation:
         if width > POOL // 2:
             raise AssertionError(f"{spec.name}: windows of {width} elements, longer than the direction pool allows")
         pool, squares = self._draw_pool()
-        starts = torch.randint(POOL - width + 1, (windows,), generator=self.generator)
+        # Windows come in groups of consecutive, disjoint windows at one random start per group, so
+        # a run of them is one slice of the pool (no gather); groups take at most half the pool.
+        group = max(1, (POOL // 2) // width)
+        bases = torch.randint(POOL - group * width + 1, (-(-windows // group),), generator=self.generator)
+        within = torch.arange(windows) % group
+        starts = bases.repeat_interleave(group)[:windows] + within * width
         if axis == 0:
             window_norms = (squares[starts + width] - squares[starts]).sqrt().float()
         else:
             window_norms = _across_norms(pool, starts, width)
         # a step is (spread x the other side's share) x (the first copy's norm / its window's norm)
         return (axis, pairs.a[usable], pairs.b[usable], starts, length, window_norms.clamp_min(1e-12),
-                self.spread * s_b / total, self.spread * s_a / total)
+                self.spread * s_b / total, self.spread * s_a / total, group)
 
     @torch.no_grad()
     def offsets(self, state: Callable[[str], torch.Tensor] | dict[str, torch.Tensor],
@@ -289,6 +295,7 @@ class BlockMoves:
     share_a: torch.Tensor
     share_b: torch.Tensor
     pool: torch.Tensor
+    group: int  # windows per group: consecutive in the pool (``Separation._draw``)
     # The first copies' norms: given (``Separation.plan``), or taken from the blocks as they are made:
     # up front for columns (``add_column_squares``), from each block for rows.
     norms: torch.Tensor | None = None
@@ -311,10 +318,11 @@ class BlockMoves:
         """Move rows ``top:top + len(block)`` of the tensor (``block``, fp32) in place."""
         height = block.shape[0]
         if self.axis == 1:
-            across = self.pool.unfold(0, self.count, 1).index_select(0, self.starts[top : top + height]).to(block)
-            for first, share, sign in ((self.a_start, self.share_a, 1), (self.b_start, self.share_b, -1)):
-                step = (share * (self.norms / self.window_norms)).to(block)[None]
-                block[:, first : first + self.count].addcmul_(across, step, value=sign)
+            steps = [(first, sign, (share * (self.norms / self.window_norms)).to(block)[None])
+                     for first, share, sign in ((self.a_start, self.share_a, 1), (self.b_start, self.share_b, -1))]
+            for lo, hi, across in self._windows(top, top + height, self.count):
+                for first, sign, step in steps:
+                    block[lo - top : hi - top, first : first + self.count].addcmul_(across.to(block), step, value=sign)
             return
         if self.norms is None:
             self.norms = torch.full((self.count,), float("nan"))
@@ -330,9 +338,18 @@ class BlockMoves:
 
     def _add(self, rows: torch.Tensor, first: int, end: int, share: torch.Tensor, sign: int) -> None:
         """rows += sign * step * direction, for pairs first:end, in one pass over the rows."""
-        direction = self.pool.unfold(0, self.length, 1).index_select(0, self.starts[first:end]).to(rows)
-        step = share[first:end] * (self.norms[first:end] / self.window_norms[first:end])
-        rows.addcmul_(direction, step[:, None].to(rows), value=sign)
+        step = (share[first:end] * (self.norms[first:end] / self.window_norms[first:end]))[:, None].to(rows)
+        for lo, hi, direction in self._windows(first, end, self.length):
+            rows[lo - first : hi - first].addcmul_(direction.to(rows), step[lo - first : hi - first], value=sign)
+
+    def _windows(self, first: int, end: int, width: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Windows ``first:end`` as (lo, hi, (hi - lo, width) view of the pool), a group's run at a time."""
+        lo = first
+        while lo < end:
+            hi = min(end, (lo // self.group + 1) * self.group)
+            start = int(self.starts[lo])
+            yield lo, hi, self.pool[start : start + (hi - lo) * width].view(hi - lo, width)
+            lo = hi
 
 
 class LazyOffsets(Mapping):
