@@ -381,3 +381,34 @@ def test_the_operator_is_an_ordinary_module():
     seen = []
     operator.apply(seen.append)
     assert seen[-1] is operator and len(seen) == len(list(operator.modules()))
+
+
+@pytest.mark.parametrize("name, tensor", [("llama", "model.layers.0.mlp.down_proj.weight"), ("gpt2", "transformer.wte.weight")])
+def test_moves_have_the_documented_length_and_unrelated_directions(name, tensor):
+    """With even shares (the residual stream), copy ``a`` moves by ``spread / 2 * |w_a|`` along a unit
+    direction and copy ``b`` by the opposite; different pairs' directions (windows of one pool of
+    normals) are unrelated. Rows as units (Llama's down_proj), and columns (GPT-2's embedding)."""
+    from ligo_core.growth import plan_layout, start_operator
+    from ligo_core.rowblocks import fixed_tensors
+    from ligo_core.separation import Separation
+
+    small = make_model(name)
+    state = {k: v.float() for k, v in small.state_dict().items()}
+    layout = plan_layout(small.config, {k: tuple(v.shape) for k, v in state.items()})
+    d1 = sizes_of(small.config)["hidden"]
+    operator, _ = start_operator(small.config, layout, resolve_target(f"hidden={2 * d1}", small.config),
+                                 strategy="stack", spread=2.0, planned=True)
+
+    def grown(separation):
+        return {n: t for _, _, n, t in fixed_tensors(operator, state.__getitem__, layout.names, separation,
+                                                     torch.float32)}[tensor]
+
+    plain, moved = grown(None), grown(Separation(operator, 2.0, torch.Generator().manual_seed(2)))
+    units = (lambda w: w) if name == "llama" else (lambda w: w.t())  # (units, incoming weights)
+    w, step = units(plain), units(moved - plain)
+    first, copy = step[:d1], step[d1:]
+    torch.testing.assert_close(copy, -first, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(first.norm(dim=1), w[:d1].norm(dim=1), rtol=1e-4, atol=1e-7)  # spread / 2 = 1
+    cos = torch.nn.functional.normalize(first, dim=1) @ torch.nn.functional.normalize(first, dim=1).t()
+    off_diagonal = cos[~torch.eye(d1, dtype=torch.bool)].abs()
+    assert off_diagonal.mean() < 3 / first.shape[1] ** 0.5  # independent directions: about 0.8 / sqrt(length)
