@@ -284,11 +284,8 @@ class RowPlan:
             if kind == "mean":
                 y[at] = (total if total is not None else x.float().sum(0)) * self.mean_coef[layer, slot, None].float()
             elif kind == "sparse":
-                idx, val = self.sparse_idx[layer, slot], self.sparse_val[layer, slot].float()  # (n, K)
-                part = x.index_select(0, idx[:, 0]).float() * val[:, :1]
-                for t in range(1, idx.shape[1]):
-                    part.add_(x.index_select(0, idx[:, t]).float() * val[:, t : t + 1])
-                y[at] = part
+                # fp32 values times x's rows: the products are fp32 whatever x's dtype
+                y[at] = _gathered_sum(x, 0, self.sparse_idx[layer, slot], self.sparse_val[layer, slot].float())
             else:
                 y[at] = self.dense_c[layer, slot].float() @ x.float()
         return y
@@ -329,15 +326,23 @@ class RowPlan:
             total = x.sum(dim, keepdim=True)
             y.index_copy_(dim, self.mean_rows, total * self.mean_coef[layer].to(x.dtype).view(shape))
         if len(self.sparse_rows):
-            idx, val = self.sparse_idx[layer], self.sparse_val[layer].to(x.dtype)
-            part = x.index_select(dim, idx[:, 0]) * val[:, 0].view(shape)
-            for t in range(1, idx.shape[1]):
-                part.add_(x.index_select(dim, idx[:, t]) * val[:, t].view(shape))
+            part = _gathered_sum(x, dim, self.sparse_idx[layer], self.sparse_val[layer].to(x.dtype))
             y.index_copy_(dim, self.sparse_rows, part)
         if len(self.dense_rows):
             part = torch.tensordot(self.dense_c[layer].to(x.dtype), x, dims=([1], [dim])).movedim(0, dim)
             y.index_copy_(dim, self.dense_rows, part)
         return y
+
+
+def _gathered_sum(x: torch.Tensor, dim: int, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+    """Along ``dim``, unit ``s`` of the answer is ``sum_t val[s, t] * x[idx[s, t]]`` (a RowPlan's
+    sparse rows): a few gathers, not a matrix product."""
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    part = x.index_select(dim, idx[:, 0]) * val[:, 0].view(shape)
+    for t in range(1, idx.shape[1]):
+        part.add_(x.index_select(dim, idx[:, t]) * val[:, t].view(shape))
+    return part
 
 
 def _canonical(x: torch.Tensor, spec: TensorSpec, per_layer: bool) -> torch.Tensor:

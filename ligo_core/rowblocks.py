@@ -49,15 +49,16 @@ def grown_tensor(operator: GrowthOperator, spec: TensorSpec, read: Callable[[str
     """Large layer ``layer`` of ``spec`` (``full``: its name with ``{i}``), moved apart, in ``dtype``."""
     small = operator.small_tensor(spec, read, full, layer)
     plan = _first_axis_plan(operator, spec, small)
-    moves = _block_moves(separation, spec, layer, operator, small, plan) if plan is not False else None
+    if plan is not False:
+        rows = plan.src.shape[1] if plan is not None else small.shape[0]
+        columns = operator.expand_axis(spec, small[:0].float(), 1, layer).shape[1]
+        moves = _block_moves(separation, spec, layer, torch.Size((rows, columns)))
     if plan is False or moves is False:
         grown = operator._expand_stored(spec, small.float(), layer)
         if separation is not None:
             separation.move(grown, spec, layer)
         return _filled(grown.to(dtype), allocate)
 
-    rows = plan.src.shape[1] if plan is not None else small.shape[0]
-    columns = operator.expand_axis(spec, small[:0].float(), 1, layer).shape[1]
     out = allocate((rows, columns)) if allocate is not None else torch.empty((rows, columns), dtype=dtype,
                                                                              device=small.device)
     height = max(1, BLOCK // max(columns, 1))
@@ -97,13 +98,10 @@ def _first_axis_plan(operator: GrowthOperator, spec: TensorSpec, small: torch.Te
         return False
 
 
-def _block_moves(separation: Separation | None, spec: TensorSpec, layer: int, operator: GrowthOperator,
-                 small: torch.Tensor, plan):
+def _block_moves(separation: Separation | None, spec: TensorSpec, layer: int, shape: torch.Size):
     """The tensor's ``BlockMoves`` (None: nothing to move), or False: its copies are not in runs."""
     if separation is None:
         return None
-    rows = plan.src.shape[1] if plan is not None else small.shape[0]
-    shape = torch.Size((rows, operator.expand_axis(spec, small[:0].float(), 1, layer).shape[1]))
     try:
         return separation.block_moves(spec, layer, shape)
     except ValueError:

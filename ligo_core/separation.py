@@ -182,13 +182,6 @@ class Separation:
             del weight
         return LazyOffsets(moves)
 
-    @torch.no_grad()
-    def move_all(self, state: dict[str, torch.Tensor], names: dict[str, str]) -> None:
-        """Move every tensor of a grown ``state`` in place, in spec order (what a streamed grow does
-        one tensor at a time)."""
-        for spec, layer, name in self._moved_tensors(names):
-            self.move(state[name], spec, layer)
-
     def _moved_tensors(self, names: dict[str, str]) -> Iterator[tuple[TensorSpec, int, str]]:
         for spec in self.operator.specs:
             if self.spread <= 0 or moved_axis(self.operator, spec, self.pairs) is None:

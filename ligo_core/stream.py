@@ -25,6 +25,7 @@ from transformers import GenerationConfig, PretrainedConfig
 
 from ligo_core.families import TensorSpec
 from ligo_core.operator import GrowthOperator, stored_axis
+from ligo_core.rowblocks import Allocate
 from ligo_core.weights import SAFETENSORS_DTYPES
 
 SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -32,8 +33,6 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# shape -> a buffer of the output dtype to fill
-Allocate = Callable[[tuple[int, ...]], torch.Tensor]
 
 
 def output_dtype(choice: str | None, source: torch.dtype) -> torch.dtype:

@@ -234,7 +234,7 @@ class ReadCache:
             if tensor.is_floating_point() and not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
                 raise CheckpointError(f"tensor {name!r} holds NaN or infinite values")
             self._checked.add(name)
-        size = tensor.numel() * tensor.element_size()
+        size = _nbytes(tensor)
         if size <= self.budget:
             while self._bytes + size > self.budget:
                 self._bytes -= _nbytes(self._kept.popitem(last=False)[1])
