@@ -7,8 +7,9 @@ For each pair, a RANDOM source checkpoint of the source preset's shape is writte
 safetensors, tensor by tensor; a config, no tokenizer), then `ligo grow` runs in a child process
 per strategy (`--eval-tokens 0`: nothing to score, so nothing is built). Measured: the child's peak
 RSS (``os.wait4``'s ru_maxrss), its wall time, the time of an ``os.sync()`` right after (the grow
-does not fsync its output), and the time to write as many bytes to the same disk with fsync (the
-"wall under 1.5x write time" criterion). Every output is checked from its headers: the sharded
+does not fsync its output), and the time to write as many bytes to the same disk, through the page
+cache with fsync and with O_DIRECT (the "wall under 1.5x write time" criterion: the grow writes its
+large tensors with O_DIRECT, ligo_core/direct_io.py, so the second is the stricter measure). Every output is checked from its headers: the sharded
 index names every tensor, and each tensor has the shape and dtype of the target model class (built
 on the meta device). ``--before REF`` runs the same grow with that git revision's engine (extracted
 with ``git archive``) for comparison; only for sizes whose old peak fits the machine.
@@ -139,7 +140,7 @@ def resource_of(proc: subprocess.Popen) -> float:
 
 
 def write_time(directory: Path, nbytes: int) -> float:
-    """Seconds to write ``nbytes`` to ``directory``'s disk and fsync them."""
+    """Seconds to write ``nbytes`` to ``directory``'s disk through the page cache and fsync them."""
     block = os.urandom(64 * 2**20)
     path = directory / ".write-test"
     started = time.perf_counter()
@@ -153,6 +154,30 @@ def write_time(directory: Path, nbytes: int) -> float:
     seconds = time.perf_counter() - started
     path.unlink()
     return round(seconds, 1)
+
+
+def direct_write_time(directory: Path, nbytes: int) -> float | None:
+    """Seconds to write ``nbytes`` to ``directory``'s disk with O_DIRECT (the disk's own speed, and
+    how the grow writes large tensors); None where the file system refuses O_DIRECT."""
+    import mmap
+
+    block = mmap.mmap(-1, 64 * 2**20)  # page aligned, as O_DIRECT wants
+    block.write(os.urandom(len(block)))
+    path = directory / ".write-test"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT)
+    except (OSError, AttributeError):
+        return None
+    started = time.perf_counter()
+    try:
+        left = nbytes
+        while left > 0:
+            left -= os.write(fd, block)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return round(time.perf_counter() - started, 1)
 
 
 def engine_at(ref: str, into: Path) -> Path:
@@ -200,11 +225,14 @@ def apply(pairs: list[str], strategies: list[str], work: Path, before: str | Non
                 if not keep:
                     shutil.rmtree(out)
                 row = {"pair": pair, "strategy": strategy, "path": label, **measured,
-                       "write_s": write_time(work, nbytes), "output_gib": round(nbytes / GiB, 2),
+                       "write_s": write_time(work, nbytes), "direct_write_s": direct_write_time(work, nbytes),
+                       "output_gib": round(nbytes / GiB, 2),
                        "source_gib": round(src_bytes / GiB, 2), "checked": checked, "machine": where,
                        "engine": before if label == "before" else f"this checkout ({_head()})",
                        "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
                 row["wall_over_write"] = round((row["wall_s"] + row["sync_s"]) / row["write_s"], 2)
+                if row["direct_write_s"]:
+                    row["wall_over_direct_write"] = round((row["wall_s"] + row["sync_s"]) / row["direct_write_s"], 2)
                 rows.append(row)
                 RESULTS.parent.mkdir(parents=True, exist_ok=True)
                 with RESULTS.open("a") as f:
@@ -228,9 +256,10 @@ def _count(config) -> int:
 def table(rows: list[dict]) -> str:
     return markdown_table(
         ["pair", "strategy", "path", "output GiB", "peak RSS GiB", "plan GiB", "wall s", "sync s", "write s (fsync)",
-         "(wall+sync)/write"],
+         "(wall+sync)/write", "write s (O_DIRECT)", "(wall+sync)/direct write"],
         [[r["pair"], r["strategy"], r["path"], r["output_gib"], r["peak_rss_gib"], r.get("memory_plan_gib") or "-",
-          r["wall_s"], r["sync_s"], r["write_s"], r["wall_over_write"]] for r in rows])
+          r["wall_s"], r["sync_s"], r["write_s"], r["wall_over_write"], r.get("direct_write_s") or "-",
+          r.get("wall_over_direct_write") or "-"] for r in rows])
 
 
 def main(argv: list[str] | None = None) -> None:

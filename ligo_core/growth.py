@@ -390,6 +390,7 @@ def grow_model(
     ligo_init: str = DEFAULT_LIGO_INIT,
     accumulate: int = 1,
     stream: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[PreTrainedModel | None, dict]:
     """Grow ``small_model`` to ``target_config`` with a strategy; returns (large model, info).
 
@@ -400,6 +401,10 @@ def grow_model(
 
     ``stream`` without ``heldout``: no large model is built; the model returned is None and
     ``info["grown"]`` holds what ``ligo_core.stream`` needs to write it tensor by tensor.
+
+    ``dtype``: the dtype the grown model is written in. A fixed strategy makes its tensors in it
+    (ligo_core/rowblocks.py), so the model scored is the one handed over, bit for bit what a
+    streamed grow writes; the model returned holds them in fp32.
     """
     if accumulate < 1:
         raise TargetError(f"accumulate must be at least 1, got {accumulate}")
@@ -490,8 +495,8 @@ def grow_model(
     with torch.no_grad():
         if moves is not None:  # a fixed strategy: made as a streamed grow makes it, the same bits
             del initial
-            large_state = {name: tensor for _, _, name, tensor in
-                           fixed_tensors(operator, small_state.__getitem__, layout.names, moves, torch.float32)}
+            large_state = {name: tensor.float() for _, _, name, tensor in
+                           fixed_tensors(operator, small_state.__getitem__, layout.names, moves, dtype)}
         else:
             large_state = operator.materialise(small_state, layout.names) if info["fit_steps"] else initial
             del initial

@@ -290,6 +290,27 @@ class RowPlan:
                 y[at] = self.dense_c[layer, slot].float() @ x.float()
         return y
 
+    def exact_in(self, layer: int, dtype: torch.dtype, copies: bool = False) -> bool:
+        """Whether applying this side to ``dtype`` values in ``dtype`` gives the bits of applying it in
+        fp32 and rounding once: every large unit is one small unit times a scale ``dtype`` holds (a
+        product of two such numbers is exact in fp32, so the one rounding is the same), with no pads
+        made of sums. ``copies``: the scales must be 0 or +-1 (the units are values already rounded)."""
+        if len(self.mean_rows) or len(self.sparse_rows) or len(self.dense_rows):
+            return False
+        scale = self.scale[layer if self.scale.shape[0] > 1 else 0]
+        if copies:
+            return bool(((scale == 0) | (scale.abs() == 1)).all())
+        return bool((scale.to(dtype).float() == scale.float()).all())
+
+    def copy_rows(self, x: torch.Tensor, layer: int, top: int, end: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows ``top:end`` of ``expand(x, 0, layer)`` gathered into ``out``, in ``out``'s dtype, for a
+        side whose units are copies (``exact_in(..., copies=True)``)."""
+        layer = layer if self.src.shape[0] > 1 else 0
+        torch.index_select(x, 0, self.src[layer, top:end], out=out)
+        if not self.all_ones:
+            out.mul_(self.scale[layer, top:end, None].to(out.dtype))  # 0 or +-1: exact
+        return out
+
     def _kinds(self) -> dict[str, torch.Tensor]:
         """Per large position: its slot among the mean, sparse and dense rows (-1 where it is none)."""
         if getattr(self, "_kind_slots", None) is None:
@@ -524,6 +545,15 @@ class GrowthOperator(nn.Module):
             else:
                 x = self.expanders[space].row_plan(side).expand(x, axis, layer)
         return x
+
+    def exact_axis(self, spec: TensorSpec, axis: int, layer: int, dtype: torch.dtype) -> bool:
+        """Whether ``expand_axis`` on ``dtype`` values may run in ``dtype`` (``RowPlan.exact_in``)."""
+        for k, dim in enumerate(spec.dims):
+            if dim is not None and stored_axis(spec, k, 2) == axis:
+                side = self._side(dim[1])
+                if not all(self.expanders[s].row_plan(side).exact_in(layer, dtype) for s in dim[0].split("+")):
+                    return False
+        return True
 
     def axis_plan(self, spec: TensorSpec, axis: int, ndim: int) -> RowPlan | None:
         """The row plan that widens stored axis ``axis`` (None if it keeps its size); a fused axis

@@ -178,7 +178,7 @@ def grow(
             train_batches=batches(token_data.train, batch_size, seed) if token_data is not None else None,
             seed=seed, lr=lr, device=dev, progress=progress, should_cancel=should_cancel,
             tokenizer=loaded.tokenizer, heldout=heldout, ligo_init=ligo_init, accumulate=accumulate,
-            noise=noise, spread=spread, stream=True,
+            noise=noise, spread=spread, stream=True, dtype=out_dtype,
         )
         grown = info.pop("grown", None)
         large_config = large.config if large is not None else grown.config

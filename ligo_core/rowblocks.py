@@ -16,6 +16,7 @@ laid out in runs) are made whole, as ``GrowthOperator.fixed_tensor`` makes them,
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -26,8 +27,8 @@ from ligo_core.separation import Separation
 
 BLOCK = 2**22  # elements of a block: 16 MB in fp32 (2^18 to 2^24 measured on 1B -> 8B: 2^22 was fastest)
 
-# shape -> the tensor to fill (a writer's reusable buffer); None: a new tensor
-Allocate = Callable[[tuple[int, ...]], torch.Tensor]
+# (name, shape) -> the tensor to fill (a writer's reusable buffer); None: a new tensor
+Allocate = Callable[[str, tuple[int, ...]], torch.Tensor]
 
 
 def fixed_tensors(operator: GrowthOperator, read: Callable[[str], torch.Tensor], names: dict[str, str],
@@ -39,14 +40,16 @@ def fixed_tensors(operator: GrowthOperator, read: Callable[[str], torch.Tensor],
         full = names[spec.name]
         for layer in range(operator.large_layers) if spec.per_layer else [0]:
             name = full.format(i=layer) if spec.per_layer else full
-            yield spec, layer, name, grown_tensor(operator, spec, read, full, layer, separation, dtype, allocate)
+            yield spec, layer, name, grown_tensor(operator, spec, read, full, layer, separation, dtype,
+                                                  functools.partial(allocate, name) if allocate else None)
 
 
 @torch.no_grad()
 def grown_tensor(operator: GrowthOperator, spec: TensorSpec, read: Callable[[str], torch.Tensor], full: str,
                  layer: int, separation: Separation | None, dtype: torch.dtype,
-                 allocate: Allocate | None = None) -> torch.Tensor:
-    """Large layer ``layer`` of ``spec`` (``full``: its name with ``{i}``), moved apart, in ``dtype``."""
+                 allocate: Callable[[tuple[int, ...]], torch.Tensor] | None = None) -> torch.Tensor:
+    """Large layer ``layer`` of ``spec`` (``full``: its name with ``{i}``), moved apart, in ``dtype``
+    (``allocate(shape)``: the tensor to make it in)."""
     small = operator.small_tensor(spec, read, full, layer)
     plan = _first_axis_plan(operator, spec, small)
     if plan is not False:
@@ -62,6 +65,9 @@ def grown_tensor(operator: GrowthOperator, spec: TensorSpec, read: Callable[[str
     out = allocate((rows, columns)) if allocate is not None else torch.empty((rows, columns), dtype=dtype,
                                                                              device=small.device)
     height = max(1, BLOCK // max(columns, 1))
+    columns_exact = small.dtype == dtype and operator.exact_axis(spec, 1, layer, dtype)
+    if plan is None or plan.exact_in(layer, dtype, copies=True):
+        return _made_in_place(operator, spec, small, plan, layer, moves, out, columns_exact, height)
     if plan is not None:
         # Rows copied into several large rows: their columns are widened once, before the blocks gather them.
         wide = operator.expand_axis(spec, small.float(), 1, layer)  # small may be in its stored dtype (ReadCache)
@@ -88,6 +94,35 @@ def grown_tensor(operator: GrowthOperator, spec: TensorSpec, read: Callable[[str
     return out
 
 
+def _made_in_place(operator: GrowthOperator, spec: TensorSpec, small: torch.Tensor, plan, layer: int, moves,
+                   out: torch.Tensor, columns_exact: bool, height: int) -> torch.Tensor:
+    """The tensor made in ``out``'s dtype, block by block in ``out`` itself (no fp32 block, no cast
+    pass), where that gives the bits of making it in fp32 and rounding: its rows are copies of the
+    column-widened small rows (scales 0 or +-1), and those are widened in ``out``'s dtype only when
+    that is exact (``columns_exact``), else in fp32 and rounded once. Moves are added in ``out``'s
+    dtype: step x direction in fp32, rounded once with the weight."""
+    if plan is not None:
+        wide = operator.expand_axis(spec, small if columns_exact else small.float(), 1, layer).to(out.dtype)
+    squares = (torch.zeros(moves.count, dtype=torch.float64, device=out.device)
+               if moves is not None and moves.axis == 1 else None)
+    for top in range(0, out.shape[0], height):
+        block = out[top : top + height]
+        if plan is not None:
+            plan.copy_rows(wide, layer, top, top + block.shape[0], block)
+        else:
+            rows = small[top : top + block.shape[0]]
+            block.copy_(operator.expand_axis(spec, rows if columns_exact else rows.float(), 1, layer))
+        if squares is not None:  # units are columns: their norms need every row, then a second pass moves them
+            moves.add_column_squares(squares, block)
+        elif moves is not None:
+            moves.add_to_block(block, top)
+    if squares is not None:
+        moves.norms = squares.sqrt().float().cpu()
+        for top in range(0, out.shape[0], height):
+            moves.add_to_block(out[top : top + height], top)
+    return out
+
+
 def _first_axis_plan(operator: GrowthOperator, spec: TensorSpec, small: torch.Tensor):
     """The row plan of stored axis 0 (None: it keeps its size), or False: not made by blocks."""
     if small.dim() != 2 or spec.norm_gain:
@@ -108,7 +143,7 @@ def _block_moves(separation: Separation | None, spec: TensorSpec, layer: int, sh
         return False
 
 
-def _filled(tensor: torch.Tensor, allocate: Allocate | None) -> torch.Tensor:
+def _filled(tensor: torch.Tensor, allocate: Callable[[tuple[int, ...]], torch.Tensor] | None) -> torch.Tensor:
     if allocate is None:
         return tensor
     return allocate(tuple(tensor.shape)).copy_(tensor)

@@ -22,7 +22,7 @@ not only in scale (measured on the savings GPT-2: value copies at cosine 0.58 an
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -95,6 +95,7 @@ class Separation:
         self.operator, self.spread, self.generator = operator, spread, generator
         self.pairs = copy_pairs(operator) if spread > 0 else {}
         self._pool: torch.Tensor | None = None
+        self._cast_pools: dict[torch.dtype, torch.Tensor] = {}  # the pool in a block's dtype, cast once
         self._squares: torch.Tensor | None = None  # running sums of the pool's squares, for window norms
 
     @torch.no_grad()
@@ -108,7 +109,7 @@ class Separation:
         norms = _pair_norms(weight, axis, a)
         if runs is not None:  # the layout of every fixed strategy: added by blocks of rows
             return BlockMoves(axis, *runs, len(a), starts, length, window_norms, share_a, share_b, self._pool, group,
-                              norms)
+                              self._cast_pools, norms)
         reach = norms / window_norms
         return _Move(axis, a, b, starts, length, share_a * reach, share_b * reach, self._pool)
 
@@ -124,7 +125,8 @@ class Separation:
         if runs is None:
             raise ValueError(f"{spec.name}: copies not in two runs, first copies first")
         axis, a, _, starts, length, window_norms, share_a, share_b, group = self._draw(spec, layer, shape)
-        return BlockMoves(axis, *runs, len(a), starts, length, window_norms, share_a, share_b, self._pool, group)
+        return BlockMoves(axis, *runs, len(a), starts, length, window_norms, share_a, share_b, self._pool, group,
+                          self._cast_pools)
 
     def _draw_spec(self, spec) -> tuple[int, str] | None:
         return moved_axis(self.operator, spec, self.pairs) if self.spread > 0 else None
@@ -289,6 +291,9 @@ class BlockMoves:
     share_b: torch.Tensor
     pool: torch.Tensor
     group: int  # windows per group: consecutive in the pool (``Separation._draw``)
+    # The pool in a block's (dtype, device), cast once for a grow's tensors: a block made in bf16 is
+    # moved in bf16 (step x direction added in fp32 and rounded once, as bf16 arithmetic does).
+    cast_pools: dict = field(default_factory=dict)
     # The first copies' norms: given (``Separation.plan``), or taken from the blocks as they are made:
     # up front for columns (``add_column_squares``), from each block for rows.
     norms: torch.Tensor | None = None
@@ -308,14 +313,14 @@ class BlockMoves:
         add_squares(total, block[:, self.a_start : self.a_start + self.count])
 
     def add_to_block(self, block: torch.Tensor, top: int) -> None:
-        """Move rows ``top:top + len(block)`` of the tensor (``block``, fp32) in place."""
+        """Move rows ``top:top + len(block)`` of the tensor (``block``: fp32, or the output dtype) in place."""
         height = block.shape[0]
         if self.axis == 1:
             steps = [(first, sign, (share * (self.norms / self.window_norms)).to(block)[None])
                      for first, share, sign in ((self.a_start, self.share_a, 1), (self.b_start, self.share_b, -1))]
-            for lo, hi, across in self._windows(top, top + height, self.count):
+            for lo, hi, across in self._windows(top, top + height, self.count, block):
                 for first, sign, step in steps:
-                    block[lo - top : hi - top, first : first + self.count].addcmul_(across.to(block), step, value=sign)
+                    block[lo - top : hi - top, first : first + self.count].addcmul_(across, step, value=sign)
             return
         if self.norms is None:
             self.norms = torch.full((self.count,), float("nan"))
@@ -323,7 +328,8 @@ class BlockMoves:
         if lo < hi:  # first copies: their norms as made (unless given), then their moves
             rows = block[lo - top : hi - top]
             if self._measure:
-                self.norms[lo - self.a_start : hi - self.a_start] = torch.linalg.vector_norm(rows, dim=1).cpu()
+                self.norms[lo - self.a_start : hi - self.a_start] = torch.linalg.vector_norm(
+                    rows, dim=1, dtype=torch.float32).cpu()
             self._add(rows, lo - self.a_start, hi - self.a_start, self.share_a, 1)
         lo, hi = max(top, self.b_start), min(top + height, self.b_start + self.count)
         if lo < hi:
@@ -332,16 +338,23 @@ class BlockMoves:
     def _add(self, rows: torch.Tensor, first: int, end: int, share: torch.Tensor, sign: int) -> None:
         """rows += sign * step * direction, for pairs first:end, in one pass over the rows."""
         step = (share[first:end] * (self.norms[first:end] / self.window_norms[first:end]))[:, None].to(rows)
-        for lo, hi, direction in self._windows(first, end, self.length):
-            rows[lo - first : hi - first].addcmul_(direction.to(rows), step[lo - first : hi - first], value=sign)
+        for lo, hi, direction in self._windows(first, end, self.length, rows):
+            rows[lo - first : hi - first].addcmul_(direction, step[lo - first : hi - first], value=sign)
 
-    def _windows(self, first: int, end: int, width: int) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """Windows ``first:end`` as (lo, hi, (hi - lo, width) view of the pool), a group's run at a time."""
+    def _windows(self, first: int, end: int, width: int, like: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Windows ``first:end`` as (lo, hi, (hi - lo, width) view of the pool in ``like``'s dtype and
+        device), a group's run at a time."""
+        pool = self.pool
+        if (like.dtype, like.device) != (pool.dtype, pool.device):
+            key = (like.dtype, like.device)
+            if key not in self.cast_pools:
+                self.cast_pools[key] = pool.to(like)
+            pool = self.cast_pools[key]
         lo = first
         while lo < end:
             hi = min(end, (lo // self.group + 1) * self.group)
             start = int(self.starts[lo])
-            yield lo, hi, self.pool[start : start + (hi - lo) * width].view(hi - lo, width)
+            yield lo, hi, pool[start : start + (hi - lo) * width].view(hi - lo, width)
             lo = hi
 
 

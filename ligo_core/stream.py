@@ -23,6 +23,7 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from transformers import GenerationConfig, PretrainedConfig
 
+from ligo_core.direct_io import ALIGN, RangeWriter, aligned_view, slack
 from ligo_core.families import TensorSpec
 from ligo_core.operator import GrowthOperator, stored_axis
 from ligo_core.rowblocks import Allocate
@@ -69,7 +70,7 @@ class ShardWriter:
     QUEUED = 1  # cast tensors waiting for the writing thread: each is memory held
 
     def __init__(self, directory: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
-                 max_shard_size: str | int):
+                 max_shard_size: str | int, direct: bool = True):
         metas = {n: torch.empty(s, dtype=dtype, device="meta") for n, s in shapes.items()}
         split = split_torch_state_dict_into_shards(metas, filename_pattern="model{suffix}.safetensors",
                                                    max_shard_size=max_shard_size)
@@ -84,6 +85,7 @@ class ShardWriter:
         self._spare: dict[int, list[torch.Tensor]] = {}
         self._lent: dict[int, torch.Tensor] = {}  # storage address -> buffer, while lent or queued
         self._lock = threading.Lock()
+        self._files = RangeWriter(direct)  # large tensors straight to the disk (ligo_core/direct_io.py)
         item = torch.empty((), dtype=dtype).element_size()
         for filename, tensors in split.filename_to_tensors.items():
             header, offset = {"__metadata__": {"format": "pt"}}, 0
@@ -93,7 +95,8 @@ class ShardWriter:
                                 "data_offsets": [offset, offset + size]}
                 offset += size
             text = json.dumps(header, separators=(",", ":")).encode()
-            text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+            # The data starts on an ALIGN boundary (8-byte aligned, as safetensors asks): written direct.
+            text += b" " * (-(8 + len(text)) % ALIGN)
             path = directory / filename
             with open(path, "wb") as f:
                 f.write(len(text).to_bytes(8, "little"))
@@ -103,21 +106,23 @@ class ShardWriter:
                 start, end = header[name]["data_offsets"]
                 self.place[name] = (path, 8 + len(text) + start, 8 + len(text) + end)
 
-    def buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """An uninitialised tensor of the output dtype to fill and ``write``; reused once written."""
+    def buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """An uninitialised tensor of the output dtype to fill and ``write`` as ``name``; reused once
+        written. Its address sits as its place in the file does, modulo ALIGN, so it is written
+        without a copy (``direct_io.aligned_view``)."""
         numel = _numel(shape)
         with self._lock:
             if numel not in self._spare:  # tensors come in runs of one size: the last size's spares go
                 self._spare = {numel: []}
             spare = self._spare.get(numel)
-            data = spare.pop() if spare else torch.empty(numel, dtype=self.dtype)
-            self._lent[data.untyped_storage().data_ptr()] = data
-        return data.view(shape)
+            base = spare.pop() if spare else torch.empty(numel + slack(self.dtype), dtype=self.dtype)
+            self._lent[base.untyped_storage().data_ptr()] = base
+        return aligned_view(base, numel, self.place[name][1]).view(shape)
 
     def _hand_back(self, data: torch.Tensor) -> None:
         with self._lock:
             buffer = self._lent.pop(data.untyped_storage().data_ptr(), None)
-            spare = self._spare.get(buffer.numel()) if buffer is not None else None
+            spare = self._spare.get(buffer.numel() - slack(self.dtype)) if buffer is not None else None
             if spare is not None and len(spare) < self.SPARE:
                 spare.append(buffer)
 
@@ -143,9 +148,7 @@ class ShardWriter:
             path, start, data = item
             try:
                 if self._failure is None:
-                    with open(path, "r+b") as f:
-                        f.seek(start)
-                        f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+                    self._files.write(path, start, data)
             except BaseException as exc:  # handed to the caller at its next write or at finish
                 self._failure = exc
             self._hand_back(data)
@@ -200,7 +203,7 @@ def stream_weights(
     """Write the grown weights into ``directory``; returns (file names, parameter count).
 
     ``shapes``: every tensor's stored shape (``grown_shapes``); ``tensors(allocate)``: the tensors
-    in that order, each made in a buffer from ``allocate(shape)`` (or any tensor: it is cast)."""
+    in that order, each made in a buffer from ``allocate(name, shape)`` (or any tensor: it is cast)."""
     writer = ShardWriter(directory, shapes, dtype, max_shard_size)
     try:
         for done, (_, _, name, tensor) in enumerate(tensors(writer.buffer), start=1):

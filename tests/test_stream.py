@@ -55,7 +55,7 @@ def _assert_same_checkpoint(streamed: Path, reference: Path) -> None:
 def _in_memory(src: Path, target: str, out: Path, dtype=torch.bfloat16, **kwargs) -> None:
     """Today's path, kept for scoring: the whole grown model in fp32, cast and saved."""
     loaded = load_checkpoint(src)
-    large, _ = grow_model(loaded.model, resolve_target(target, loaded.config), **kwargs)
+    large, _ = grow_model(loaded.model, resolve_target(target, loaded.config), dtype=dtype, **kwargs)
     write_checkpoint(large, out, dtype=dtype, source_dir=src, report={}, max_shard_size="40KB")
 
 
@@ -71,6 +71,21 @@ def test_streamed_fixed_strategies_equal_the_in_memory_path(tmp_path, name, stra
     assert set(index["weight_map"]) == set(_tensors(tmp_path / "streamed"))
     assert report["eval_tokens"] == 0 and report["target"]["parameters"] == sum(
         t.numel() for t in _tensors(tmp_path / "streamed").values())
+
+
+def test_streamed_grow_written_direct_equals_the_in_memory_path(tmp_path, monkeypatch):
+    """Tensors from 4 KB up written with O_DIRECT (ligo_core/direct_io.py), their memory aligned as
+    their file offsets (ShardWriter.buffer): the same checkpoint, and the headers still load."""
+    from ligo_core import direct_io
+
+    monkeypatch.setattr(direct_io, "DIRECT_MIN", 4096)
+    src = _saved(tmp_path, "llama")
+    grow(src, TARGETS["llama"], tmp_path / "streamed", strategy="stack", max_shard_size="40KB")
+    _in_memory(src, TARGETS["llama"], tmp_path / "reference", strategy="stack", fit_steps=0)
+    _assert_same_checkpoint(tmp_path / "streamed", tmp_path / "reference")
+    for shard in (tmp_path / "streamed").glob("*.safetensors"):
+        header = int.from_bytes(shard.read_bytes()[:8], "little")
+        assert (8 + header) % direct_io.ALIGN == 0  # the data starts on a block boundary
 
 
 def test_dtype_option_writes_float32_from_a_bf16_source(tmp_path):
@@ -280,7 +295,7 @@ def test_writer_hands_back_written_buffers(tmp_path):
     writer = ShardWriter(tmp_path, shapes, torch.bfloat16, "1GB")
     addresses = set()
     for i, name in enumerate(shapes):
-        buffer = writer.buffer(shapes[name])
+        buffer = writer.buffer(name, shapes[name])
         addresses.add(buffer.untyped_storage().data_ptr())
         buffer.fill_(i)
         writer.write(name, buffer)
