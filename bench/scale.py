@@ -210,6 +210,7 @@ def apply(pairs: list[str], strategies: list[str], work: Path, before: str | Non
         if not src.exists():
             started = time.perf_counter()
             write_random_checkpoint(source, src)
+            os.sync()  # the source's own write-back is not the grow's work
             print(f"wrote random {source} in {time.perf_counter() - started:.0f}s", file=sys.stderr)
         src_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
         for strategy in strategies:
