@@ -107,8 +107,15 @@ def _write_all(fd: int, raw: torch.Tensor, offset: int) -> int:
     view = memoryview(raw.numpy())
     done = 0
     while done < len(view):
-        written = os.pwrite(fd, view[done:], offset + done)
+        written = _pwrite(fd, view[done:], offset + done)
         if written <= 0:
             break
         done += written
     return done
+
+
+def _pwrite(fd: int, data: memoryview, offset: int) -> int:
+    if hasattr(os, "pwrite"):
+        return os.pwrite(fd, data, offset)
+    os.lseek(fd, offset, os.SEEK_SET)  # no pwrite (Windows): one thread writes each file descriptor
+    return os.write(fd, data)

@@ -102,16 +102,15 @@ class Separation:
     def plan(self, weight: torch.Tensor, spec, layer: int) -> BlockMoves | _Move | None:
         """Draw the moves of one tensor (``weight``: as grown, before moving): None if it has none."""
         runs = self._runs(spec, layer)
-        drawn = self._draw(spec, layer, weight.shape)
-        if drawn is None:
+        draw = self._draw(spec, layer, weight.shape)
+        if draw is None:
             return None
-        axis, a, b, starts, length, window_norms, share_a, share_b, group = drawn
-        norms = _pair_norms(weight, axis, a)
+        norms = _pair_norms(weight, draw.axis, draw.a)
         if runs is not None:  # the layout of every fixed strategy: added by blocks of rows
-            return BlockMoves(axis, *runs, len(a), starts, length, window_norms, share_a, share_b, self._pool, group,
-                              self._cast_pools, norms)
-        reach = norms / window_norms
-        return _Move(axis, a, b, starts, length, share_a * reach, share_b * reach, self._pool)
+            return self._block_moves(draw, runs, norms)
+        reach = norms / draw.window_norms
+        return _Move(draw.axis, draw.a, draw.b, draw.starts, draw.length, draw.share_a * reach, draw.share_b * reach,
+                     self._pool)
 
     @torch.no_grad()
     def block_moves(self, spec, layer: int, shape: torch.Size) -> BlockMoves | None:
@@ -124,9 +123,11 @@ class Separation:
         runs = self._runs(spec, layer)
         if runs is None:
             raise ValueError(f"{spec.name}: copies not in two runs, first copies first")
-        axis, a, _, starts, length, window_norms, share_a, share_b, group = self._draw(spec, layer, shape)
-        return BlockMoves(axis, *runs, len(a), starts, length, window_norms, share_a, share_b, self._pool, group,
-                          self._cast_pools)
+        return self._block_moves(self._draw(spec, layer, shape), runs)
+
+    def _block_moves(self, draw: _Draw, runs: tuple[int, int], norms: torch.Tensor | None = None) -> BlockMoves:
+        return BlockMoves(draw.axis, *runs, len(draw.a), draw.starts, draw.length, draw.window_norms, draw.share_a,
+                          draw.share_b, self._pool, draw.group, self._cast_pools, norms)
 
     def _draw_spec(self, spec) -> tuple[int, str] | None:
         return moved_axis(self.operator, spec, self.pairs) if self.spread > 0 else None
@@ -144,7 +145,7 @@ class Separation:
             return None
         return a_start, b_start
 
-    def _draw(self, spec, layer: int, shape: torch.Size):
+    def _draw(self, spec, layer: int, shape: torch.Size) -> _Draw | None:
         moved = self._draw_spec(spec)
         if moved is None:
             return None
@@ -167,10 +168,9 @@ class Separation:
         if axis == 0:
             window_norms = (squares[starts + width] - squares[starts]).sqrt().float()
         else:
-            window_norms = _across_norms(pool, starts, width)
-        # a step is (spread x the other side's share) x (the first copy's norm / its window's norm)
-        return (axis, pairs.a[usable], pairs.b[usable], starts, length, window_norms.clamp_min(1e-12),
-                self.spread * s_b / total, self.spread * s_a / total, group)
+            window_norms = _across_norms(pool, starts, width, group)
+        return _Draw(axis, pairs.a[usable], pairs.b[usable], starts, length, window_norms.clamp_min(1e-12),
+                     self.spread * s_b / total, self.spread * s_a / total, group)
 
     @torch.no_grad()
     def offsets(self, state: Callable[[str], torch.Tensor] | dict[str, torch.Tensor],
@@ -226,6 +226,24 @@ def separation_offsets(
     pair (its window's start and its two step sizes): the offsets of a large model are about as
     big as its matrices, and are never all alive at once."""
     return Separation(operator, spread, generator).offsets(state, names)
+
+
+@dataclass(frozen=True)
+class _Draw:
+    """What ``Separation`` draws for one tensor: its usable pairs (first copies ``a``, copies ``b``,
+    units along ``axis``), each direction's window start, the windows' norms, and each side's share
+    of the step: a step is (spread x the other side's share) x (the first copy's norm / its
+    window's norm)."""
+
+    axis: int
+    a: torch.Tensor  # (P,) long
+    b: torch.Tensor
+    starts: torch.Tensor  # (P,) for units that are rows, (rows,) for units that are columns
+    length: int  # elements of one unit
+    window_norms: torch.Tensor  # (P,)
+    share_a: torch.Tensor  # (P,): spread x s_b / (s_a + s_b)
+    share_b: torch.Tensor
+    group: int  # windows per group: consecutive in the pool
 
 
 @dataclass(frozen=True)
@@ -406,14 +424,14 @@ def _chunks(a: torch.Tensor, length: int, elements: int | None = None) -> Iterat
         start = end
 
 
-def _across_norms(pool: torch.Tensor, starts: torch.Tensor, width: int) -> torch.Tensor:
+def _across_norms(pool: torch.Tensor, starts: torch.Tensor, width: int, group: int) -> torch.Tensor:
     """(width,): the norm of each column of the directions whose row ``r`` is the pool's window at
-    ``starts[r]``, summed a block of rows at a time."""
-    across = pool.square().unfold(0, width, 1)
+    ``starts[r]``; the rows of a group are consecutive windows, so each group is one slice of the
+    pool (summed in fp32 within a group, in fp64 across)."""
     total = torch.zeros(width, dtype=torch.float64)
-    rows = max(1, MOVE_BLOCK // max(width, 1))
-    for first in range(0, len(starts), rows):
-        total += across.index_select(0, starts[first : first + rows]).sum(0)
+    for first in range(0, len(starts), group):
+        rows, start = min(group, len(starts) - first), int(starts[first])
+        total += pool[start : start + rows * width].view(rows, width).square().sum(0)
     return total.sqrt().float()
 
 
