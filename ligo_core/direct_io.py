@@ -8,7 +8,7 @@ the same 16 GB took 8 s and 0.8 s of CPU (docs/BENCHMARKS.md, "Real sizes").
 
 O_DIRECT wants the file offset, the length and the memory address all on ALIGN-byte boundaries.
 A range's whole blocks go direct when its memory is aligned as its file offset is (ShardWriter
-allocates its buffers so: ``aligned_view``), else through a small aligned bounce buffer; the partial
+allocates its buffers so: ``aligned_view``), else through a 64 MB aligned bounce buffer; the partial
 blocks at either end, and ranges under DIRECT_MIN, go through the page cache. Where the system
 refuses O_DIRECT (tmpfs, some network file systems, no O_DIRECT at all), everything does.
 """
@@ -56,14 +56,14 @@ class RangeWriter:
         first, last = -(-start // ALIGN) * ALIGN, end // ALIGN * ALIGN  # the whole blocks inside the range
         with open(path, "r+b", buffering=0) as f:
             if not self.direct or raw.numel() < DIRECT_MIN or last - first < ALIGN:
-                _write_all(f.fileno(), raw, start)
+                _write_every(f.fileno(), raw, start)
                 return
-            _write_all(f.fileno(), raw[: first - start], start)
-            _write_all(f.fileno(), raw[last - start :], last)
+            _write_every(f.fileno(), raw[: first - start], start)
+            _write_every(f.fileno(), raw[last - start :], last)
             middle = raw[first - start : last - start]
             done = self._write_direct(path, middle, first)
             if done < middle.numel():  # refused part way: the rest through the page cache
-                _write_all(f.fileno(), middle[done:], first + done)
+                _write_every(f.fileno(), middle[done:], first + done)
 
     def _write_direct(self, path: Path, middle: torch.Tensor, offset: int) -> int:
         """Bytes of ``middle`` written with O_DIRECT from the start (all of them, unless refused)."""
@@ -112,6 +112,12 @@ def _write_all(fd: int, raw: torch.Tensor, offset: int) -> int:
             break
         done += written
     return done
+
+
+def _write_every(fd: int, raw: torch.Tensor, offset: int) -> None:
+    """``_write_all`` through the page cache, where writing fewer bytes than asked is an error."""
+    if _write_all(fd, raw, offset) < raw.numel():
+        raise OSError(errno.EIO, f"short write at byte {offset}")
 
 
 def _pwrite(fd: int, data: memoryview, offset: int) -> int:

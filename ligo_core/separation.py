@@ -95,7 +95,7 @@ class Separation:
         self.operator, self.spread, self.generator = operator, spread, generator
         self.pairs = copy_pairs(operator) if spread > 0 else {}
         self._pool: torch.Tensor | None = None
-        self._cast_pools: dict[torch.dtype, torch.Tensor] = {}  # the pool in a block's dtype, cast once
+        self._cast_pools: dict[tuple, torch.Tensor] = {}  # the pool in a block's (dtype, device), cast once
         self._squares: torch.Tensor | None = None  # running sums of the pool's squares, for window norms
 
     @torch.no_grad()
@@ -311,7 +311,7 @@ class BlockMoves:
     pool: torch.Tensor
     group: int  # windows per group: consecutive in the pool (``Separation._draw``)
     # The pool in a block's (dtype, device), cast once for a grow's tensors: a block made in bf16 is
-    # moved in bf16 (step x direction added in fp32 and rounded once, as bf16 arithmetic does).
+    # moved in bf16 arithmetic, from the step and direction rounded to bf16 (ligo_core/rowblocks.py).
     cast_pools: dict = field(default_factory=dict)
     # The first copies' norms: given (``Separation.plan``), or taken from the blocks as they are made:
     # up front for columns (``add_column_squares``), from each block for rows.

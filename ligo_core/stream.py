@@ -132,7 +132,12 @@ class ShardWriter:
         """Cast ``tensor`` and hand it to the writing thread (which holds at most QUEUED of them), so
         the next tensor is computed while the kernel makes this one's pages room on the disk."""
         path, start, end = self.place[name]
-        data = tensor.detach().to(device="cpu", dtype=self.dtype).contiguous()
+        data = tensor.detach()
+        if data.untyped_storage().data_ptr() not in self._lent or data.dtype != self.dtype or data.device.type != "cpu":
+            # Not one of this writer's buffers (a fitted operator's fp32 tensor): cast into one, so
+            # its memory is aligned for a direct write and refilled afterwards.
+            data = self.buffer(name, tuple(data.shape)).copy_(data)
+        data = data.contiguous()
         if data.numel() * data.element_size() != end - start:
             raise AssertionError(f"{name}: {data.numel() * data.element_size()} bytes, the header planned "
                                  f"{end - start}")

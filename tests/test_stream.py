@@ -53,7 +53,8 @@ def _assert_same_checkpoint(streamed: Path, reference: Path) -> None:
 
 
 def _in_memory(src: Path, target: str, out: Path, dtype=torch.bfloat16, **kwargs) -> None:
-    """Today's path, kept for scoring: the whole grown model in fp32, cast and saved."""
+    """The path kept for scoring: the whole grown model in memory (its tensors made in ``dtype``, as
+    the streamed grow makes them), then saved in ``dtype``."""
     loaded = load_checkpoint(src)
     large, _ = grow_model(loaded.model, resolve_target(target, loaded.config), dtype=dtype, **kwargs)
     write_checkpoint(large, out, dtype=dtype, source_dir=src, report={}, max_shard_size="40KB")
@@ -71,6 +72,25 @@ def test_streamed_fixed_strategies_equal_the_in_memory_path(tmp_path, name, stra
     assert set(index["weight_map"]) == set(_tensors(tmp_path / "streamed"))
     assert report["eval_tokens"] == 0 and report["target"]["parameters"] == sum(
         t.numel() for t in _tensors(tmp_path / "streamed").values())
+
+
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_a_bf16_grow_is_the_fp32_grow_rounded_but_for_its_moves(tmp_path, name):
+    """Made in bf16 (ligo_core/rowblocks.py), a grow without moves is the fp32 grow rounded once, bit
+    for bit. Moves are added in bf16 arithmetic from a rounded step and direction, so a moved entry
+    may round the other way: by no more than the bf16 rounding of the tensor's largest entries."""
+    loaded = load_checkpoint(_saved(tmp_path, name))
+    target = resolve_target(TARGETS[name], loaded.config)
+    for strategy, exact in (("preserve", True), ("stack", False)):  # spread 0 and 2 by default
+        in_bf16, _ = grow_model(loaded.model, target, strategy=strategy, fit_steps=0, dtype=torch.bfloat16)
+        in_fp32, _ = grow_model(loaded.model, target, strategy=strategy, fit_steps=0)
+        made, reference = in_bf16.state_dict(), in_fp32.state_dict()
+        off = 0
+        for key, value in reference.items():
+            rounded, got = value.to(torch.bfloat16).float(), made[key]
+            assert (got - rounded).abs().max() <= 2**-6 * rounded.abs().max(), (strategy, key)
+            off += int((got != rounded).sum())
+        assert (off == 0) == exact, strategy
 
 
 def test_streamed_grow_written_direct_equals_the_in_memory_path(tmp_path, monkeypatch):
