@@ -88,6 +88,11 @@ class UploadCreate(Strict):
     config: Json | None = Field(None, description="config.json contents, for a bare .safetensors file.")
 
 
+class CompletedPart(Strict):
+    part_number: int = Field(ge=1, le=10_000)
+    etag: str = Field(min_length=1, max_length=256)
+
+
 class UploadPart(BaseModel):
     part_number: int
     url: str
@@ -100,11 +105,9 @@ class UploadOut(BaseModel):
     part_size: int
     parts: list[UploadPart]
     expires_at: str
-
-
-class CompletedPart(Strict):
-    part_number: int = Field(ge=1, le=10_000)
-    etag: str = Field(min_length=1, max_length=256)
+    uploaded: list[CompletedPart] = Field(
+        default_factory=list,
+        description="Parts S3 already holds, with their ETags (GET: to resume an upload, skip these).")
 
 
 class UploadComplete(Strict):

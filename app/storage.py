@@ -443,6 +443,15 @@ class S3Storage(Storage):
             Params={"Bucket": self.bucket, "Key": self.full_key(key), "UploadId": upload_id, "PartNumber": number},
         )
 
+    def uploaded_parts(self, key: str, upload_id: str) -> list[tuple[int, str]]:
+        """(part number, ETag) of every part S3 holds for a multipart upload in progress."""
+        try:
+            pages = self.client.get_paginator("list_parts").paginate(
+                Bucket=self.bucket, Key=self.full_key(key), UploadId=upload_id)
+            return [(p["PartNumber"], p["ETag"]) for page in pages for p in page.get("Parts", [])]
+        except Exception as exc:
+            raise StorageError(f"could not list the upload's parts: {exc}") from None
+
     def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> None:
         try:
             self.client.complete_multipart_upload(

@@ -10,12 +10,13 @@ import hashlib
 import math
 import os
 import signal
+from datetime import timedelta
 
 import httpx
 import pytest
 from sqlalchemy import func, select
 
-from app.db import Checkpoint, Job, Upload, WebhookDelivery
+from app.db import Checkpoint, Job, Upload, WebhookDelivery, utcnow
 from app.schemas import job_json
 from tests.service_fixtures import FIT, Api, CeleryWorker, job_objects, manifest_keys, tar_gz
 
@@ -111,6 +112,28 @@ def test_presigned_multipart_upload(distributed, alice, service_checkpoint):
     assert body["size_bytes"] == len(padded) and body["family"] == "gpt2"
     assert rows(distributed, Upload) == 0
     assert alice.get(f"/v1/checkpoints/{up['id']}").status_code == 200
+
+    # Resuming: after one part of two, a GET gives fresh URLs and the part S3 holds; bob sees nothing.
+    up = alice.post("/v1/checkpoints/uploads", json={"filename": "again.tar.gz", "size_bytes": len(padded)}).json()
+    first = httpx.put(up["parts"][0]["url"], content=padded[: up["part_size"]], timeout=30).headers["etag"]
+    r = alice.get(f"/v1/checkpoints/uploads/{up['id']}")
+    assert r.status_code == 200, r.text
+    resumed = r.json()
+    assert resumed["uploaded"] == [{"part_number": 1, "etag": first}] and len(resumed["parts"]) == 2
+    assert (resumed["part_size"], resumed["expires_at"]) == (up["part_size"], up["expires_at"])
+    bob = Api(distributed["client"], distributed["keys"]["bob"])
+    assert bob.get(f"/v1/checkpoints/uploads/{up['id']}").status_code == 404
+    second = httpx.put(resumed["parts"][1]["url"], content=padded[up["part_size"]:], timeout=30).headers["etag"]
+    r = alice.post(f"/v1/checkpoints/uploads/{up['id']}/complete",
+                   json={"parts": [*resumed["uploaded"], {"part_number": 2, "etag": second}]})
+    assert r.status_code == 201 and r.json()["sha256"] == hashlib.sha256(padded).hexdigest(), r.text
+    assert alice.get(f"/v1/checkpoints/uploads/{up['id']}").status_code == 404  # complete: no longer an upload
+    up = alice.post("/v1/checkpoints/uploads", json={"filename": "late.tar", "size_bytes": 10}).json()
+    with distributed["app"].state.services.db.write() as s:
+        s.get(Upload, up["id"]).expires_at = utcnow() - timedelta(seconds=1)
+    r = alice.get(f"/v1/checkpoints/uploads/{up['id']}")
+    assert r.status_code == 410 and "expired" in r.json()["detail"]
+    assert alice.delete(f"/v1/checkpoints/uploads/{up['id']}").status_code == 204
 
     # A presigned upload of something that is not a checkpoint: 422, object and rows gone.
     before = s3_state(distributed), rows(distributed, Checkpoint)

@@ -33,6 +33,7 @@ from app.problems import Problem, field_problem, not_found
 from app.schemas import (
     CheckpointList,
     CheckpointOut,
+    CompletedPart,
     RegisterIn,
     UploadComplete,
     UploadCreate,
@@ -232,7 +233,6 @@ def create_upload(body: UploadCreate, tenant: CurrentTenant, svc: Svc) -> Upload
     if body.size_bytes > cap:
         raise Problem(413, "too-large", f"{body.size_bytes} bytes is over the limit of {cap} bytes")
     part_size = max(S3_MIN_PART, svc.settings.s3_part_size_bytes, math.ceil(body.size_bytes / S3_MAX_PARTS))
-    count = math.ceil(body.size_bytes / part_size)
     upload_id = new_id()
     key = f"checkpoints/{upload_id}/" + (name if kind == "archive" else "model.safetensors")
     ttl = svc.settings.upload_ttl_seconds
@@ -246,9 +246,35 @@ def create_upload(body: UploadCreate, tenant: CurrentTenant, svc: Svc) -> Upload
     except Exception:
         s3.abort_multipart(key, s3_upload)
         raise
-    parts = [UploadPart(part_number=n, url=s3.presign_part(key, s3_upload, n, ttl)) for n in range(1, count + 1)]
-    return UploadOut(id=upload_id, filename=name, size_bytes=body.size_bytes, part_size=part_size, parts=parts,
-                     expires_at=iso(row.expires_at))
+    return _upload_out(s3, row, ttl)
+
+
+def _upload_out(s3: S3Storage, row: Upload, ttl: int, uploaded: list[tuple[int, str]] = ()) -> UploadOut:
+    """The upload with a URL for every part, each valid ``ttl`` seconds (until the upload expires)."""
+    count = math.ceil(row.size_bytes / row.part_size)
+    parts = [UploadPart(part_number=n, url=s3.presign_part(row.object_key, row.s3_upload_id, n, ttl))
+             for n in range(1, count + 1)]
+    return UploadOut(id=row.id, filename=row.filename, size_bytes=row.size_bytes, part_size=row.part_size,
+                     parts=parts, expires_at=iso(row.expires_at),
+                     uploaded=[CompletedPart(part_number=n, etag=etag) for n, etag in uploaded])
+
+
+@router.get("/uploads/{upload_id}", response_model=UploadOut, responses={
+    401: ERRORS[401], 404: {"description": "No such upload (or not this tenant's)"},
+    410: {"description": "The upload expired; start a new one"}, 502: {"description": "S3 could not list the parts"}})
+def resume_upload(upload_id: str, tenant: CurrentTenant, svc: Svc) -> UploadOut:
+    """An upload in progress, to resume it: fresh part URLs (valid until the upload expires) and
+    the parts S3 already holds. PUT the others, then call .../complete with all of them."""
+    s3 = _s3(svc, "a presigned upload")
+    row = _upload_of(svc, tenant, upload_id)
+    left = int((row.expires_at - utcnow()).total_seconds())
+    if left <= 0:
+        raise Problem(410, "expired", f"upload {upload_id} expired at {iso(row.expires_at)}; start a new one")
+    try:
+        uploaded = s3.uploaded_parts(row.object_key, row.s3_upload_id)
+    except StorageError as exc:
+        raise Problem(502, "storage", str(exc)) from None
+    return _upload_out(s3, row, left, uploaded)
 
 
 def _upload_of(svc: Services, tenant: str, upload_id: str) -> Upload:
@@ -406,4 +432,4 @@ async def get_checkpoint(checkpoint_id: str, tenant: CurrentTenant, svc: Svc) ->
     return _checkpoint_out(row)
 
 
-S3_ONLY = (create_upload, complete_upload, abort_upload, register_checkpoint)  # left out of local storage's OpenAPI
+S3_ONLY = (create_upload, resume_upload, complete_upload, abort_upload, register_checkpoint)  # left out of local storage's OpenAPI
