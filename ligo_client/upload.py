@@ -175,7 +175,7 @@ def _multipart(client, source: Source, state: UploadState) -> dict | None:
         try:
             return _send_parts(client, source, state, saved, resumed)
         except RequestRejected as exc:
-            if not resumed or exc.status not in (403, 404):
+            if not resumed or exc.status not in (403, 404, 410):
                 raise
             client.emit({"stage": "retrying", "what": "resuming the upload", "attempt": 1,
                          "reason": f"the saved upload is gone ({exc.status}); starting again", "delay": 0})
@@ -198,7 +198,24 @@ def _create(client, source: Source) -> dict | None:
     return {"upload": upload, "etags": {}}
 
 
+def _current(client, upload: dict) -> dict | None:
+    """A saved upload as the service sees it now (``GET .../uploads/{id}``); None from a service too
+    old to say (405), where the state file is all there is."""
+    try:
+        return client.api("GET", f"/v1/checkpoints/uploads/{quote(str(upload['id']), safe='')}").json()
+    except RequestRejected as exc:
+        if exc.status == 405:
+            return None
+        raise
+
+
 def _send_parts(client, source: Source, state: UploadState, saved: dict, resumed: bool) -> dict:
+    if resumed and (current := _current(client, saved["upload"])) is not None:
+        # The service's word over the state file: fresh part URLs, and every part S3 holds, even
+        # one whose ETag this machine never saved (cut between S3's answer and the state file).
+        saved["upload"]["parts"] = current["parts"]
+        saved["etags"] = {str(p["part_number"]): p["etag"] for p in current.get("uploaded") or []}
+        state.save({"multipart": saved})
     upload, etags = saved["upload"], saved["etags"]
     size, part_size = source.size, int(upload["part_size"])
     parts = sorted(upload["parts"], key=lambda p: p["part_number"])

@@ -415,6 +415,39 @@ def test_a_cut_multipart_upload_resumes_with_the_missing_parts(distributed, s3_c
         assert c.upload(model)["id"] == ckpt["id"] and third.puts == []  # the same bytes are not sent again
 
 
+class CutAfterS3Answers(httpx.BaseTransport):
+    """S3 takes the first part, then the process dies before it saves the ETag."""
+
+    def __init__(self):
+        self.inner = httpx.HTTPTransport()
+
+    def handle_request(self, request):
+        response = self.inner.handle_request(request)
+        if request.method == "PUT":
+            response.read()
+            raise Cut()
+        return response
+
+
+@pytest.mark.slow
+def test_a_resumed_upload_takes_the_parts_s3_holds_from_the_service(distributed, s3_client, service_checkpoint,
+                                                                   tmp_path):
+    """A part S3 received but whose ETag was never saved is not sent again: the client asks the
+    service (GET .../uploads/{id}) for the parts S3 holds and for fresh URLs."""
+    model = tmp_path / "big"
+    shutil.copytree(service_checkpoint, model)
+    (model / "notes.bin").write_bytes(os.urandom(6 * 2**20))  # two 5 MiB parts, not the other test's bytes
+    with s3_client(CutAfterS3Answers()) as c, pytest.raises(Cut):
+        c.upload(model)
+    again, events = CountingPuts(), []
+    with s3_client(again, events) as c:
+        ckpt = c.upload(model)
+    assert again.puts == ["2"]
+    resumed = next(e for e in events if e["stage"] == "resuming")
+    assert (resumed["parts_done"], resumed["parts"]) == (1, 2)
+    assert ckpt["sha256"] == pack_directory(model, tmp_path / "scratch")[1]
+
+
 @pytest.mark.slow
 def test_grow_through_the_client_on_s3(s3_client, service_checkpoint, tmp_path):
     events = []
