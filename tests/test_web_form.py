@@ -391,7 +391,9 @@ def test_cancel_a_running_job(page, service, archives):
     cancel = page.get_by_role("button", name="Cancel job")
     cancel.focus()
     page.keyboard.press("Enter")
-    expect(page.locator("#job-cancel-status")).to_contain_text("Cancel requested")
+    # "Cancel requested" while the job finishes its step; a job that stops before the page hears
+    # back goes straight to "cancelled" (seen in CI: the step ended within the request).
+    expect(page.locator("#job-cancel-status")).to_contain_text(re.compile("Cancel requested|The job was cancelled"))
     expect(state).to_have_attribute("data-state", "cancelled", timeout=60_000)
     expect(cancel).to_be_hidden()
     expect(page.locator("#job-cancel-status")).to_have_text("The job was cancelled.")
