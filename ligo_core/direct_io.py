@@ -39,7 +39,7 @@ def aligned_view(base: torch.Tensor, numel: int, start: int) -> torch.Tensor:
 
 def slack(dtype: torch.dtype) -> int:
     """Extra elements to allocate for ``aligned_view``."""
-    return ALIGN // torch.empty((), dtype=dtype).element_size()
+    return ALIGN // dtype.itemsize
 
 
 class RangeWriter:

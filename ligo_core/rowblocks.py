@@ -65,9 +65,8 @@ def grown_tensor(operator: GrowthOperator, spec: TensorSpec, read: Callable[[str
     out = allocate((rows, columns)) if allocate is not None else torch.empty((rows, columns), dtype=dtype,
                                                                              device=small.device)
     height = max(1, BLOCK // max(columns, 1))
-    columns_exact = small.dtype == dtype and operator.exact_axis(spec, 1, layer, dtype)
     if out.device == small.device and (plan is None or plan.exact_in(layer, dtype, copies=True)):
-        return _made_in_place(operator, spec, small, plan, layer, moves, out, columns_exact, height)
+        return _made_in_place(operator, spec, small, plan, layer, moves, out, height)
     if plan is not None:
         # Rows copied into several large rows: their columns are widened once, before the blocks gather them.
         wide = operator.expand_axis(spec, small.float(), 1, layer)  # small may be in its stored dtype (ReadCache)
@@ -82,10 +81,7 @@ def grown_tensor(operator: GrowthOperator, spec: TensorSpec, read: Callable[[str
         return block.clone() if block.untyped_storage().data_ptr() == small.untyped_storage().data_ptr() else block
 
     if moves is not None and moves.axis == 1:  # units are columns: their norms need every row first
-        squares = torch.zeros(moves.count, dtype=torch.float64, device=small.device)
-        for top in range(0, rows, height):
-            moves.add_column_squares(squares, block_at(top))
-        moves.norms = squares.sqrt().float().cpu()
+        moves.take_column_norms(block_at(top) for top in range(0, rows, height))
     for top in range(0, rows, height):
         block = block_at(top)
         if moves is not None:
@@ -95,19 +91,20 @@ def grown_tensor(operator: GrowthOperator, spec: TensorSpec, read: Callable[[str
 
 
 def _made_in_place(operator: GrowthOperator, spec: TensorSpec, small: torch.Tensor, plan, layer: int, moves,
-                   out: torch.Tensor, columns_exact: bool, height: int) -> torch.Tensor:
+                   out: torch.Tensor, height: int) -> torch.Tensor:
     """The tensor made in ``out``'s dtype, block by block in ``out`` itself (no fp32 block, no cast
     pass), for tensors whose rows are copies of the column-widened small rows (scales 0 or +-1).
     Before moves, every value is the fp32 one rounded once: the columns are widened in ``out``'s
     dtype only where that is exact (``columns_exact``), else in fp32 and rounded. Moves are then
     added in ``out``'s dtype arithmetic, from the step and direction rounded to it:
-    round(round(w) + round(s) x round(d)), not round(w + s x d). That is up to a unit in the last
-    place away (on a few % of the moved entries, tests/test_stream.py), and the move's length and
-    balance hold to the dtype's precision. Adding fp32 steps to a bf16 block instead was 5x slower."""
+    round(round(w) + round(s) x round(d)), not round(w + s x d): a moved entry may round the other
+    way, by no more than the dtype's rounding of the tensor's largest entries (tests/test_stream.py),
+    and the move's length and balance hold to the dtype's precision. Adding fp32 steps to a bf16
+    block instead was 5x slower."""
+    columns_exact = small.dtype == out.dtype and operator.exact_axis(spec, 1, layer, out.dtype)
     if plan is not None:
         wide = operator.expand_axis(spec, small if columns_exact else small.float(), 1, layer).to(out.dtype)
-    squares = (torch.zeros(moves.count, dtype=torch.float64, device=out.device)
-               if moves is not None and moves.axis == 1 else None)
+    columns = moves is not None and moves.axis == 1  # units are columns: norms from every row, then moves
     for top in range(0, out.shape[0], height):
         block = out[top : top + height]
         if plan is not None:
@@ -115,12 +112,10 @@ def _made_in_place(operator: GrowthOperator, spec: TensorSpec, small: torch.Tens
         else:
             rows = small[top : top + block.shape[0]]
             block.copy_(operator.expand_axis(spec, rows if columns_exact else rows.float(), 1, layer))
-        if squares is not None:  # units are columns: their norms need every row, then a second pass moves them
-            moves.add_column_squares(squares, block)
-        elif moves is not None:
+        if moves is not None and not columns:
             moves.add_to_block(block, top)
-    if squares is not None:
-        moves.norms = squares.sqrt().float().cpu()
+    if columns:  # a second pass over the tensor as made: norms first, then the moves
+        moves.take_column_norms(out[top : top + height] for top in range(0, out.shape[0], height))
         for top in range(0, out.shape[0], height):
             moves.add_to_block(out[top : top + height], top)
     return out

@@ -21,7 +21,7 @@ not only in scale (measured on the savings GPT-2: value copies at cosine 0.58 an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -314,7 +314,7 @@ class BlockMoves:
     # moved in bf16 arithmetic, from the step and direction rounded to bf16 (ligo_core/rowblocks.py).
     cast_pools: dict = field(default_factory=dict)
     # The first copies' norms: given (``Separation.plan``), or taken from the blocks as they are made:
-    # up front for columns (``add_column_squares``), from each block for rows.
+    # up front for columns (``take_column_norms``), from each block for rows.
     norms: torch.Tensor | None = None
 
     def __post_init__(self):
@@ -327,9 +327,11 @@ class BlockMoves:
         for top in range(0, weight.shape[0], rows):
             self.add_to_block(weight[top : top + rows], top)
 
-    def add_column_squares(self, total: torch.Tensor, block: torch.Tensor) -> None:
-        """For units that are columns, the first pass: add up one block's sums of squares."""
-        add_squares(total, block[:, self.a_start : self.a_start + self.count])
+    def take_column_norms(self, blocks: Iterable[torch.Tensor]) -> None:
+        """For units that are columns, the first copies' norms from every block of rows (the tensor
+        as made, before any move): a first pass, since a column's norm needs all its rows."""
+        self.norms = _summed_column_norms((b[:, self.a_start : self.a_start + self.count] for b in blocks),
+                                          self.count)
 
     def add_to_block(self, block: torch.Tensor, top: int) -> None:
         """Move rows ``top:top + len(block)`` of the tensor (``block``: fp32, or the output dtype) in place."""
@@ -458,14 +460,17 @@ def _pair_norms(weight: torch.Tensor, axis: int, a: torch.Tensor) -> torch.Tenso
 def column_norms(columns: torch.Tensor) -> torch.Tensor:
     """(n,): the norms of a (rows, n) view's columns, summed a block of rows at a time (fp32 within a
     block, fp64 across: a strided norm is slow, and fp32 over 128k rows loses digits)."""
-    total = torch.zeros(columns.shape[1], dtype=torch.float64, device=columns.device)
     rows = max(1, MOVE_BLOCK // max(columns.shape[1], 1))
-    for top in range(0, columns.shape[0], rows):
-        add_squares(total, columns[top : top + rows])
-    return total.sqrt().float().cpu()
+    return _summed_column_norms((columns[top : top + rows] for top in range(0, columns.shape[0], rows)),
+                                columns.shape[1])
 
 
-def add_squares(total: torch.Tensor, block: torch.Tensor) -> None:
-    """``total`` += the sums of squares of ``block``'s columns."""
-    block = block.float()
-    total += (block * block).sum(0)
+def _summed_column_norms(blocks: Iterable[torch.Tensor], count: int) -> torch.Tensor:
+    """(count,): the norms of the columns of blocks of rows stacked, on the CPU (each block's squares
+    summed in fp32 on its device, the blocks in fp64)."""
+    total = None
+    for block in blocks:
+        block = block.float()
+        squares = (block * block).sum(0)
+        total = squares.double() if total is None else total.add_(squares)
+    return total.sqrt().float().cpu() if total is not None else torch.zeros(count)

@@ -133,9 +133,9 @@ class ShardWriter:
         the next tensor is computed while the kernel makes this one's pages room on the disk."""
         path, start, end = self.place[name]
         data = tensor.detach()
-        if data.untyped_storage().data_ptr() not in self._lent or data.dtype != self.dtype or data.device.type != "cpu":
-            # Not one of this writer's buffers (a fitted operator's fp32 tensor): cast into one, so
-            # its memory is aligned for a direct write and refilled afterwards.
+        if data.untyped_storage().data_ptr() not in self._lent:
+            # Not one of this writer's buffers (a fitted operator's fp32 tensor, maybe on a GPU): cast
+            # into one, so its memory is aligned for a direct write and refilled afterwards.
             data = self.buffer(name, tuple(data.shape)).copy_(data)
         data = data.contiguous()
         if data.numel() * data.element_size() != end - start:
