@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ligo_core.sharding import full_state, load_state
+
 OUTCOMES = {
     "improved": "the written model is the fitted operator's best state, no worse on held-out text than the start",
     "kept_start": "no fitted state beat the unfitted start on held-out text, so the start was written",
@@ -81,11 +83,11 @@ class FitGuard:
         return False
 
     def restore_best(self, operator: torch.nn.Module) -> None:
-        operator.load_state_dict(self.best_state)
+        load_state(operator, self.best_state)
 
     def fall_back(self, operator: torch.nn.Module, best_loss: float, start_loss: float) -> None:
         """The best state failed the check on the whole held-out set: set the operator to the start."""
-        operator.load_state_dict(self.start_state)
+        load_state(operator, self.start_state)
         self.final_check = (f"the fit's best state scored {best_loss:.4f} on the whole held-out set, "
                             f"above the start's {start_loss:.4f}: the start was written")
 
@@ -105,7 +107,7 @@ class FitGuard:
         # A fitted state must beat the start (or the best so far) to be kept; ties keep the earlier.
         if math.isfinite(loss) and loss < self.best_loss:
             self.best_loss, self.best_step = loss, step
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in operator.state_dict().items()}
+            self.best_state = full_state(operator)
         return loss
 
     def _stop(self, step: int, reason: str) -> bool:

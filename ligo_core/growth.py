@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from ligo_core import sharding
 from ligo_core.catalog import (
     DEFAULT_FIT_LR,
     DEFAULT_LIGO_INIT,
@@ -211,12 +212,15 @@ def fit_operator(
     """
     if accumulate < 1:
         raise ValueError(f"accumulate must be at least 1, got {accumulate}")
+    rank, world = data_parallel_rank()
+    sharded = world > 1 and layerwise
+    if sharded:  # each rank keeps 1/N of the per-layer expanders (ligo_core/sharding.py)
+        sharding.shard(operator, device)
     decay = [p for n, p in operator.named_parameters() if n.endswith(("c_e", "c_f"))]
     rest = [p for n, p in operator.named_parameters() if not n.endswith(("c_e", "c_f"))]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98)
     )
-    rank, world = data_parallel_rank()
     mask_gen = torch.Generator().manual_seed(seed + 1 + 7919 * rank)  # MLM masks: each rank its own
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     runner = LayerwiseModel(skeleton, operator, small_state, layout.names, offsets) if layerwise else None
@@ -268,10 +272,8 @@ def fit_operator(
                 del leaves
             del large
         if world > 1:
-            for p in operator.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-        torch.nn.utils.clip_grad_norm_(operator.parameters(), 1.0)
+            sharding.reduce_gradients(operator, world)
+        sharding.clip_grad_norm(operator.parameters(), 1.0)
         optimizer.step()
         history.append((step + 1, value))
         if progress:
@@ -279,11 +281,20 @@ def fit_operator(
         if guard is not None and _agreed(guard.after_step(step + 1, value, operator, last=step + 1 == steps), world):
             break
     if guard is not None:
-        guard.restore_best(operator)
-        if world > 1:  # every rank scored the same numbers; rank 0's choice is the one written
-            for tensor in operator.state_dict().values():
-                dist.broadcast(tensor, 0)
+        guard.restore_best(operator)  # every rank kept the same states: they saw rank 0's scores
+    if sharded:
+        sharding.gather(operator)
     return history
+
+
+def rank_zero_value(value: float) -> float:
+    """Rank 0's ``value`` on every rank (itself outside torch.distributed): the ranks score the same
+    held-out text, and must make the same choices even if their sums round differently."""
+    if data_parallel_rank()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, 0)
+    return float(box[0])
 
 
 def _agreed(stop: bool, world: int) -> bool:
@@ -472,7 +483,7 @@ def grow_model(
 
             def score(op: GrowthOperator) -> float:  # ``op`` is ``operator``: scored a block at a time
                 with torch.no_grad(), scorer.active():
-                    return evaluate(guard_slice(heldout))
+                    return rank_zero_value(evaluate(guard_slice(heldout)))
 
             guard = FitGuard(score, every=check_every(fit_steps))
             guard.start(operator)

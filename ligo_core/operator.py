@@ -35,14 +35,31 @@ class ExpanderInit:
     c_f: torch.Tensor  # (L, r, d1)
 
 
+class ExpanderLayer(nn.Module):
+    """One large layer's expander values (a global expander has one): ``top`` (d1,) and ``C``
+    (r, d1) for each side. Their own parameters, so that a layer's values are what FSDP gathers
+    when that layer is made (ligo_core/sharding.py), not every layer's at once."""
+
+    def __init__(self, top_e: torch.Tensor, c_e: torch.Tensor, top_f: torch.Tensor, c_f: torch.Tensor):
+        super().__init__()
+        self.top_e = nn.Parameter(top_e.clone().float())
+        self.c_e = nn.Parameter(c_e.clone().float())
+        self.top_f = nn.Parameter(top_f.clone().float())
+        self.c_f = nn.Parameter(c_f.clone().float())
+
+    def stacked(self, x: torch.Tensor, side: str) -> torch.Tensor:
+        """``[diag(top); C] @ x`` for ``x`` of shape (B, d1, m): (B, d2, m) in the stacked row order."""
+        top, c = (self.top_e, self.c_e) if side == "E" else (self.top_f, self.c_f)
+        top, c = top.to(x.dtype), c.to(x.dtype)
+        return torch.cat([top[:, None] * x, torch.matmul(c, x)], dim=1)
+
+
 class Expander(nn.Module):
     def __init__(self, init: ExpanderInit):
         super().__init__()
         self.register_buffer("order", init.order.clone(), persistent=True)
-        self.top_e = nn.Parameter(init.top_e.clone().float())
-        self.c_e = nn.Parameter(init.c_e.clone().float())
-        self.top_f = nn.Parameter(init.top_f.clone().float())
-        self.c_f = nn.Parameter(init.c_f.clone().float())
+        self.layers = nn.ModuleList(ExpanderLayer(init.top_e[i], init.c_e[i], init.top_f[i], init.c_f[i])
+                                    for i in range(init.top_e.shape[0]))
         # The placement is fixed: its inverse (large position of each stacked row) and whether it is
         # the identity are worked out once, not on every application.
         self.register_buffer("inverse", torch.argsort(self.order), persistent=False)
@@ -51,23 +68,26 @@ class Expander(nn.Module):
 
     @property
     def d1(self) -> int:
-        return self.top_e.shape[-1]
+        return self.layers[0].top_e.shape[-1]
 
     @property
     def d2(self) -> int:
         return self.order.shape[0]
 
+    def values(self, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(top (L, d1), C (L, r, d1)) of one side, every layer stacked (a copy)."""
+        names = ("top_e", "c_e") if side == "E" else ("top_f", "c_f")
+        return tuple(torch.stack([getattr(unit, n) for unit in self.layers]) for n in names)
+
     def expand(self, x: torch.Tensor, side: str, layer: int | None = None) -> torch.Tensor:
         """Expand ``x`` of shape (L, d1, m) along dim 1 to (L, d2, m); differentiable. With ``layer``,
-        ``x`` is that one large layer (L = 1) and a per-layer expander uses its row ``layer``."""
-        top, c = (self.top_e, self.c_e) if side == "E" else (self.top_f, self.c_f)
-        if layer is not None and top.shape[0] > 1:
-            top, c = _LayerOf.apply(top, layer), _LayerOf.apply(c, layer)
-        top, c = top.to(x.dtype), c.to(x.dtype)
-        if top.shape[0] != x.shape[0]:  # a global expander applied to every layer
-            top = top.expand(x.shape[0], -1)
-            c = c.expand(x.shape[0], -1, -1)
-        stacked = torch.cat([top.unsqueeze(-1) * x, torch.bmm(c, x)], dim=1)
+        ``x`` is that one large layer (L = 1) and a per-layer expander uses that layer's values."""
+        if len(self.layers) == 1:  # a global expander applied to every layer
+            stacked = self.layers[0].stacked(x, side)
+        elif layer is not None:
+            stacked = self.layers[layer].stacked(x, side)
+        else:
+            stacked = torch.cat([unit.stacked(x[i : i + 1], side) for i, unit in enumerate(self.layers)])
         if self.identity:
             return stacked
         return _PermuteRows.apply(stacked, self.order, self.inverse)
@@ -75,10 +95,10 @@ class Expander(nn.Module):
     @torch.no_grad()
     def row_plan(self, side: str) -> RowPlan:
         """How to build each large unit cheaply from the current values (cached until they change)."""
-        top, c = (self.top_e, self.c_e) if side == "E" else (self.top_f, self.c_f)
-        key = (side, top.data_ptr(), top._version, c.data_ptr(), c._version)
+        names = ("top_e", "c_e") if side == "E" else ("top_f", "c_f")
+        key = (side, *((p.data_ptr(), p._version) for unit in self.layers for p in map(unit.get_parameter, names)))
         if self._plans.get(side, (None,))[0] != key:
-            self._plans[side] = (key, RowPlan.build(top, c, self.order, self.inverse))
+            self._plans[side] = (key, RowPlan.build(*self.values(side), self.order, self.inverse))
         return self._plans[side][1]
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda(): drop plans built on the old device
@@ -131,26 +151,6 @@ class PlannedExpander(nn.Module):
 
     def expand(self, x: torch.Tensor, side: str, layer: int | None = None) -> torch.Tensor:
         raise TypeError("a planned expander is fixed: build the operator without planned=True to fit it")
-
-
-class _LayerOf(torch.autograd.Function):
-    """``p[layer : layer + 1]`` of a per-layer parameter, whose backward adds into ``p.grad`` in place.
-    Autograd's own slice backward makes a zero tensor the size of the whole parameter for every
-    layer: for GPT-2 124M -> gpt2-large that is 0.9 GB per FFN expander side, on every block of the
-    layer-by-layer backward pass."""
-
-    @staticmethod
-    def forward(ctx, p, layer):
-        ctx.p, ctx.layer = p, layer
-        return p.detach()[layer : layer + 1].clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        p = ctx.p
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        p.grad[ctx.layer : ctx.layer + 1].add_(grad)
-        return None, None
 
 
 class _PermuteRows(torch.autograd.Function):

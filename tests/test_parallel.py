@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 
 from ligo_core.cli import main as cli_main
 from ligo_core.errors import DataError, TargetError
@@ -20,8 +21,9 @@ from tests.engine_fixtures import make_model, target_for
 STEPS, BATCH = 3, 6
 
 
-def _fit(name: str):
-    """A few fitting steps from a fixed start; returns (loss history, final operator state)."""
+def _fit(name: str, held: list | None = None):
+    """A few fitting steps from a fixed start; returns (loss history, final operator state).
+    ``held``: gets, after each step, (elements of the operator this rank holds, of the whole)."""
     small = make_model(name)
     target = resolve_target(target_for(name), small.config)
     target.resid_pdrop = target.embd_pdrop = target.attn_pdrop = 0.0  # dropout draws differ per process
@@ -33,7 +35,13 @@ def _fit(name: str):
     skeleton = type(small)(target)
     _strip_parameters(skeleton)
     data = torch.randint(0, small.config.vocab_size, (STEPS, BATCH, 16), generator=torch.Generator().manual_seed(5))
-    history = fit_operator(operator, skeleton, state, layout, iter(data), STEPS, 1e-3, {}, torch.device("cpu"), 0)
+    def count(event):
+        if held is not None:
+            held.append((sum(_local(p).numel() for p in operator.parameters()),
+                         sum(p.numel() for p in operator.parameters())))
+
+    history = fit_operator(operator, skeleton, state, layout, iter(data), STEPS, 1e-3, {}, torch.device("cpu"), 0,
+                           count)
     return history, {k: v.clone() for k, v in operator.state_dict().items()}
 
 
@@ -41,9 +49,9 @@ def _rank(rank: int, world: int, port: int, name: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        history, state = _fit(name)
-        if rank == 0:
-            torch.save({"history": history, "state": state}, out)
+        held = []
+        history, state = _fit(name, held)
+        torch.save({"history": history, "state": state, "held": held}, out.replace(".pt", f"-{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -57,9 +65,9 @@ def _free_port() -> int:
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_two_gloo_processes_fit_what_one_process_fits(name, tmp_path):
     history, state = _fit(name)
-    out = str(tmp_path / "rank0.pt")
+    out = str(tmp_path / "rank.pt")
     mp.spawn(_rank, args=(2, _free_port(), name, out), nprocs=2, join=True)
-    got = torch.load(out)
+    got, other = torch.load(tmp_path / "rank-0.pt"), torch.load(tmp_path / "rank-1.pt")
     assert [s for s, _ in got["history"]] == [s for s, _ in history]
     for (_, a), (_, b) in zip(got["history"], history):
         assert a == pytest.approx(b, rel=1e-5)
@@ -67,14 +75,38 @@ def test_two_gloo_processes_fit_what_one_process_fits(name, tmp_path):
     for key, value in state.items():
         torch.testing.assert_close(got["state"][key], value, atol=1e-6, rtol=1e-4, msg=key)
     assert any(not torch.equal(v, build) for v, build in zip(state.values(), _start(name).values()))
+    # Sharded while fitting (FSDP, ligo_core/sharding.py): each rank held its half of the per-layer
+    # expanders, so together the two held the operator once over, plus the whole replicated part.
+    whole = _replicated(name)
+    assert len(got["held"]) == len(other["held"]) == STEPS
+    for (mine, total), (theirs, _) in zip(got["held"], other["held"]):
+        assert mine + theirs == total + whole and mine < 0.75 * total
+    # and gathered back after it: both ranks hold the whole fitted operator
+    for key in state:
+        torch.testing.assert_close(other["state"][key], got["state"][key], atol=0, rtol=0, msg=key)
 
 
-def _start(name):
+def _local(p):
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+def _replicated(name) -> int:
+    """Elements not sharded: the residual-stream expander and the depth mixing."""
+    operator = _start_operator(name)
+    return sum(p.numel() for n, p in operator.named_parameters() if not n.startswith(("expanders.q", "expanders.k",
+                                                                                       "expanders.v", "expanders.ffn")))
+
+
+def _start_operator(name):
     small = make_model(name)
     target = resolve_target(target_for(name), small.config)
     layout = plan_layout(small.config, {k: tuple(v.shape) for k, v in small.state_dict().items()})
     return build_operator("ligo", layout.family, layout.specs, sizes_of(small.config), sizes_of(target),
-                          layout.head_tied, seed=0).state_dict()
+                          layout.head_tied, seed=0)
+
+
+def _start(name):
+    return _start_operator(name).state_dict()
 
 
 def test_each_rank_takes_its_slice_of_the_global_batch():

@@ -1,0 +1,114 @@
+"""The growth operator sharded over the data-parallel ranks with FSDP, for a fit one device cannot hold.
+
+LiGO's operator for Llama 1B -> 8B has 3.5B values; with their gradients and AdamW's two moments
+that is 56 GB before a single large layer is made, more than one 80 GB GPU holds beside the fit.
+Under torch.distributed, ``fit_operator`` hands each large layer's expander values
+(``ExpanderLayer``: the bulk of the operator) to torch's FSDP2 (``fully_shard``): every rank keeps
+1/N of each layer's values, gradients and moments; a layer's values are all-gathered when that
+layer is made (in the forward pass, and again when the backward pass recomputes it) and freed
+after; their gradients are reduce-scattered. The residual-stream expander and the depth mixing,
+small and used by every layer, stay whole on every rank and their gradients are all-reduced.
+
+After the fit the values are gathered back into plain parameters on every rank: writing the model
+reads whole expanders (row plans), and without gradients and moments the operator is a quarter of
+its fitting size. The fit guard's snapshots are whole tensors on the CPU (``full_state``), so a
+snapshot taken before sharding can be loaded into the sharded operator and the other way round.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from ligo_core.operator import Expander, ExpanderLayer, GrowthOperator
+
+VALUES = ("top_e", "c_e", "top_f", "c_f")
+
+
+def shard(operator: GrowthOperator, device: torch.device) -> int:
+    """Shard every per-layer expander's layers over the ranks (in place); returns how many layers."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    count = 0
+    for expander in _per_layer(operator):
+        for unit in expander.layers:
+            fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+            register_fsdp_forward_method(unit, "stacked")  # Expander.expand calls it, not forward
+            count += 1
+    return count
+
+
+def gather(operator: GrowthOperator) -> None:
+    """Sharded layers back to plain ones holding the whole values, on every rank (a collective)."""
+    for expander in _per_layer(operator):
+        for i, unit in enumerate(expander.layers):
+            if isinstance(unit.top_e, DTensor):
+                expander.layers[i] = ExpanderLayer(*(unit.get_parameter(n).detach().full_tensor() for n in VALUES))
+        expander._plans = {}
+
+
+def is_sharded(operator: nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in operator.parameters())
+
+
+def reduce_gradients(operator: nn.Module, world: int) -> None:
+    """Each rank's loss is its share of the global batch's: the ranks' gradients add up. FSDP averaged
+    the sharded ones over the ranks (gloo has no pre-scaled sum); the whole ones are summed here."""
+    for p in operator.parameters():
+        if p.grad is None:
+            continue
+        if isinstance(p.grad, DTensor):
+            p.grad.mul_(world)
+        else:
+            dist.all_reduce(p.grad)
+
+
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` over sharded and whole gradients together: the norm of every rank's shard
+    (summed over the ranks) and of the whole gradients (the same on every rank, counted once)."""
+    parameters = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in parameters]
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    whole = [g for g in grads if not isinstance(g, DTensor)]
+    if not sharded:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    shard_norm = torch.nn.utils.get_total_norm(sharded).full_tensor()
+    whole_norm = torch.nn.utils.get_total_norm(whole) if whole else torch.zeros_like(shard_norm)
+    total = torch.sqrt(shard_norm.square() + whole_norm.to(shard_norm.device).square())
+    for group in (sharded, whole):
+        if group:
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
+
+
+def full_state(operator: nn.Module) -> dict[str, torch.Tensor]:
+    """The operator's state as whole tensors on the CPU (sharded ones gathered: a collective)."""
+    state = {}
+    for key, value in operator.state_dict().items():
+        whole = value.full_tensor() if isinstance(value, DTensor) else value
+        state[key] = whole.detach().to("cpu", copy=True)
+    return state
+
+
+def load_state(operator: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load whole tensors (``full_state``) into the operator, sharded or not (sharded: a collective)."""
+    if not is_sharded(operator):
+        operator.load_state_dict(state)
+        return
+    current = operator.state_dict()
+    if current.keys() != state.keys():
+        raise KeyError(f"operator state keys differ: {sorted(current.keys() ^ state.keys())[:5]}")
+    with torch.no_grad():
+        for key, value in current.items():
+            if isinstance(value, DTensor):
+                mine = distribute_tensor(state[key].to(value.device), value.device_mesh, value.placements)
+                value.to_local().copy_(mine.to_local())
+            else:
+                value.copy_(state[key])
+
+
+def _per_layer(operator: GrowthOperator) -> list[Expander]:
+    return [e for e in operator.expanders.values() if isinstance(e, Expander) and len(e.layers) > 1]
