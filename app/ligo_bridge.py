@@ -66,13 +66,15 @@ def num_parameters(config) -> int:
 
 
 def memory_refusal(source_config: dict, target_config, *, strategy: str, fit_steps: int, batch_size: int,
-                   seq_len: int, scored: bool, dtype: str | None, budget_gb: float) -> dict | None:
-    """The job's memory plan against ``budget_gb`` (ligo_core/memory_plan.py, torch-free): None when
-    it fits, else the refusal's message and numbers."""
+                   seq_len: int, scored: bool, dtype: str | None, budget_gb: float, processes: int = 1
+                   ) -> dict | None:
+    """The job's memory plan against ``budget_gb`` (ligo_core/memory_plan.py, torch-free), for one of
+    its ``processes`` (LIGO_WORKER_GPUS): None when it fits, else the refusal's message and numbers."""
     from ligo_core import memory_plan
 
     estimate = memory_plan.plan(source_config, target_config.to_dict(), strategy=strategy, fit_steps=fit_steps,
-                                batch_size=batch_size, seq_len=seq_len, scored=scored, dtype=dtype)
+                                batch_size=batch_size, seq_len=seq_len, scored=scored, dtype=dtype,
+                                processes=processes)
     budget = int(budget_gb * memory_plan.GiB)
     message = memory_plan.refusal(estimate, budget, "LIGO_WORKER_MEMORY_GB")
     if message is None:

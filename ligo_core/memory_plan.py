@@ -12,7 +12,8 @@ configs; the biggest one is named in the refusal. docs/GROWTH.md ("Memory plan")
   tensor made whole in fp32; a fixed strategy makes it a block of rows at a time). Nothing else
   grows with the model: shards are written in place, not gathered (ligo_core/stream.py).
 - LiGO fit: ``small model`` (fp32) + ``operator`` (fp32 values, gradients and two AdamW moments:
-  16 bytes a parameter) + ``large layer`` (one large layer's weights, gradients and a recomputed
+  16 bytes a parameter; with N processes each holds 1/N of the per-layer expanders, FSDP, and the
+  values come back whole after the fit: ``operator_bytes``) + ``large layer`` (one large layer's weights, gradients and a recomputed
   copy, fp32) + ``activations`` (a layer's inputs kept for every large layer, one layer's work,
   the logits and their gradient, for batch x seq tokens).
 - Scoring (held-out loss, function gap; only when eval tokens > 0 and the checkpoint has a
@@ -88,24 +89,44 @@ def dtype_bytes(config: dict, dtype: str | None = None) -> int:
     return DTYPE_BYTES.get(str(name).replace("torch.", ""), 4)
 
 
-def operator_parameters(small: Shape, large: Shape, depth_tensors: int = DEPTH_TENSORS_PER_LAYER) -> int:
-    """LiGO's learnable entries: ``[diag; C]`` expanders on both sides (the residual stream once,
-    the head, KV and FFN spaces per large layer) and the depth-mixing rows (an L2 x L1 matrix for
-    each of ``depth_tensors`` per-layer tensors; the default is an upper bound over the families)."""
+def operator_parts(small: Shape, large: Shape, depth_tensors: int = DEPTH_TENSORS_PER_LAYER) -> tuple[int, int]:
+    """LiGO's learnable entries as (whole on every process, per large layer): ``[diag; C]``
+    expanders on both sides (the residual stream once, the head, KV and FFN spaces per large layer)
+    and the depth-mixing rows (an L2 x L1 matrix for each of ``depth_tensors`` per-layer tensors;
+    the default is an upper bound over the families). Several processes shard the per-layer part
+    (ligo_core/sharding.py)."""
     def expander(d1: int, d2: int) -> int:
         return 2 * (d1 + (d2 - d1) * d1)
 
     per_layer = expander(small.q, large.q) + 2 * expander(small.kv, large.kv) + expander(small.ffn, large.ffn)
     depth = depth_tensors * large.layers * small.layers
-    return expander(small.hidden, large.hidden) + large.layers * per_layer + depth
+    return expander(small.hidden, large.hidden) + depth, per_layer
+
+
+def operator_parameters(small: Shape, large: Shape, depth_tensors: int = DEPTH_TENSORS_PER_LAYER) -> int:
+    whole, per_layer = operator_parts(small, large, depth_tensors)
+    return whole + large.layers * per_layer
+
+
+def operator_bytes(small: Shape, large: Shape, processes: int = 1) -> int:
+    """One process's operator while fitting: values, gradients and two AdamW moments (16 bytes an
+    entry) of the whole part and of its 1/N of the per-layer part, plus, sharded, one large layer's
+    values and gradients gathered; or, after the fit, every value gathered back (4 bytes an entry)
+    if that is more."""
+    whole, per_layer = operator_parts(small, large)
+    if processes == 1:
+        return 16 * (whole + large.layers * per_layer)
+    fitting = 16 * (whole + -(-large.layers * per_layer // processes)) + 2 * 4 * per_layer
+    return max(fitting, 4 * (whole + large.layers * per_layer))
 
 
 def plan(source: dict, target: dict, *, strategy: str, fit_steps: int = 0, batch_size: int = 8,
-         seq_len: int = 512, scored: bool = False, dtype: str | None = None) -> dict:
-    """Peak bytes by term for a job, the total and the biggest term.
+         seq_len: int = 512, scored: bool = False, dtype: str | None = None, processes: int = 1) -> dict:
+    """Peak bytes by term for a job (for one of its processes), the total and the biggest term.
 
     ``scored``: held-out scoring will run (eval tokens > 0, and the checkpoint has a tokenizer and
-    an LM head), which holds the grown and the small model in memory."""
+    an LM head), which holds the grown and the small model in memory. ``processes``: the fit runs
+    in that many, each with its share of the global batch and of the sharded operator."""
     small, large = shape_of(source), shape_of(target)
     out_bytes = dtype_bytes(source, dtype)
     terms = {"runtime": RUNTIME_BYTES}
@@ -113,11 +134,12 @@ def plan(source: dict, target: dict, *, strategy: str, fit_steps: int = 0, batch
     if scored or fitting:
         terms["small model"] = 4 * small.parameters()
     if fitting:
-        tokens = batch_size * seq_len
-        terms["operator"] = 16 * operator_parameters(small, large)
+        rows = -(-batch_size // processes)  # the largest rank's share of the global batch
+        tokens = rows * seq_len
+        terms["operator"] = operator_bytes(small, large, processes)
         terms["large layer"] = 3 * 4 * (large.layer_parameters() + large.vocab * large.hidden)
         terms["activations"] = 4 * tokens * (large.layers * large.hidden + 20 * large.hidden + 4 * large.ffn
-                                             + 3 * large.vocab) + 2 * 4 * batch_size * large.heads * seq_len ** 2
+                                             + 3 * large.vocab) + 2 * 4 * rows * large.heads * seq_len ** 2
     if scored:
         terms["grown model"] = 4 * large.parameters()
     else:

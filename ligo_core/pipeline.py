@@ -71,7 +71,7 @@ def check_memory(source_config, target_config, *, strategy: str, fit_steps: int,
 
     estimate = memory_plan.plan(source_config.to_dict(), target_config.to_dict(), strategy=strategy,
                                 fit_steps=fit_steps, batch_size=batch_size, seq_len=seq_len, scored=scored,
-                                dtype=dtype)
+                                dtype=dtype, processes=data_parallel_rank()[1])
     budget, where = memory_plan.budget_bytes(memory_gb, device)
     reason = memory_plan.refusal(estimate, budget, where)
     if reason:

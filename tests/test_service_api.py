@@ -345,6 +345,26 @@ def test_a_job_above_the_workers_memory_is_refused_with_the_numbers(svc, alice, 
     assert alice.submit(ckpt["id"], strategy="stack", fit={"steps": 0, "eval_tokens": 0}).status_code == 202
 
 
+def test_a_job_on_several_gpus_is_planned_per_process(svc, alice, ckpt, monkeypatch):
+    """LIGO_WORKER_GPUS=N: each of the job's N processes holds 1/N of the batch and of the sharded
+    operator (ligo_core/memory_plan.py), and the budget is each one's."""
+    from app import ligo_bridge
+
+    settings = svc["services"].settings
+    monkeypatch.setattr(settings, "worker_memory_gb", 64.0)
+    monkeypatch.setattr(settings, "worker_gpus", 4)
+    planned = []
+    original = ligo_bridge.memory_refusal
+
+    def spy(*args, **kwargs):
+        planned.append(kwargs["processes"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ligo_bridge, "memory_refusal", spy)
+    assert alice.submit(ckpt["id"], strategy="ligo", fit={"steps": 2}).status_code == 202
+    assert planned == [4]
+
+
 def test_eval_tokens_and_dtype_reach_the_engine(svc, alice, ckpt):
     from worker.runner import JobRunner
 

@@ -221,6 +221,19 @@ def test_memory_plan_formula():
     assert scored["biggest"] == "grown model" and scored["gib"] > 30
     fit = memory_plan.plan(LLAMA_1B, LLAMA_8B, strategy="ligo", fit_steps=10, batch_size=8, seq_len=512)
     assert {"small model", "operator", "large layer", "activations"} <= set(fit["terms"])
+    # LiGO's operator for 1B -> 8B: 3.5B entries, 16 bytes each while fitting in one process (over 80 GB)
+    whole, per_layer = memory_plan.operator_parts(small, large)
+    assert whole + 32 * per_layer == memory_plan.operator_parameters(small, large) == pytest.approx(3.53e9, rel=1e-2)
+    assert fit["terms"]["operator"] == 16 * (whole + 32 * per_layer)
+    # Two processes (FSDP, ligo_core/sharding.py): each holds half the per-layer expanders' values,
+    # gradients and moments, one gathered layer, and half the batch's activations.
+    two = memory_plan.plan(LLAMA_1B, LLAMA_8B, strategy="ligo", fit_steps=10, batch_size=8, seq_len=512, processes=2)
+    assert two["terms"]["operator"] == 16 * (whole + 16 * per_layer) + 8 * per_layer
+    assert two["terms"]["activations"] < fit["terms"]["activations"] / 1.9
+    assert fit["gib"] > 80 > two["gib"]
+    # Eight: the values gathered back whole after the fit (4 bytes an entry) are the larger part.
+    eight = memory_plan.plan(LLAMA_1B, LLAMA_8B, strategy="ligo", fit_steps=10, batch_size=8, seq_len=512, processes=8)
+    assert eight["terms"]["operator"] == 4 * (whole + 32 * per_layer)
     assert memory_plan.refusal(apply, 6 * memory_plan.GiB, "test") is None
     message = memory_plan.refusal(scored, 6 * memory_plan.GiB, "LIGO_WORKER_MEMORY_GB")
     assert "6.0 GiB" in message and "grown model" in message and f"{scored['bytes'] / 2**30:.1f} GiB" in message

@@ -96,16 +96,18 @@ def _validate(svc: Services, tenant: str, body: JobCreate) -> tuple[Checkpoint, 
     with fields_of_ligo_errors("plan", ESTIMATE_PARAMETERS_IN_JOB):
         job_estimate(source, target, body, batch_size, seq_len)
     if svc.settings.worker_memory_gb is not None:
-        _check_memory(ckpt, target, body, batch_size, seq_len, svc.settings.worker_memory_gb)
+        _check_memory(ckpt, target, body, batch_size, seq_len, svc.settings.worker_memory_gb,
+                      svc.settings.worker_gpus)
     return ckpt, target.to_dict()
 
 
 def _check_memory(ckpt: Checkpoint, target, body: JobCreate, batch_size: int, seq_len: int,
-                  budget_gb: float) -> None:
+                  budget_gb: float, processes: int) -> None:
     """Refuse at once a job whose memory plan (from the configs alone) is above the workers' budget."""
     refused = ligo_bridge.memory_refusal(
         ckpt.config, target, strategy=body.strategy, fit_steps=body.fit.steps, batch_size=batch_size, seq_len=seq_len,
         scored=ckpt.has_tokenizer and body.fit.eval_tokens != 0, dtype=body.growth.dtype, budget_gb=budget_gb,
+        processes=processes,
     )
     if refused is not None:
         detail = refused.pop("detail")
