@@ -20,6 +20,7 @@ import argparse
 import copy
 import gc
 import json
+import os
 import resource
 import sys
 import time
@@ -43,6 +44,19 @@ def peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def reset_step_peak() -> None:
+    """Start the kernel's high-water mark of this process's RSS (VmHWM) again from its RSS now."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def step_peak_bytes() -> int:
+    """The RSS high-water mark since ``reset_step_peak`` (the process's peak before the step, such as
+    the whole operator a rank builds before it shards it, is left out)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def _child(path: str, source: str, target: str, batch: int, seq: int) -> dict:
     """One measurement, in this (fresh) process."""
     from transformers import GPT2LMHeadModel
@@ -55,11 +69,17 @@ def _child(path: str, source: str, target: str, batch: int, seq: int) -> dict:
     from ligo_core.training import default_device
 
     device = default_device(None)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # a rank of ``--nproc``: the operator is sharded over the ranks (ligo_core/sharding.py)
+        import torch.distributed as dist
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        dist.init_process_group("gloo")
     torch.manual_seed(0)
     small_config = resolve_target(source)
     target_config = resolve_target(target, small_config)
     ids = torch.randint(0, small_config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
-    row = {"path": path, "source": source, "target": target, "batch": batch, "seq_len": seq,
+    row = {"path": path, "source": source, "target": target, "batch": batch, "seq_len": seq, "processes": world,
            "target_parameters": None, "operator_parameters": None}
     if path == "adamw":  # the target trained directly: weights, gradients, AdamW's two moments, activations
         model = GPT2LMHeadModel(target_config).to(device).train()
@@ -95,12 +115,14 @@ def _child(path: str, source: str, target: str, batch: int, seq: int) -> dict:
                                      layout.names, operator.spread, torch.Generator().manual_seed(2))
         gc.collect()
         row["rss_before_step"] = rss_bytes()
+        reset_step_peak()
         started = time.perf_counter()
         history = fit_operator(operator, skeleton, state, layout, iter([ids]), 1, 1e-4, {}, device, 0,
                                offsets=offsets, layerwise=path == "layerwise")
         row["loss"] = history[0][1]
     row["step_seconds"] = round(time.perf_counter() - started, 2)
     row["peak_rss"] = peak_bytes()
+    row["step_peak_rss"] = step_peak_bytes()
     if device.type == "cuda":
         row["peak_cuda"] = torch.cuda.max_memory_allocated()
     row["layer_parameters"] = 12 * target_config.n_embd**2 + 13 * target_config.n_embd  # one GPT-2 block
@@ -124,7 +146,8 @@ def layer_factor(rows: list[dict]) -> float:
     """The measured working set of a layer-by-layer step beyond its fixed terms, in fp32 large layers:
     (peak - RSS before the step - the operator's gradient and AdamW moments (12 bytes a parameter))
     / (4 bytes x one large layer's parameters); the largest over the targets' latest rows."""
-    latest = {(r["source"], r["target"]): r for r in rows if r.get("path") == "layerwise" and "error" not in r}
+    latest = {(r["source"], r["target"]): r for r in rows
+              if r.get("path") == "layerwise" and "error" not in r and r.get("processes", 1) == 1}
     return max((r["peak_rss"] - r["rss_before_step"] - 12 * r["operator_parameters"]) / (4 * r["layer_parameters"])
                for r in latest.values())
 
@@ -142,19 +165,25 @@ def plan(k: float) -> str:
         sc = resolve_target(source)
         tc = resolve_target(target, sc)
         large_sizes = sizes_of(tc)
-        op = memory_plan.operator_parameters(memory_plan.shape_of(sc.to_dict()), memory_plan.shape_of(tc.to_dict()),
-                                             layer_specs)
+        small_shape, large_shape = memory_plan.shape_of(sc.to_dict()), memory_plan.shape_of(tc.to_dict())
+        op = memory_plan.operator_parameters(small_shape, large_shape, layer_specs)
+        whole, per_layer = memory_plan.operator_parts(small_shape, large_shape, layer_specs)
         shallower = copy.deepcopy(tc)
         setattr(shallower, family_of(tc).config_keys["layers"], large_sizes["layers"] - 1)
         layer = cost.num_parameters(tc) - cost.num_parameters(shallower)
         terms = 4 * cost.num_parameters(sc), 16 * op, k * 2 * layer
         total = sum(terms)
+
+        # each of n GPUs: 1/n of the per-layer expanders (ligo_core/sharding.py), whole after the fit
+        sharded = {n: terms[0] + terms[2] + max(16 * (whole + large_shape.layers * per_layer / n) + 8 * per_layer,
+                                                4 * op) for n in (2, 8)}
         rows.append([f"{source} -> {target}", f"{cost.num_parameters(sc) / 1e9:.2f}B",
                      f"{cost.num_parameters(tc) / 1e9:.2f}B", f"{op / 1e9:.2f}B", f"{terms[0] / 1e9:.1f} GB",
                      f"{terms[1] / 1e9:.1f} GB", f"{terms[2] / 1e9:.1f} GB", f"{total / 1e9:.1f} GB",
-                     "yes" if total < GPU_BYTES else "no"])
+                     "yes" if total < GPU_BYTES else "no", f"{sharded[2] / 1e9:.1f} GB", f"{sharded[8] / 1e9:.1f} GB"])
     return markdown_table(["growth", "small", "target", "operator", "small fp32", "operator + AdamW",
-                           "one layer x k (bf16)", "predicted peak", "fits 80 GB"], rows)
+                           "one layer x k (bf16)", "predicted peak", "fits 80 GB", "per GPU, 2 GPUs",
+                           "per GPU, 8 GPUs"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adamw-target", default="gpt2-large", help="the target trained plainly (path adamw)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="run the layer-by-layer step in N gloo processes (the operator sharded over them); "
+                             "the row's peaks are the largest rank's")
     parser.add_argument("--no-record", action="store_true", help="print the table only")
     parser.add_argument("--child", nargs=3, metavar=("PATH", "SOURCE", "TARGET"), help=argparse.SUPPRESS)
     parser.add_argument("--plan", action="store_true",
@@ -180,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print("ROW " + json.dumps(_child(*args.child, args.batch, args.seq_len)), flush=True)
         return 0
+    # Tensors from 128 KiB up are mapped and unmapped by glibc rather than kept in its heap once freed,
+    # so RSS follows the live tensors (glibc's default threshold rises to 32 MiB as big blocks are
+    # freed, and a freed per-layer expander then stays counted).
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     runs = [(p, t) for t in args.targets for p in args.paths if p != "adamw"]
     if "adamw" in args.paths:
         runs.append(("adamw", args.adamw_target))
@@ -187,9 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench.scale_fit " + " ".join(argv if argv is not None else sys.argv[1:])
     for path, target in runs:
         try:
-            done = run_module("bench.scale_fit", ["--child", path, args.source, target, "--batch", str(args.batch),
-                                                  "--seq-len", str(args.seq_len)], capture_output=True, text=True)
-            row = json.loads(next(line[4:] for line in done.stdout.splitlines() if line.startswith("ROW ")))
+            child = ["--child", path, args.source, target, "--batch", str(args.batch), "--seq-len", str(args.seq_len)]
+            if args.nproc > 1 and path == "layerwise":
+                done = run_module("torch.distributed.run", ["--standalone", f"--nproc-per-node={args.nproc}", "-m",
+                                                            "bench.scale_fit", *child], capture_output=True, text=True)
+            else:
+                done = run_module("bench.scale_fit", child, capture_output=True, text=True)
+            ranks = [json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("ROW ")]
+            row = dict(ranks[0])
+            for key in ("peak_rss", "step_peak_rss", "rss_before_step"):  # the largest rank's
+                row[key] = max(r[key] for r in ranks)
         except Exception as exc:  # out of memory (killed) or a failure: a row that says so
             stderr = getattr(exc, "stderr", "") or ""
             row = {"path": path, "source": args.source, "target": target, "error": f"{exc}: {stderr[-500:]}"}
@@ -208,22 +251,28 @@ def main(argv: list[str] | None = None) -> int:
 def _line(row: dict) -> str:
     if "error" in row:
         return f"{row['path']:9s} {row['source']} -> {row['target']}: FAILED {row['error'][:200]}"
-    return (f"{row['path']:9s} {row['source']} -> {row['target']}: peak {row['peak_rss'] / GiB:.2f} GiB, "
-            f"step {row['step_seconds']:.1f} s, loss {row['loss']:.3f}")
+    return (f"{row['path']:9s} {row['source']} -> {row['target']} x{row.get('processes', 1)}: "
+            f"peak {_step_peak(row) / GiB:.2f} GiB, step {row['step_seconds']:.1f} s, loss {row['loss']:.3f}")
+
+
+def _step_peak(row: dict) -> int:
+    """The step's peak RSS: the high-water mark from the step's start where recorded, else the process's."""
+    return row.get("step_peak_rss", row["peak_rss"])
 
 
 def table(rows: list[dict]) -> str:
-    """The markdown table of docs/BENCHMARKS.md."""
-    out = ["| step | target (params) | operator params | RSS before step (GiB) | peak RSS (GiB) | "
-           "step's own (GiB) | step time (s) |", "|---|---|---|---|---|---|---|"]
+    """The markdown table of docs/BENCHMARKS.md (a rank's numbers for several processes: the largest)."""
+    out = ["| step | processes | target (params) | operator params | RSS before step (GiB) | step peak RSS (GiB) | "
+           "step's own (GiB) | step time (s) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['path']} | {r['target']} | - | - | failed | - | - |")
+            out.append(f"| {r['path']} | {r.get('processes', 1)} | {r['target']} | - | - | failed | - | - |")
             continue
-        own = (r["peak_rss"] - r["rss_before_step"]) / GiB
+        own = (_step_peak(r) - r["rss_before_step"]) / GiB
         op = f"{r['operator_parameters'] / 1e6:.0f}M" if r.get("operator_parameters") else "-"
-        out.append(f"| {r['path']} | {r['target']} ({r['target_parameters'] / 1e6:.0f}M) | {op} | "
-                   f"{r['rss_before_step'] / GiB:.2f} | {r['peak_rss'] / GiB:.2f} | {own:.2f} | {r['step_seconds']:.1f} |")
+        out.append(f"| {r['path']} | {r.get('processes', 1)} | {r['target']} ({r['target_parameters'] / 1e6:.0f}M) | "
+                   f"{op} | {r['rss_before_step'] / GiB:.2f} | {_step_peak(r) / GiB:.2f} | {own:.2f} | "
+                   f"{r['step_seconds']:.1f} |")
     return "\n".join(out)
 
 
