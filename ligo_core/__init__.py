@@ -15,6 +15,7 @@ from ligo_core.catalog import STRATEGY_NAMES as STRATEGIES
 from ligo_core.errors import (
     CheckpointError,
     DataError,
+    DeviceError,
     EstimateError,
     GrowthCancelled,
     LigoError,
@@ -24,7 +25,7 @@ from ligo_core.errors import (
 from ligo_core.version import __version__
 
 __all__ = [
-    "__version__", "CheckpointError", "DataError", "EstimateError", "GrowthCancelled", "LigoError",
+    "__version__", "CheckpointError", "DataError", "DeviceError", "EstimateError", "GrowthCancelled", "LigoError",
     "MemoryPlanError", "TargetError",
     "PRESETS", "family_of", "resolve_target", "sizes_of",
     "STRATEGIES", "grow", "grow_model", "grow_parallel", "inspect_checkpoint",

@@ -28,6 +28,10 @@ class EstimateError(LigoError):
     parameter's name (``fit_steps``, ``gpu``, ``price_per_gpu_hour``, ...)."""
 
 
+class DeviceError(LigoError):
+    """The device asked for is not one this machine has (no CUDA build or GPU, no such GPU index)."""
+
+
 class GrowthCancelled(Exception):
     """Raised inside grow() when the caller's should_cancel() answers True."""
 

@@ -61,6 +61,7 @@ def grow_parallel(
         from ligo_core.pipeline import grow  # nothing to fit: more processes would only repeat the work
 
         return grow(src, target, out_dir, progress=progress, should_cancel=should_cancel, **options)
+    _check_devices(options.get("device"), nproc)
     out = check_output_dir(out_dir).resolve()
     existed = out.exists()
     with tempfile.TemporaryDirectory(prefix="ligo-ranks-") as run_dir:
@@ -88,6 +89,19 @@ def grow_parallel(
             _remove_partial(out, existed)
             raise _failure(run, nproc, proc.returncode)
         return json.loads((out / REPORT_NAME).read_text())
+
+
+def _check_devices(device: str | None, nproc: int) -> None:
+    """Before any rank starts: the device exists, and on CUDA there is a GPU for every rank."""
+    import torch
+
+    from ligo_core.errors import DeviceError
+    from ligo_core.training import default_device
+
+    chosen = default_device(device)
+    if chosen.type == "cuda" and nproc > torch.cuda.device_count():
+        raise DeviceError(f"{nproc} processes need {nproc} CUDA GPUs (rank r runs on cuda:r); this machine has "
+                          f"{torch.cuda.device_count()}", field="nproc")
 
 
 def _portable_target(target, run: Path):

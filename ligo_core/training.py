@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from ligo_core.errors import DeviceError
 from ligo_core.objective import loss_terms
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -47,9 +48,26 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
 
 
 def default_device(device=None) -> torch.device:
+    """CUDA when there is a GPU and the CPU otherwise (None, "auto"); else the device named, which
+    must exist here: a missing GPU is a DeviceError that says so, not torch's assertion later."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N", field="device") from None
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = "a CUDA build" if torch.version.cuda else "a CPU-only build"
+            raise DeviceError(f"device {device!r}: torch ({torch.__version__}, {build}) sees no CUDA GPU on this "
+                              "machine; use cpu or auto", field="device")
+        if chosen.index is not None and chosen.index >= count:
+            raise DeviceError(f"device {device!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}",
+                              field="device")
+    elif chosen.type != "cpu":
+        raise DeviceError(f"device {device!r}: only cpu and cuda are supported", field="device")
+    return chosen
 
 
 def train(

@@ -258,6 +258,27 @@ def test_cli_refuses_a_job_above_the_budget(tmp_path, capsys):
         grow(src, "layers=4", tmp_path / "out", strategy="stack", memory_gb=0.1)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a CUDA GPU")
+def test_a_device_this_machine_lacks_is_named_before_any_work(tmp_path, capsys):
+    from ligo_core.errors import DeviceError
+    from ligo_core.parallel import grow_parallel
+    from ligo_core.training import default_device
+
+    src = _saved(tmp_path, "gpt2")
+    code = cli_main(["grow", str(src), "--target", "layers=4", "--out", str(tmp_path / "out"), "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert code == 2 and "device 'cuda': torch" in err and "sees no CUDA GPU" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    for device, problem in (("cuda:3", "sees no CUDA GPU"), ("tpu", "not one of auto, cpu, cuda"),
+                            ("mps", "only cpu and cuda")):
+        with pytest.raises(DeviceError, match=problem):
+            default_device(device)
+    assert default_device("cpu") == torch.device("cpu") and default_device(None) == torch.device("cpu")
+    with pytest.raises(DeviceError, match="sees no CUDA GPU"):  # before any rank is started
+        grow_parallel(src, "layers=4", tmp_path / "out", nproc=2, fit_steps=1, device="cuda")
+    assert not (tmp_path / "out").exists()
+
+
 def test_moves_drawn_in_pieces_are_the_same_numbers(tmp_path, monkeypatch):
     """Copies are moved apart a few rows at a time (bounded memory at 8B): the pieces add what one
     piece would, first copies with several pairs included."""
