@@ -262,17 +262,20 @@ def _step_peak(row: dict) -> int:
 
 def table(rows: list[dict]) -> str:
     """The markdown table of docs/BENCHMARKS.md (a rank's numbers for several processes: the largest)."""
+    cuda = any("peak_cuda" in r for r in rows)  # a GPU run: the device's peak is the number that matters
     out = ["| step | processes | target (params) | operator params | RSS before step (GiB) | step peak RSS (GiB) | "
-           "step's own (GiB) | step time (s) |", "|---|---|---|---|---|---|---|---|"]
+           "step's own (GiB) | step time (s) |" + (" peak CUDA (GiB) |" if cuda else ""),
+           "|---|---|---|---|---|---|---|---|" + ("---|" if cuda else "")]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['path']} | {r.get('processes', 1)} | {r['target']} | - | - | failed | - | - |")
+            out.append(f"| {r['path']} | {r.get('processes', 1)} | {r['target']} | - | - | failed | - | - |"
+                       + (" - |" if cuda else ""))
             continue
         own = (_step_peak(r) - r["rss_before_step"]) / GiB
         op = f"{r['operator_parameters'] / 1e6:.0f}M" if r.get("operator_parameters") else "-"
         out.append(f"| {r['path']} | {r.get('processes', 1)} | {r['target']} ({r['target_parameters'] / 1e6:.0f}M) | "
                    f"{op} | {r['rss_before_step'] / GiB:.2f} | {_step_peak(r) / GiB:.2f} | {own:.2f} | "
-                   f"{r['step_seconds']:.1f} |")
+                   f"{r['step_seconds']:.1f} |" + (f" {r.get('peak_cuda', 0) / GiB:.2f} |" if cuda else ""))
     return "\n".join(out)
 
 
