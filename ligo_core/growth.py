@@ -164,6 +164,9 @@ class GrownOperator:
             yield spec, layer, name, tensor.add_(self.offsets[name]) if name in self.offsets else tensor
 
 
+CLIP_NORM = 1.0  # the operator's gradient norm is clipped to this before each AdamW step
+
+
 def fit_warmup(steps: int) -> int:
     """Warm-up steps: 10% of the fit, and never fewer than 2, so that no fit starts with a full-rate
     AdamW step (which moves every operator entry by the learning rate at once)."""
@@ -215,12 +218,12 @@ def fit_operator(
     rank, world = data_parallel_rank()
     sharded = world > 1 and layerwise
     if sharded:  # each rank keeps 1/N of the per-layer expanders (ligo_core/sharding.py)
-        sharding.shard(operator, device)
+        fsdp_root = sharding.shard(operator, device)
     decay = [p for n, p in operator.named_parameters() if n.endswith(("c_e", "c_f"))]
     rest = [p for n, p in operator.named_parameters() if not n.endswith(("c_e", "c_f"))]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98)
-    )
+    groups = [{"params": kind, "weight_decay": wd} for params, wd in ((decay, 0.01), (rest, 0.0))
+              for kind in sharding.by_kind(params) if kind]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
     mask_gen = torch.Generator().manual_seed(seed + 1 + 7919 * rank)  # MLM masks: each rank its own
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     runner = LayerwiseModel(skeleton, operator, small_state, layout.names, offsets) if layerwise else None
@@ -273,17 +276,22 @@ def fit_operator(
             del large
         if world > 1:
             sharding.reduce_gradients(operator, world)
-        sharding.clip_grad_norm(operator.parameters(), 1.0)
+        sharding.clip_grad_norm(operator.parameters(), CLIP_NORM)
         optimizer.step()
         history.append((step + 1, value))
         if progress:
             progress({"stage": "fitting", "step": step + 1, "total": steps, "loss": value})
         if guard is not None and _agreed(guard.after_step(step + 1, value, operator, last=step + 1 == steps), world):
             break
+    # The moments and gradients go before anything is gathered or loaded: not held beside the whole operator.
+    optimizer.zero_grad(set_to_none=True)
+    optimizer.state.clear()
+    del optimizer
     if guard is not None:
         guard.restore_best(operator)  # every rank kept the same states: they saw rank 0's scores
     if sharded:
         sharding.gather(operator)
+        del fsdp_root
     return history
 
 

@@ -74,10 +74,10 @@ class Expander(nn.Module):
     def d2(self) -> int:
         return self.order.shape[0]
 
-    def values(self, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(top (L, d1), C (L, r, d1)) of one side, every layer stacked (a copy)."""
-        names = ("top_e", "c_e") if side == "E" else ("top_f", "c_f")
-        return tuple(torch.stack([getattr(unit, n) for unit in self.layers]) for n in names)
+    def values(self, side: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(top (L, d1), each layer's C (r, d1)) of one side: the tops stacked, the C's as they are."""
+        top, c = ("top_e", "c_e") if side == "E" else ("top_f", "c_f")
+        return torch.stack([getattr(unit, top) for unit in self.layers]), [getattr(unit, c) for unit in self.layers]
 
     def expand(self, x: torch.Tensor, side: str, layer: int | None = None) -> torch.Tensor:
         """Expand ``x`` of shape (L, d1, m) along dim 1 to (L, d2, m); differentiable. With ``layer``,
@@ -193,21 +193,28 @@ class RowPlan:
     MAX_SPARSE = 8  # non-zero entries up to which a row is built from gathers, not a matrix product
 
     @staticmethod
-    def build(top: torch.Tensor, c: torch.Tensor, order: torch.Tensor, position: torch.Tensor) -> RowPlan:
-        """``order``: stacked row of each large unit; ``position``: its inverse."""
-        layers, d1 = top.shape
-        # Passes over C kept few, with no integer casts: it is the size of the operator (hundreds of
-        # MB for a 355M target). A row is a copy when its one largest |entry| is all its mass.
-        magnitude = c.abs()
-        largest, c_src = magnitude.max(-1)
-        gather_ok = (magnitude.sum(-1) == largest).all(0)  # (r,): a copy (or zero) in every layer
-        del magnitude
+    def build(top: torch.Tensor, cs: list[torch.Tensor], order: torch.Tensor, position: torch.Tensor) -> RowPlan:
+        """``top`` (L, d1), ``cs`` each layer's C (r, d1); ``order``: stacked row of each large unit;
+        ``position``: its inverse. C is read a layer at a time: it is the size of the operator (GBs
+        for an 8B target), so nothing the size of all layers' C is made beside it."""
+        # Few passes over each C, with no integer casts. A row is a copy when its one largest |entry|
+        # is all its mass.
+        largest, c_src, mass = [], [], []
+        for c in cs:
+            magnitude = c.abs()
+            big, src = magnitude.max(-1)
+            largest.append(big)
+            c_src.append(src)
+            mass.append(magnitude.sum(-1))
+            del magnitude
+        c_src = torch.stack(c_src)
+        gather_ok = (torch.stack(mass) == torch.stack(largest)).all(0)  # (r,): a copy (or zero) in every layer
         rest = (~gather_ok).nonzero().squeeze(1)
-        constant = (c[:, rest] == c[:, rest, :1]).all(-1).all(0)
-        few = ((c[:, rest] != 0).sum(-1) <= RowPlan.MAX_SPARSE).all(0) & ~constant
-        c_scale = torch.gather(c, 2, c_src.unsqueeze(-1)).squeeze(-1) * gather_ok
-        return RowPlan._assemble(top, c_src, c_scale, gather_ok, rest, constant, few, lambda rows: c[:, rows],
-                                 order, position)
+        constant = torch.stack([(c[rest] == c[rest, :1]).all(-1) for c in cs]).all(0)
+        few = torch.stack([(c[rest] != 0).sum(-1) <= RowPlan.MAX_SPARSE for c in cs]).all(0) & ~constant
+        c_scale = torch.stack([torch.gather(c, 1, s.unsqueeze(-1)).squeeze(-1) for c, s in zip(cs, c_src)]) * gather_ok
+        return RowPlan._assemble(top, c_src, c_scale, gather_ok, rest, constant, few,
+                                 lambda rows: torch.stack([c[rows] for c in cs]), order, position)
 
     @staticmethod
     def from_compact(top: torch.Tensor, cs: list[torch.Tensor], order: torch.Tensor,

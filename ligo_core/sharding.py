@@ -29,16 +29,32 @@ from ligo_core.operator import Expander, ExpanderLayer, GrowthOperator
 VALUES = ("top_e", "c_e", "top_f", "c_f")
 
 
-def shard(operator: GrowthOperator, device: torch.device) -> int:
-    """Shard every per-layer expander's layers over the ranks (in place); returns how many layers."""
+class _Root(nn.Module):
+    """One FSDP root over every sharded layer: the layers then share one communication context, so
+    FSDP keeps one reduce-scatter input between layers, not one per layer until the backward pass
+    ends (about half the per-layer values, whatever the number of ranks). Nothing runs through it
+    but the one call that makes it the root."""
+
+    def __init__(self, units: list[nn.Module]):
+        super().__init__()
+        self.units = nn.ModuleList(units)
+
+    def forward(self) -> None:
+        return None
+
+
+def shard(operator: GrowthOperator, device: torch.device) -> nn.Module:
+    """Shard every per-layer expander's layers over the ranks (in place); returns their FSDP root,
+    to be kept until ``gather``."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    count = 0
-    for expander in _per_layer(operator):
-        for unit in expander.layers:
-            fully_shard(unit, mesh=mesh, reshard_after_forward=True)
-            register_fsdp_forward_method(unit, "stacked")  # Expander.expand calls it, not forward
-            count += 1
-    return count
+    units = [unit for expander in _per_layer(operator) for unit in expander.layers]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+        register_fsdp_forward_method(unit, "stacked")  # Expander.expand calls it, not forward
+    root = _Root(units)
+    fully_shard(root, mesh=mesh)
+    root()  # FSDP takes the first module called for the root: this one, before any layer
+    return root
 
 
 def gather(operator: GrowthOperator) -> None:
@@ -70,18 +86,24 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     """``clip_grad_norm_`` over sharded and whole gradients together: the norm of every rank's shard
     (summed over the ranks) and of the whole gradients (the same on every rank, counted once)."""
     parameters = [p for p in parameters if p.grad is not None]
-    grads = [p.grad for p in parameters]
-    sharded = [g for g in grads if isinstance(g, DTensor)]
-    whole = [g for g in grads if not isinstance(g, DTensor)]
+    sharded = [p for p in parameters if isinstance(p.grad, DTensor)]
+    whole = [p for p in parameters if not isinstance(p.grad, DTensor)]
     if not sharded:
-        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-    shard_norm = torch.nn.utils.get_total_norm(sharded).full_tensor()
-    whole_norm = torch.nn.utils.get_total_norm(whole) if whole else torch.zeros_like(shard_norm)
+        return torch.nn.utils.clip_grad_norm_(whole, max_norm)
+    shard_norm = torch.nn.utils.get_total_norm([p.grad for p in sharded]).full_tensor()
+    whole_norm = torch.nn.utils.get_total_norm([p.grad for p in whole]) if whole else torch.zeros_like(shard_norm)
     total = torch.sqrt(shard_norm.square() + whole_norm.to(shard_norm.device).square())
-    for group in (sharded, whole):
+    for group in (sharded, whole):  # parameters, not gradients: the clip reads each one's .grad
         if group:
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
+
+
+def by_kind(parameters) -> tuple[list, list]:
+    """(sharded, whole) parameters: AdamW's foreach kernels (its default on CUDA) refuse a list
+    that mixes DTensors and plain tensors, so each kind needs its own parameter group."""
+    parameters = list(parameters)
+    return [p for p in parameters if isinstance(p, DTensor)], [p for p in parameters if not isinstance(p, DTensor)]
 
 
 def full_state(operator: nn.Module) -> dict[str, torch.Tensor]:

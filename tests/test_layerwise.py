@@ -34,9 +34,15 @@ def _one_step(name, layerwise, accumulate=1):
     info = {"mask_id": 4, "vocab_size": small.config.vocab_size, "special_ids": []}
     x = torch.randint(0, small.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(5))
     torch.manual_seed(7)  # dropout stays on (training mode): both paths must draw the same masks
+    grads = {}
+
+    def after_step(event):  # the fit frees the gradients when it returns
+        grads.update({n: p.grad.clone() for n, p in operator.named_parameters() if p.grad is not None})
+
     history = fit_operator(operator, skeleton, state, layout, iter([x, x.flip(0)]), 1, 1e-3, info,
-                           torch.device("cpu"), 0, offsets=offsets, layerwise=layerwise, accumulate=accumulate)
-    grads = {n: p.grad.clone() for n, p in operator.named_parameters() if p.grad is not None}
+                           torch.device("cpu"), 0, after_step, offsets=offsets, layerwise=layerwise,
+                           accumulate=accumulate)
+    assert all(p.grad is None for p in operator.parameters())
     return history[0][1], grads, skeleton
 
 
