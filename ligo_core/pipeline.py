@@ -69,10 +69,13 @@ def check_memory(source_config, target_config, *, strategy: str, fit_steps: int,
     from ligo_core import memory_plan
     from ligo_core.errors import MemoryPlanError
 
+    processes = data_parallel_rank()[1]
     estimate = memory_plan.plan(source_config.to_dict(), target_config.to_dict(), strategy=strategy,
                                 fit_steps=fit_steps, batch_size=batch_size, seq_len=seq_len, scored=scored,
-                                dtype=dtype, processes=data_parallel_rank()[1])
+                                dtype=dtype, processes=processes)
     budget, where = memory_plan.budget_bytes(memory_gb, device)
+    if processes > 1 and not str(device).startswith("cuda"):  # CPU ranks share one machine's memory
+        budget, where = budget // processes, f"{where}, shared by {processes} processes"
     reason = memory_plan.refusal(estimate, budget, where)
     if reason:
         raise MemoryPlanError(reason, estimate, budget)

@@ -13,7 +13,7 @@ from torch.distributed.tensor import DTensor
 
 from ligo_core import growth
 from ligo_core.cli import main as cli_main
-from ligo_core.errors import DataError, TargetError
+from ligo_core.errors import DataError, MemoryPlanError, TargetError
 from ligo_core.growth import _strip_parameters, fit_operator, plan_layout, rank_slice
 from ligo_core.parallel import RankFailed, grow_parallel
 from ligo_core.strategies import build_operator
@@ -172,6 +172,15 @@ def test_an_input_error_keeps_its_kind_across_processes(checkpoint_dir, tmp_path
     with pytest.raises(DataError, match=r"rank \d of 2 failed: data path .* does not exist"):
         grow_parallel(checkpoint_dir("gpt2"), target_for("gpt2"), tmp_path / "out", nproc=2, fit_steps=1,
                       batch_size=4, seq_len=32, device="cpu", data=str(tmp_path / "missing.txt"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cpu_ranks_on_one_machine_share_its_memory_budget(checkpoint_dir, tmp_path):
+    """Each rank's plan (about 0.6 GiB here, mostly the runtime) fits 1 GiB, not the half each of two
+    CPU processes on one machine gets."""
+    with pytest.raises(MemoryPlanError, match=r"budget of 0\.5 GiB \(given, shared by 2 processes\)"):
+        grow_parallel(checkpoint_dir("gpt2"), target_for("gpt2"), tmp_path / "out", nproc=2, fit_steps=1,
+                      batch_size=4, seq_len=32, device="cpu", memory_gb=1.0)
     assert not (tmp_path / "out").exists()
 
 
