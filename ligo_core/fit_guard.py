@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ligo_core.sharding import full_state, load_state
+from ligo_core.sharding import load_state, snapshot
 
 OUTCOMES = {
     "improved": "the written model is the fitted operator's best state, no worse on held-out text than the start",
@@ -107,7 +107,7 @@ class FitGuard:
         # A fitted state must beat the start (or the best so far) to be kept; ties keep the earlier.
         if math.isfinite(loss) and loss < self.best_loss:
             self.best_loss, self.best_step = loss, step
-            self.best_state = full_state(operator)
+            self.best_state = snapshot(operator)
         return loss
 
     def _stop(self, step: int, reason: str) -> bool:

@@ -11,8 +11,8 @@ small and used by every layer, stay whole on every rank and their gradients are 
 
 After the fit the values are gathered back into plain parameters on every rank: writing the model
 reads whole expanders (row plans), and without gradients and moments the operator is a quarter of
-its fitting size. The fit guard's snapshots are whole tensors on the CPU (``full_state``), so a
-snapshot taken before sharding can be loaded into the sharded operator and the other way round.
+its fitting size. The fit guard's snapshots (``snapshot``) keep each rank's shards on the CPU; the
+start, taken before sharding, is whole, and ``load_state`` loads either kind.
 """
 
 from __future__ import annotations
@@ -66,10 +66,6 @@ def gather(operator: GrowthOperator) -> None:
         expander._plans = {}
 
 
-def is_sharded(operator: nn.Module) -> bool:
-    return any(isinstance(p, DTensor) for p in operator.parameters())
-
-
 def reduce_gradients(operator: nn.Module, world: int) -> None:
     """Each rank's loss is its share of the global batch's: the ranks' gradients add up. FSDP averaged
     the sharded ones over the ranks (gloo has no pre-scaled sum); the whole ones are summed here."""
@@ -106,28 +102,41 @@ def by_kind(parameters) -> tuple[list, list]:
     return [p for p in parameters if isinstance(p, DTensor)], [p for p in parameters if not isinstance(p, DTensor)]
 
 
-def full_state(operator: nn.Module) -> dict[str, torch.Tensor]:
-    """The operator's state as whole tensors on the CPU (sharded ones gathered: a collective)."""
-    state = {}
+class Snapshot(dict):
+    """An operator state on the CPU (``snapshot``); ``sharded`` names the entries that are this
+    rank's shard of a sharded tensor, not the whole tensor."""
+
+    sharded: frozenset = frozenset()
+
+
+def snapshot(operator: nn.Module) -> Snapshot:
+    """The operator's state copied to the CPU, a sharded tensor as this rank's shard: no collective,
+    and 1/N of the host memory of a whole copy on each of N ranks."""
+    state = Snapshot()
     for key, value in operator.state_dict().items():
-        whole = value.full_tensor() if isinstance(value, DTensor) else value
-        state[key] = whole.detach().to("cpu", copy=True)
+        state[key] = (value.to_local() if isinstance(value, DTensor) else value).detach().to("cpu", copy=True)
+    state.sharded = frozenset(k for k, v in operator.state_dict().items() if isinstance(v, DTensor))
     return state
 
 
 def load_state(operator: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load whole tensors (``full_state``) into the operator, sharded or not (sharded: a collective)."""
-    if not is_sharded(operator):
-        operator.load_state_dict(state)
-        return
+    """Load a state (a ``snapshot``, or whole tensors) into the operator, sharded or not. A whole
+    tensor loaded into a sharded one is scattered from rank 0 (a collective: every rank loads the
+    same state, as the guard's agreed choices make them)."""
+    sharded = getattr(state, "sharded", frozenset())
     current = operator.state_dict()
     if current.keys() != state.keys():
         raise KeyError(f"operator state keys differ: {sorted(current.keys() ^ state.keys())[:5]}")
     with torch.no_grad():
         for key, value in current.items():
             if isinstance(value, DTensor):
-                mine = distribute_tensor(state[key].to(value.device), value.device_mesh, value.placements)
-                value.to_local().copy_(mine.to_local())
+                if key in sharded:
+                    value.to_local().copy_(state[key])
+                else:
+                    mine = distribute_tensor(state[key].to(value.device), value.device_mesh, value.placements)
+                    value.to_local().copy_(mine.to_local())
+            elif key in sharded:
+                raise ValueError(f"{key}: a shard cannot be loaded into the whole operator (gathered already)")
             else:
                 value.copy_(state[key])
 

@@ -14,6 +14,7 @@ from torch.distributed.tensor import DTensor
 from ligo_core import growth
 from ligo_core.cli import main as cli_main
 from ligo_core.errors import DataError, MemoryPlanError, TargetError
+from ligo_core.fit_guard import FitGuard
 from ligo_core.growth import _strip_parameters, fit_operator, plan_layout, rank_slice
 from ligo_core.parallel import RankFailed, grow_parallel
 from ligo_core.strategies import build_operator
@@ -23,10 +24,16 @@ from tests.engine_fixtures import make_model, target_for
 STEPS, BATCH = 3, 6
 
 
+# Held-out scores a guard sees (start, then after each step): it keeps step 2's operator for llama (a
+# snapshot of each rank's shards) and the start for gpt2 (whole tensors, taken before sharding).
+GUARD_SCORES = {"llama": [5.0, 4.0, 3.0, 3.5], "gpt2": [3.0, 3.4, 3.2, 3.3]}
+
+
 def _fit(name: str, held: list | None = None, clip: float = 1.0):
-    """A few fitting steps from a fixed start; returns (loss history, final operator state).
-    ``held``: gets, after each step, (elements of the operator this rank holds, of the whole).
-    ``clip``: the gradient norm clipped to (the default 1.0 is far above these fits' norms)."""
+    """A few fitting steps from a fixed start, guarded (``GUARD_SCORES``); returns (loss history,
+    final operator state). ``held``: gets, after each step, (elements of the operator this rank
+    holds, of the whole). ``clip``: the gradient norm clipped to (the default 1.0 is far above these
+    fits' norms)."""
     growth.CLIP_NORM = clip
     small = make_model(name)
     target = resolve_target(target_for(name), small.config)
@@ -45,8 +52,12 @@ def _fit(name: str, held: list | None = None, clip: float = 1.0):
             held.append((sum(_local(p).numel() for p in operator.parameters()),
                          sum(p.numel() for p in operator.parameters())))
 
+    scores = iter(GUARD_SCORES[name])
+    guard = FitGuard(lambda op: next(scores))
+    guard.start(operator)
     history = fit_operator(operator, skeleton, state, layout, iter(data), STEPS, 1e-3, {}, torch.device("cpu"), 0,
-                           count)
+                           count, guard=guard)
+    assert guard.best_step == (2 if name == "llama" else 0)
     return history, {k: v.clone() for k, v in operator.state_dict().items()}
 
 
@@ -86,7 +97,9 @@ def test_two_gloo_processes_fit_what_one_process_fits(name, clip, tmp_path):
     assert got["state"].keys() == state.keys()
     for key, value in state.items():
         torch.testing.assert_close(got["state"][key], value, atol=1e-6, rtol=1e-4, msg=key)
-    assert any(not torch.equal(v, build) for v, build in zip(state.values(), _start(name).values()))
+    # the guard's choice was loaded back: llama's fitted step 2, gpt2's start
+    kept_start = all(torch.equal(v, build) for v, build in zip(state.values(), _start(name).values()))
+    assert kept_start == (name == "gpt2")
     # Sharded while fitting (FSDP, ligo_core/sharding.py): each rank held its half of the per-layer
     # expanders, so together the two held the operator once over, plus the whole replicated part.
     whole = _replicated(name)
