@@ -167,7 +167,6 @@ def plan(k: float) -> str:
         large_sizes = sizes_of(tc)
         small_shape, large_shape = memory_plan.shape_of(sc.to_dict()), memory_plan.shape_of(tc.to_dict())
         op = memory_plan.operator_parameters(small_shape, large_shape, layer_specs)
-        whole, per_layer = memory_plan.operator_parts(small_shape, large_shape, layer_specs)
         shallower = copy.deepcopy(tc)
         setattr(shallower, family_of(tc).config_keys["layers"], large_sizes["layers"] - 1)
         layer = cost.num_parameters(tc) - cost.num_parameters(shallower)
@@ -175,8 +174,8 @@ def plan(k: float) -> str:
         total = sum(terms)
 
         # each of n GPUs: 1/n of the per-layer expanders (ligo_core/sharding.py), whole after the fit
-        sharded = {n: terms[0] + terms[2] + max(16 * (whole + large_shape.layers * per_layer / n) + 8 * per_layer,
-                                                4 * op) for n in (2, 8)}
+        sharded = {n: terms[0] + terms[2] + memory_plan.operator_bytes(small_shape, large_shape, n, layer_specs)
+                   for n in (2, 8)}
         rows.append([f"{source} -> {target}", f"{cost.num_parameters(sc) / 1e9:.2f}B",
                      f"{cost.num_parameters(tc) / 1e9:.2f}B", f"{op / 1e9:.2f}B", f"{terms[0] / 1e9:.1f} GB",
                      f"{terms[1] / 1e9:.1f} GB", f"{terms[2] / 1e9:.1f} GB", f"{total / 1e9:.1f} GB",

@@ -281,8 +281,8 @@ def fit_operator(
         history.append((step + 1, value))
         if progress:
             progress({"stage": "fitting", "step": step + 1, "total": steps, "loss": value})
-        if guard is not None and _agreed(guard.after_step(step + 1, value, operator, last=step + 1 == steps), world):
-            break
+        if guard is not None and rank_zeros(guard.after_step(step + 1, value, operator, last=step + 1 == steps)):
+            break  # rank 0's decision: every rank leaves the loop at the same step
     # The moments and gradients go before anything is gathered or loaded: not held beside the whole operator.
     optimizer.zero_grad(set_to_none=True)
     optimizer.state.clear()
@@ -295,23 +295,14 @@ def fit_operator(
     return history
 
 
-def rank_zero_value(value: float) -> float:
-    """Rank 0's ``value`` on every rank (itself outside torch.distributed): the ranks score the same
-    held-out text, and must make the same choices even if their sums round differently."""
+def rank_zeros(value):
+    """Rank 0's ``value`` on every rank (itself outside torch.distributed): the ranks must make the
+    same choices (a guard's scores, when to stop) even where their own numbers round differently."""
     if data_parallel_rank()[1] == 1:
         return value
     box = [value]
     dist.broadcast_object_list(box, 0)
-    return float(box[0])
-
-
-def _agreed(stop: bool, world: int) -> bool:
-    """Rank 0's decision, so that every rank leaves the loop at the same step."""
-    if world == 1:
-        return stop
-    flag = [stop]
-    dist.broadcast_object_list(flag, 0)
-    return bool(flag[0])
+    return box[0]
 
 
 def data_parallel_rank() -> tuple[int, int]:
@@ -491,7 +482,7 @@ def grow_model(
 
             def score(op: GrowthOperator) -> float:  # ``op`` is ``operator``: scored a block at a time
                 with torch.no_grad(), scorer.active():
-                    return rank_zero_value(evaluate(guard_slice(heldout)))
+                    return rank_zeros(evaluate(guard_slice(heldout)))
 
             guard = FitGuard(score, every=check_every(fit_steps))
             guard.start(operator)

@@ -108,12 +108,13 @@ def operator_parameters(small: Shape, large: Shape, depth_tensors: int = DEPTH_T
     return whole + large.layers * per_layer
 
 
-def operator_bytes(small: Shape, large: Shape, processes: int = 1) -> int:
+def operator_bytes(small: Shape, large: Shape, processes: int = 1,
+                   depth_tensors: int = DEPTH_TENSORS_PER_LAYER) -> int:
     """One process's operator while fitting: values, gradients and two AdamW moments (16 bytes an
     entry) of the whole part and of its 1/N of the per-layer part, plus, sharded, one large layer's
     values and gradients gathered; or, after the fit, every value gathered back (4 bytes an entry)
     if that is more."""
-    whole, per_layer = operator_parts(small, large)
+    whole, per_layer = operator_parts(small, large, depth_tensors)
     if processes == 1:
         return 16 * (whole + large.layers * per_layer)
     fitting = 16 * (whole + -(-large.layers * per_layer // processes)) + 2 * 4 * per_layer

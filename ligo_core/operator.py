@@ -47,10 +47,13 @@ class ExpanderLayer(nn.Module):
         self.top_f = nn.Parameter(top_f.clone().float())
         self.c_f = nn.Parameter(c_f.clone().float())
 
+    def side(self, side: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """(top, C) of side ``side`` ("E" or "F")."""
+        return (self.top_e, self.c_e) if side == "E" else (self.top_f, self.c_f)
+
     def stacked(self, x: torch.Tensor, side: str) -> torch.Tensor:
         """``[diag(top); C] @ x`` for ``x`` of shape (B, d1, m): (B, d2, m) in the stacked row order."""
-        top, c = (self.top_e, self.c_e) if side == "E" else (self.top_f, self.c_f)
-        top, c = top.to(x.dtype), c.to(x.dtype)
+        top, c = (v.to(x.dtype) for v in self.side(side))
         return torch.cat([top[:, None] * x, torch.matmul(c, x)], dim=1)
 
 
@@ -76,8 +79,8 @@ class Expander(nn.Module):
 
     def values(self, side: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(top (L, d1), each layer's C (r, d1)) of one side: the tops stacked, the C's as they are."""
-        top, c = ("top_e", "c_e") if side == "E" else ("top_f", "c_f")
-        return torch.stack([getattr(unit, top) for unit in self.layers]), [getattr(unit, c) for unit in self.layers]
+        tops, cs = zip(*(unit.side(side) for unit in self.layers))
+        return torch.stack(tops), list(cs)
 
     def expand(self, x: torch.Tensor, side: str, layer: int | None = None) -> torch.Tensor:
         """Expand ``x`` of shape (L, d1, m) along dim 1 to (L, d2, m); differentiable. With ``layer``,
@@ -95,8 +98,7 @@ class Expander(nn.Module):
     @torch.no_grad()
     def row_plan(self, side: str) -> RowPlan:
         """How to build each large unit cheaply from the current values (cached until they change)."""
-        names = ("top_e", "c_e") if side == "E" else ("top_f", "c_f")
-        key = (side, *((p.data_ptr(), p._version) for unit in self.layers for p in map(unit.get_parameter, names)))
+        key = (side, *((p.data_ptr(), p._version) for unit in self.layers for p in unit.side(side)))
         if self._plans.get(side, (None,))[0] != key:
             self._plans[side] = (key, RowPlan.build(*self.values(side), self.order, self.inverse))
         return self._plans[side][1]
